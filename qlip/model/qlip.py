@@ -1,0 +1,370 @@
+"""The QLIP model: ViT encoder -> MLP bottleneck + BSQ -> ViT decoder, plus a CLIP text tower.
+
+Data flow (paper Fig. 2, official release):
+
+    pixels (B,3,H,W), normalised
+     └ visual: conv patchify + [cls] + learned pos-emb -> blocks (2D RoPE skips cls)
+        ├ cls -> ln_post -> proj                        image embedding (B,P)
+        └ patches z (B,N,D) -> down MLP -> L2 norm -> BSQ -> up MLP = z_hat (B,N,Dq)
+     └ decoder: z_hat + pos-emb -> blocks -> LN -> Linear+Tanh -> Linear(3p^2) -> unpatchify
+    tokens -> text: CLIP causal transformer -> ln_final at eos -> proj   (T,P)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError, QLIPError
+from ..nn import RoPE2D, Transformer
+from ..quant import BinarySphericalQuantizer, check_ids
+from .config import QLIPConfig
+from .preprocess import denormalize, normalize, pil_to_tensor, resize_center_crop, tensor_to_pil, to_rgb
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: QLIPConfig):
+        super().__init__()
+        v = cfg.vision
+        self.patch_size, self.grid = v.patch_size, cfg.grid
+        self.patch_embed = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(v.width))
+        self.pos_embed = nn.Parameter(torch.zeros(self.grid ** 2 + 1, v.width))
+        self.rope = RoPE2D(v.width // v.heads, self.grid, skip=1) if v.rope else None
+        self.transformer = Transformer(v)
+        self.ln_post = nn.LayerNorm(v.width, eps=v.ln_eps)
+        self.proj = nn.Linear(v.width, cfg.embed_dim, bias=v.projection_bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[cls; patches] + pos`` of shape (B, N+1, D). No pre-LayerNorm."""
+        B, _, H, W = x.shape
+        if H != W or H != self.grid * self.patch_size:
+            raise DataError(f"expected images of {self.grid * self.patch_size}x{self.grid * self.patch_size}, "
+                            f"got {H}x{W}")
+        p = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.cls_token.to(p.dtype).expand(B, 1, -1)
+        return torch.cat([cls, p], dim=1) + self.pos_embed.to(p.dtype)
+
+    def forward(self, x: torch.Tensor, return_layers: bool = False):
+        """Last hidden state (B, N+1, D) (no final norm), and every block's output if asked."""
+        return self.transformer(self.embed(x), rope=self.rope, return_layers=return_layers)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """Un-normalised image embedding from the last hidden state: ``proj(ln_post(cls))``."""
+        return self.proj(self.ln_post(h[:, 0]))
+
+
+class MLP2(nn.Module):
+    """``proj(gelu(fc x))``: the bottleneck's down / up projections (paper eq. 5)."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_hidden)
+        self.proj = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Bottleneck(nn.Module):
+    """``down`` MLP (D -> D -> L), L2 norm, BSQ, ``up`` MLP (L -> Dq -> Dq)."""
+
+    def __init__(self, cfg: QLIPConfig):
+        super().__init__()
+        q, D, Dq = cfg.quantizer, cfg.vision.width, cfg.decoder.width
+        mlp = q.embed_type == "mlp"
+        self.down = MLP2(D, D, q.bits) if mlp else nn.Identity()
+        self.up = MLP2(q.bits, Dq, Dq) if mlp else nn.Identity()
+        self.input_l2_norm = q.input_l2_norm
+        self.quantizer = BinarySphericalQuantizer(
+            embed_dim=q.bits, group_size=q.group_size, inv_temperature=q.inv_temperature, l2_norm=q.l2_norm,
+            beta=q.beta, gamma_0=q.gamma_0, gamma_1=q.gamma_1, persample_entropy=q.persample_entropy)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder patch features (B, N, D) -> pre-quantisation vectors u (B, N, L)."""
+        u = self.down(z)
+        return F.normalize(u, dim=-1) if self.input_l2_norm else u
+
+    def forward(self, z: torch.Tensor, compute_loss: Optional[bool] = None):
+        u = self.project(z)
+        codes, ids, loss, stats = self.quantizer(u, compute_loss=compute_loss)
+        return self.up(codes), ids, loss, stats
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: QLIPConfig):
+        super().__init__()
+        d = cfg.decoder
+        self.patch_size, self.grid = cfg.vision.patch_size, cfg.grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, d.width))
+        self.rope = RoPE2D(d.width // d.heads, self.grid, skip=0) if d.rope else None
+        self.transformer = Transformer(d)
+        self.norm = nn.LayerNorm(d.width, eps=d.ln_eps)
+        hidden = d.head_dim or d.mlp_dim
+        self.head_fc = nn.Linear(d.width, hidden)
+        self.head_out = nn.Linear(hidden, 3 * self.patch_size ** 2)
+
+    def forward(self, z_hat: torch.Tensor) -> torch.Tensor:
+        h = self.transformer(z_hat + self.pos_embed.to(z_hat.dtype), rope=self.rope)
+        h = self.head_out(torch.tanh(self.head_fc(self.norm(h))))
+        return self.unpatchify(h)
+
+    def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3 p p) with per-token order (c, y, x) -> (B, 3, H, W)."""
+        B, g, p = h.shape[0], self.grid, self.patch_size
+        h = h.view(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5)
+        return h.reshape(B, 3, g * p, g * p)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: QLIPConfig):
+        super().__init__()
+        t = cfg.text
+        self.context_length, self.eos_token_id, self.legacy_pooling = t.context_length, t.eos_token_id, t.legacy_pooling
+        self.token_embed = nn.Embedding(t.vocab_size, t.width)
+        self.pos_embed = nn.Parameter(torch.zeros(t.context_length, t.width))
+        self.transformer = Transformer(t)
+        self.ln_final = nn.LayerNorm(t.width, eps=t.ln_eps)
+        self.proj = nn.Linear(t.width, cfg.embed_dim, bias=t.projection_bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states after ``ln_final``, (T, S, Dt)."""
+        if tokens.dim() != 2 or tokens.dtype.is_floating_point:
+            raise DataError(f"text tokens must be a 2-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] > self.context_length:
+            raise DataError(f"text has {tokens.shape[1]} tokens; the context length is {self.context_length}")
+        x = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]]
+        return self.ln_final(self.transformer(x, causal=True))
+
+    def eos_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.legacy_pooling:
+            return tokens.argmax(dim=-1)
+        is_eos = tokens == self.eos_token_id
+        # first eos; rows without one fall back to the last position
+        first = is_eos.int().argmax(dim=-1)
+        return torch.where(is_eos.any(-1), first, torch.full_like(first, tokens.shape[1] - 1))
+
+    def pool(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(h[torch.arange(h.shape[0], device=h.device), self.eos_positions(tokens)])
+
+
+@dataclass
+class QLIPOutput:
+    recon: torch.Tensor
+    image_embeds: torch.Tensor
+    text_embeds: Optional[torch.Tensor]
+    logit_scale: torch.Tensor
+    quant_loss: torch.Tensor
+    quant_stats: Dict[str, torch.Tensor]
+    ids: torch.Tensor
+    z: torch.Tensor
+    z_hat: torch.Tensor
+
+
+class QLIP(nn.Module):
+    """A text-aligned visual tokenizer. See ``docs/CONTRACT.md`` and the README for the API."""
+
+    def __init__(self, config: QLIPConfig, init: bool = True):
+        super().__init__()
+        self.config = config.validate()
+        self.visual = VisionEncoder(config)
+        self.bottleneck = Bottleneck(config)
+        self.decoder = Decoder(config)
+        self.text = TextEncoder(config) if config.text is not None else None
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self._tokenizer = None
+        if init:
+            self.init_weights()
+
+    # ---- properties ----------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.vision.patch_size
+
+    @property
+    def grid(self) -> int:
+        return self.config.grid
+
+    @property
+    def num_bits(self) -> int:
+        return self.config.quantizer.bits
+
+    @property
+    def image_mean(self):
+        return tuple(self.config.preprocess.mean)
+
+    @property
+    def image_std(self):
+        return tuple(self.config.preprocess.std)
+
+    @property
+    def quantizer(self) -> BinarySphericalQuantizer:
+        return self.bottleneck.quantizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logit_scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    # ---- init ------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch (ViT/CLIP conventions)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.visual.cls_token, std=0.02)
+        nn.init.normal_(self.visual.pos_embed, std=0.02)
+        nn.init.normal_(self.decoder.pos_embed, std=0.02)
+        if self.text is not None:
+            nn.init.normal_(self.text.pos_embed, std=0.01)
+
+    def drop_text(self) -> None:
+        """Remove the text tower (stage 2 / tokenizer-only use)."""
+        self.text = None
+        self.config.text = None
+
+    # ---- training forward ------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, text_tokens: Optional[torch.Tensor] = None,
+                compute_quant_loss: Optional[bool] = None) -> QLIPOutput:
+        h = self.visual(images)
+        image_embeds = F.normalize(self.visual.pool(h), dim=-1)
+        z = h[:, 1:]
+        z_hat, ids, qloss, qstats = self.bottleneck(z, compute_loss=compute_quant_loss)
+        recon = self.decoder(z_hat)
+        text_embeds = None
+        if text_tokens is not None:
+            text_embeds = self.encode_text(text_tokens, normalize=True)
+        return QLIPOutput(recon=recon, image_embeds=image_embeds, text_embeds=text_embeds,
+                          logit_scale=self.logit_scale.exp(), quant_loss=qloss, quant_stats=qstats,
+                          ids=ids.view(-1, self.grid, self.grid), z=z, z_hat=z_hat)
+
+    # ---- images <-> tokens -----------------------------------------------------------------
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL image(s) or paths -> (B, 3, H, W) normalised float tensor on the model's device."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        from .preprocess import open_image
+        pp = self.config.preprocess
+        out = []
+        for im in images:
+            im = to_rgb(im) if hasattr(im, "mode") else open_image(im)
+            out.append(pil_to_tensor(resize_center_crop(im, pp.resize, pp.crop, pp.interpolation)))
+        x = normalize(torch.stack(out), pp.mean, pp.std)
+        return x.to(self.device)
+
+    def postprocess(self, y: torch.Tensor) -> List:
+        """Normalised (B, 3, H, W) -> list of RGB PIL images (inverse-normalised, clamped)."""
+        x01 = denormalize(y.float(), self.image_mean, self.image_std)
+        return [tensor_to_pil(im) for im in x01]
+
+    @torch.no_grad()
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, H, W) -> token ids (B, H/p, W/p), int64 in [0, 2**L)."""
+        u = self.bottleneck.project(self.visual(x)[:, 1:])
+        return self.quantizer.codes_to_ids(u).view(-1, self.grid, self.grid)
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 3 or tuple(ids.shape[1:]) != (self.grid, self.grid):
+            raise DataError(f"token ids must have shape (B, {self.grid}, {self.grid}) for this model, "
+                            f"got {tuple(ids.shape)}")
+        check_ids(ids, self.num_bits, "token ids")
+
+    @torch.no_grad()
+    def detokenize(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, H/p, W/p) -> images (B, 3, H, W) in the normalised pixel space."""
+        ids = torch.as_tensor(ids, device=self.device)
+        self.check_ids(ids)
+        codes = self.quantizer.ids_to_codes(ids.flatten(1), dtype=self.dtype)
+        return self.decoder(self.bottleneck.up(codes))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokenize and detokenize in one pass."""
+        u = self.bottleneck.project(self.visual(x)[:, 1:])
+        codes = self.quantizer.quantize(u)
+        return self.decoder(self.bottleneck.up(codes))
+
+    # ---- CLIP side -------------------------------------------------------------------------
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        e = self.visual.pool(self.visual(x))
+        return F.normalize(e, dim=-1) if normalize else e
+
+    def _require_text(self):
+        if self.text is None:
+            raise QLIPError("this model has no text tower (it was dropped, e.g. after stage 2); "
+                            "zero-shot and text encoding need a checkpoint with one")
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self._require_text()
+        tokens = tokens.to(self.device)
+        e = self.text.pool(self.text(tokens), tokens)
+        return F.normalize(e, dim=-1) if normalize else e
+
+    @property
+    def tokenizer(self):
+        """Callable: list of strings -> (T, 77) int64 CLIP BPE tokens."""
+        self._require_text()
+        if self._tokenizer is None:
+            from ..text import Tokenizer
+            self._tokenizer = Tokenizer(context_length=self.config.text.context_length)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self._tokenizer = tok
+
+    @torch.no_grad()
+    def zero_shot(self, x: torch.Tensor, prompts: Union[Sequence[str], torch.Tensor],
+                  temperature: Optional[float] = None) -> torch.Tensor:
+        """Softmax over prompts, (B, len(prompts)). Uses ``exp(logit_scale)`` unless
+        ``temperature`` is given (the official notebook uses 100)."""
+        tokens = prompts if isinstance(prompts, torch.Tensor) else self.tokenizer(list(prompts))
+        img = self.encode_image(x, normalize=True)
+        txt = self.encode_text(tokens, normalize=True)
+        scale = self.logit_scale.exp() if temperature is None else temperature
+        return (scale * img @ txt.T).softmax(dim=-1)
+
+    @torch.no_grad()
+    def encode_image_features(self, x: torch.Tensor, layer: int = -1, include_cls: bool = False) -> torch.Tensor:
+        """Patch features (B, N, D) of encoder block ``layer`` (python indexing; -2 = penultimate,
+        LLaVA's choice), without the final norm. ``include_cls`` prepends the cls token."""
+        _, layers = self.visual(x, return_layers=True)
+        try:
+            h = layers[layer]
+        except IndexError:
+            raise QLIPError(f"layer {layer} out of range for an encoder with {len(layers)} blocks") from None
+        return h if include_cls else h[:, 1:]
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, folder, **kwargs) -> None:
+        from ..io import save_pretrained
+        save_pretrained(self, folder, **kwargs)
+
+    def num_params(self) -> Dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+        parts = {"visual": count(self.visual), "bottleneck": count(self.bottleneck),
+                 "decoder": count(self.decoder), "text": count(self.text)}
+        parts["total"] = sum(p.numel() for p in self.parameters())
+        return parts
+
+    def compression_ratio(self) -> float:
+        """Raw 24-bit RGB bits per token-bit: ``24 p^2 / L`` (paper Table 2)."""
+        return 24 * self.patch_size ** 2 / self.num_bits

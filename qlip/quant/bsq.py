@@ -1,0 +1,195 @@
+"""Binary Spherical Quantization (BSQ), the bottleneck of QLIP.
+
+A token is an ``L``-dimensional vector ``u`` (normally already on the unit sphere). It is
+quantised to ``sign(u) / sqrt(L)`` (with ``sign(0) = -1``) and identified by the integer whose
+bit ``i`` is 1 when channel ``i`` is positive, channel 0 being the most significant bit:
+
+    id = sum_i bit_i * 2 ** (L - 1 - i)
+
+Ids are computed with integer arithmetic in int64, exact for every ``L <= 62`` (the official
+code sums powers of two in float32 and rounds ids above 24 bits). Groups of ``g`` consecutive
+channels give group ids (MSB first too), used by factorised downstream heads.
+
+Training terms (all linear in ``L``; nothing of size ``2 ** L`` is ever built):
+
+* per-sample entropy ``H(p(c | u))`` and codebook entropy ``H(E_u[p(c | u)])`` of the soft
+  assignment ``p(c | u) ∝ exp(2 tau <u, c>)`` over the codes. Both factorise over groups of
+  ``g`` bits: ``"group"`` mode evaluates each group's ``2 ** g``-way softmax; ``"analytical"``
+  mode evaluates the per-sample term per bit in closed form (it factorises exactly) and the
+  codebook term with the same groups. The codebook term summed over groups is the usual
+  factorised approximation (an upper bound) of the entropy of the full ``2 ** L``-way code
+  distribution.
+* commitment ``beta * mean_tokens sum_c (sg(u_hat) - u) ** 2``.
+
+``loss = commit + (gamma_0 * H_persample - gamma_1 * H_codebook) / inv_temperature``, the same
+quantity the official release returns. Minimising it makes each token's assignment confident
+and the batch's code usage uniform (the loss is negative when usage is spread: that is normal).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+
+ENTROPY_EPS = 1e-8
+
+
+def _entr(p: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``-p log p`` of ``p + 1e-8`` (the reference's smoothing)."""
+    p = p + ENTROPY_EPS
+    return -p * torch.log(p)
+
+
+def bits_to_ids(bits: torch.Tensor) -> torch.Tensor:
+    """``(..., L)`` 0/1 (any int/bool dtype) -> ``(...)`` int64 ids, channel 0 = MSB. Exact."""
+    L = bits.shape[-1]
+    if L > 62:
+        raise ValueError(f"ids of {L} bits do not fit in int64")
+    shifts = torch.arange(L - 1, -1, -1, device=bits.device, dtype=torch.int64)
+    return (bits.to(torch.int64) << shifts).sum(-1)
+
+
+def ids_to_bits(ids: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """``(...)`` int ids -> ``(..., L)`` int64 bits in {0, 1}, channel 0 = MSB. Exact."""
+    shifts = torch.arange(num_bits - 1, -1, -1, device=ids.device, dtype=torch.int64)
+    return (ids.to(torch.int64).unsqueeze(-1) >> shifts) & 1
+
+
+def ids_to_group_ids(ids: torch.Tensor, num_bits: int, group_size: int) -> torch.Tensor:
+    """``(...)`` ids -> ``(..., L / g)`` group ids; group 0 holds the most significant bits."""
+    if num_bits % group_size:
+        raise ValueError(f"group size {group_size} does not divide {num_bits} bits")
+    groups = num_bits // group_size
+    shifts = torch.arange(groups - 1, -1, -1, device=ids.device, dtype=torch.int64) * group_size
+    return (ids.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << group_size) - 1)
+
+
+def group_ids_to_ids(group_ids: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(..., G)`` group ids -> ``(...)`` ids (inverse of :func:`ids_to_group_ids`)."""
+    G = group_ids.shape[-1]
+    shifts = torch.arange(G - 1, -1, -1, device=group_ids.device, dtype=torch.int64) * group_size
+    return (group_ids.to(torch.int64) << shifts).sum(-1)
+
+
+def check_ids(ids: torch.Tensor, num_bits: int, what: str = "ids") -> None:
+    """Raise :class:`DataError` unless ``ids`` is an integer tensor with values in ``[0, 2**L)``."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise DataError(f"{what} must be an integer array, got dtype {ids.dtype}")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= (1 << num_bits):
+            raise DataError(f"{what} must lie in [0, 2**{num_bits}) = [0, {1 << num_bits}), "
+                            f"found values in [{lo}, {hi}]")
+
+
+class BinarySphericalQuantizer(nn.Module):
+    """BSQ over the last dimension of ``(..., L)`` inputs.
+
+    ``codes, ids, loss, stats = bsq(u)``: ``codes`` are ``±1/sqrt(L)`` (``±1`` when
+    ``l2_norm=False``) with a straight-through gradient, ``ids`` exact int64 of shape ``(...)``,
+    ``loss`` the scalar training term described in the module docstring, ``stats`` a dict of
+    scalar tensors (``persample_entropy``, ``codebook_entropy``, ``commit``) computed in training
+    mode or when ``compute_loss=True``.
+    """
+
+    def __init__(self, embed_dim: int = 28, group_size: int = 7, inv_temperature: float = 1.0,
+                 l2_norm: bool = True, beta: float = 0.0, gamma_0: float = 1.0, gamma_1: float = 1.0,
+                 persample_entropy: str = "group"):
+        super().__init__()
+        if embed_dim < 1 or embed_dim > 62:
+            raise ValueError(f"embed_dim (bits per token) must be in [1, 62], got {embed_dim}")
+        if group_size < 1 or embed_dim % group_size:
+            raise ValueError(f"group_size {group_size} must divide embed_dim {embed_dim}")
+        if group_size > 16:
+            raise ValueError(f"group_size {group_size} > 16 would build a {2 ** group_size}-entry "
+                             "group codebook; use a smaller group")
+        if persample_entropy not in ("group", "analytical"):
+            raise ValueError(f"persample_entropy must be 'group' or 'analytical', got {persample_entropy!r}")
+        self.embed_dim, self.group_size = embed_dim, group_size
+        self.inv_temperature, self.l2_norm = float(inv_temperature), bool(l2_norm)
+        self.beta, self.gamma_0, self.gamma_1 = float(beta), float(gamma_0), float(gamma_1)
+        self.persample_entropy = persample_entropy
+        self.scale = 1.0 / math.sqrt(embed_dim) if l2_norm else 1.0
+        # the 2**g sign patterns of one group, MSB first, as +-1
+        patterns = ids_to_bits(torch.arange(2 ** group_size), group_size).float() * 2 - 1
+        self.register_buffer("group_codebook", patterns, persistent=False)
+
+    @property
+    def num_bits(self) -> int:
+        return self.embed_dim
+
+    @property
+    def num_groups(self) -> int:
+        return self.embed_dim // self.group_size
+
+    # ---- conversions -------------------------------------------------------------------------
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Quantised (or any real) ``(..., L)`` -> int64 ids; positive channel = bit 1."""
+        return bits_to_ids(codes > 0)
+
+    def ids_to_bits(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids_to_bits(ids, self.embed_dim)
+
+    def ids_to_group_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids_to_group_ids(ids, self.embed_dim, self.group_size)
+
+    def group_ids_to_ids(self, group_ids: torch.Tensor) -> torch.Tensor:
+        return group_ids_to_ids(group_ids, self.group_size)
+
+    def ids_to_codes(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """int ids ``(...)`` -> codes ``(..., L)`` of value ``±scale`` (validates the range)."""
+        check_ids(ids, self.embed_dim)
+        return (self.ids_to_bits(ids).to(dtype) * 2 - 1) * self.scale
+
+    def group_ids_to_codes(self, group_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        check_ids(group_ids, self.group_size, "group ids")
+        return self.ids_to_codes(self.group_ids_to_ids(group_ids), dtype)
+
+    # ---- quantisation ------------------------------------------------------------------------
+    def quantize(self, u: torch.Tensor) -> torch.Tensor:
+        """``±scale`` codes with a straight-through gradient (identity w.r.t. ``u``)."""
+        hard = torch.where(u > 0, torch.ones_like(u), -torch.ones_like(u))
+        if torch.is_grad_enabled() and u.requires_grad:
+            hard = u + (hard - u).detach()
+        return hard * self.scale
+
+    def entropy_terms(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Soft per-sample and codebook entropies (nats, summed over groups) of ``u`` ``(..., L)``."""
+        u = u.reshape(-1, self.num_groups, self.group_size)
+        if u.dtype not in (torch.float32, torch.float64):
+            u = u.float()  # entropies in reduced precision are too coarse
+        cb = self.group_codebook.to(u) * self.scale                          # (2^g, g)
+        logits = 2 * self.inv_temperature * torch.einsum("ngc,kc->ngk", u, cb)
+        prob = logits.softmax(-1)                                           # (n, G, 2^g)
+        if self.persample_entropy == "group":
+            persample = _entr(prob).sum((-2, -1)).mean()
+        else:  # closed form per bit: p(bit = 0) = sigmoid(-4 tau u / sqrt(L)) (with l2 scale)
+            p0 = torch.sigmoid(-4 * self.inv_temperature * u * self.scale)
+            persample = (_entr(p0) + _entr(1 - p0)).sum((-2, -1)).mean()
+        codebook = _entr(prob.mean(0)).sum()
+        return persample, codebook
+
+    def forward(self, u: torch.Tensor, compute_loss: bool = None):
+        if u.shape[-1] != self.embed_dim:
+            raise ValueError(f"BSQ expects last dimension {self.embed_dim}, got shape {tuple(u.shape)}")
+        codes = self.quantize(u)
+        ids = self.codes_to_ids(u)
+        if compute_loss is None:
+            compute_loss = self.training
+        if not compute_loss:
+            return codes, ids, u.new_zeros(()), {}
+        persample, codebook = self.entropy_terms(u)
+        commit = ((codes.detach() - u) ** 2).sum(-1).mean()
+        loss = self.beta * commit + (self.gamma_0 * persample - self.gamma_1 * codebook) / self.inv_temperature
+        stats: Dict[str, torch.Tensor] = {"persample_entropy": persample.detach(),
+                                          "codebook_entropy": codebook.detach(), "commit": commit.detach()}
+        return codes, ids, loss, stats
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.embed_dim}, group_size={self.group_size}, inv_temperature={self.inv_temperature}, "
+                f"l2_norm={self.l2_norm}, beta={self.beta}, gamma=({self.gamma_0}, {self.gamma_1}), "
+                f"persample_entropy={self.persample_entropy!r}")

@@ -1,0 +1,124 @@
+import math
+import tracemalloc
+
+import pytest
+import torch
+
+from qlip.errors import DataError
+from qlip.quant import BinarySphericalQuantizer, bits_to_ids, group_ids_to_ids, ids_to_bits, ids_to_group_ids
+
+
+def test_sign_zero_is_minus_one_and_scale():
+    q = BinarySphericalQuantizer(embed_dim=4, group_size=2)
+    u = torch.tensor([[0.0, 1e-9, -1e-9, 3.0]])
+    codes, ids, _, _ = q(u)
+    s = 1 / math.sqrt(4)
+    assert torch.equal(codes, torch.tensor([[-s, s, -s, s]]))
+    assert ids.item() == 0b0101
+
+
+def test_msb_first_and_exact_28_bit_ids():
+    q = BinarySphericalQuantizer(embed_dim=28, group_size=7)
+    bits = torch.randint(0, 2, (1000, 28))
+    ids = bits_to_ids(bits)
+    expected = torch.tensor([int("".join(map(str, b.tolist())), 2) for b in bits])
+    assert torch.equal(ids, expected)
+    assert ids.dtype == torch.int64
+    # all-ones is the largest id; channel 0 alone is 2**27
+    assert bits_to_ids(torch.ones(28, dtype=torch.long)).item() == 2 ** 28 - 1
+    one_hot = torch.zeros(28, dtype=torch.long)
+    one_hot[0] = 1
+    assert bits_to_ids(one_hot).item() == 2 ** 27
+    # codes -> ids -> codes is the identity, and ids survive bf16 inputs
+    u = torch.nn.functional.normalize(torch.randn(500, 28), dim=-1)
+    codes, ids, _, _ = q(u)
+    assert torch.equal(q.ids_to_codes(ids), codes)
+    assert torch.equal(q.codes_to_ids(u.bfloat16()), q.codes_to_ids(u.bfloat16().float()))
+
+
+@pytest.mark.parametrize("L,g", [(28, 7), (28, 14), (28, 1), (12, 4), (62, 2)])
+def test_conversions_round_trip(L, g):
+    ids = torch.randint(0, 2 ** min(L, 62) - 1, (64,), dtype=torch.int64) if L < 62 else \
+        torch.randint(0, 2 ** 62 - 1, (64,), dtype=torch.int64)
+    assert torch.equal(bits_to_ids(ids_to_bits(ids, L)), ids)
+    gids = ids_to_group_ids(ids, L, g)
+    assert gids.shape == (64, L // g) and int(gids.max()) < 2 ** g
+    assert torch.equal(group_ids_to_ids(gids, g), ids)
+    # group 0 holds the most significant bits
+    assert torch.equal(gids[:, 0], ids >> (L - g))
+
+
+def test_straight_through_gradient_is_identity():
+    q = BinarySphericalQuantizer(embed_dim=8, group_size=4)
+    u = torch.randn(3, 8, requires_grad=True)
+    codes, _, _, _ = q(u, compute_loss=False)
+    (codes * torch.arange(8.0)).sum().backward()
+    assert torch.allclose(u.grad, torch.arange(8.0).expand(3, 8) * q.scale)
+
+
+def _brute_force_entropies(u, tau, L, scale):
+    """Full 2**L computation (small L only)."""
+    codes = (ids_to_bits(torch.arange(2 ** L), L).double() * 2 - 1) * scale
+    p = (2 * tau * u.double() @ codes.T).softmax(-1)
+    ent = lambda x: -(x * x.clamp_min(1e-300).log()).sum(-1)  # noqa: E731
+    return ent(p).mean(), ent(p.mean(0))
+
+
+@pytest.mark.parametrize("mode", ["group", "analytical"])
+def test_entropies_against_brute_force(mode):
+    L, tau = 8, 1.0
+    torch.manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(50, L, dtype=torch.float64), dim=-1)
+    q = BinarySphericalQuantizer(embed_dim=L, group_size=L, inv_temperature=tau, persample_entropy=mode)
+    ps, cb = q.entropy_terms(u)
+    ps_ref, cb_ref = _brute_force_entropies(u, tau, L, q.scale)
+    # one group of L bits: both terms are exact up to the 1e-8 smoothing (2**8 entries: ~1e-5)
+    assert abs(ps.item() - ps_ref.item()) < 1e-4
+    assert abs(cb.item() - cb_ref.item()) < 1e-4
+    # smaller groups: per-sample term stays exact (it factorises), codebook term is an upper bound
+    q2 = BinarySphericalQuantizer(embed_dim=L, group_size=2, inv_temperature=tau, persample_entropy=mode)
+    ps2, cb2 = q2.entropy_terms(u)
+    assert abs(ps2.item() - ps_ref.item()) < 1e-4
+    assert cb2.item() >= cb_ref.item() - 1e-6
+
+
+def test_loss_formula_and_commitment():
+    torch.manual_seed(0)
+    q = BinarySphericalQuantizer(embed_dim=28, group_size=7, inv_temperature=10.0, beta=0.25,
+                                 gamma_0=1.0, gamma_1=0.5).train()
+    u = torch.nn.functional.normalize(torch.randn(4, 16, 28), dim=-1).requires_grad_()
+    codes, ids, loss, stats = q(u)
+    commit = ((codes.detach() - u) ** 2).sum(-1).mean()
+    expected = 0.25 * commit + (stats["persample_entropy"] - 0.5 * stats["codebook_entropy"]) / 10.0
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0
+    # eval mode skips the loss unless asked
+    q.eval()
+    _, _, l0, s0 = q(u)
+    assert l0.item() == 0 and s0 == {}
+
+
+def test_28_bits_never_allocates_2_pow_28():
+    """g = 14 at L = 28 stays linear in L: memory far below one 2**28 float tensor (1 GiB)."""
+    q = BinarySphericalQuantizer(embed_dim=28, group_size=14)
+    u = torch.nn.functional.normalize(torch.randn(2, 16, 28), dim=-1).requires_grad_()
+    tracemalloc.start()
+    codes, ids, loss, _ = q(u, compute_loss=True)
+    loss.backward()
+    tracemalloc.stop()
+    assert q.group_codebook.numel() == 2 ** 14 * 14
+    big = [t for t in (codes, ids, loss) if t.numel() >= 2 ** 20]
+    assert not big
+    with pytest.raises(ValueError, match="group_size"):
+        BinarySphericalQuantizer(embed_dim=28, group_size=28)
+
+
+def test_invalid_ids_rejected():
+    q = BinarySphericalQuantizer(embed_dim=4, group_size=2)
+    with pytest.raises(DataError, match=r"\[0, 2\*\*4\)"):
+        q.ids_to_codes(torch.tensor([16]))
+    with pytest.raises(DataError, match="integer"):
+        q.ids_to_codes(torch.tensor([1.0]))
+    with pytest.raises(DataError):
+        q.ids_to_codes(torch.tensor([-1]))

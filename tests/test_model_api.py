@@ -1,0 +1,160 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import qlip
+from qlip.errors import CheckpointError, ConfigError, DataError, QLIPError
+
+
+def test_tokenize_detokenize_reconstruct(tiny_model):
+    m = tiny_model
+    x = torch.randn(3, 3, 32, 32)
+    ids = m.tokenize(x)
+    assert ids.shape == (3, 4, 4) and ids.dtype == torch.int64
+    assert int(ids.min()) >= 0 and int(ids.max()) < 2 ** 28
+    y = m.detokenize(ids)
+    assert y.shape == x.shape
+    torch.testing.assert_close(m.reconstruct(x), y, rtol=1e-5, atol=1e-5)
+    out = m(x)  # training forward agrees with the inference path
+    assert torch.equal(out.ids, ids)
+    torch.testing.assert_close(out.recon, y, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_gradients(tiny_model):
+    m = tiny_model.train()
+    x = torch.randn(4, 3, 32, 32)
+    t = m.tokenizer(["a red circle", "a blue square", "a star", "two shapes"])
+    out = m(x, t)
+    assert out.text_embeds.shape == (4, 32) and out.image_embeds.shape == (4, 32)
+    assert out.quant_loss.requires_grad and set(out.quant_stats) == {"persample_entropy", "codebook_entropy", "commit"}
+    loss = ((out.recon - x) ** 2).mean() + out.quant_loss + out.logit_scale * (out.image_embeds @ out.text_embeds.T).sum()
+    loss.backward()
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not no_grad, no_grad
+
+
+def test_preprocess_modes_and_postprocess(tiny_model):
+    m = tiny_model
+    rgb = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 60, 3), dtype=np.uint8))
+    imgs = [rgb, rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("CMYK"), rgb.convert("P"),
+            Image.fromarray((np.random.RandomState(1).rand(50, 50) * 65535).astype(np.uint16))]
+    x = m.preprocess(imgs)
+    assert x.shape == (6, 3, 32, 32)
+    # a fully transparent RGBA image composites to white
+    clear = Image.new("RGBA", (32, 32), (10, 20, 30, 0))
+    white = m.postprocess(m.preprocess([clear]))[0]
+    assert np.asarray(white).min() == 255
+    # 16-bit greyscale maps to the full 8-bit range, not clipped to white
+    grey16 = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))
+    back = np.asarray(m.postprocess(m.preprocess([grey16]))[0])
+    assert abs(int(back.mean()) - 128) <= 1
+    # postprocess inverts preprocess up to rounding
+    pil = m.postprocess(m.preprocess([rgb]))[0]
+    assert pil.size == (32, 32) and pil.mode == "RGB"
+
+
+def test_text_and_zero_shot(tiny_model):
+    m = tiny_model
+    t = m.tokenizer(["a photo of a dog", "a cat"])
+    assert t.shape == (2, 77) and t.dtype == torch.int64
+    assert t[0, 0] == 49406 and (t[0] == 49407).sum() == 1
+    x = torch.randn(2, 3, 32, 32)
+    probs = m.zero_shot(x, ["a dog", "a cat", "a bird"])
+    assert probs.shape == (2, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    img = m.encode_image(x, normalize=True)
+    txt = m.encode_text(m.tokenizer(["a dog", "a cat", "a bird"]), normalize=True)
+    torch.testing.assert_close(probs, (m.logit_scale.exp() * img @ txt.T).softmax(-1))
+    m.drop_text()
+    with pytest.raises(QLIPError, match="no text tower"):
+        m.zero_shot(x, ["a", "b"])
+
+
+def test_encode_image_features(tiny_model):
+    x = torch.randn(2, 3, 32, 32)
+    f = tiny_model.encode_image_features(x, layer=-2)
+    assert f.shape == (2, 16, 64)
+    last = tiny_model.encode_image_features(x, layer=-1, include_cls=True)
+    torch.testing.assert_close(last, tiny_model.visual(x))
+    with pytest.raises(QLIPError, match="out of range"):
+        tiny_model.encode_image_features(x, layer=5)
+
+
+def test_save_pretrained_round_trip(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["format"] == "qlip"
+    back = qlip.load(str(tmp_path / "m"))
+    assert back.config == tiny_model.config
+    for (k, a), (_, b) in zip(tiny_model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not list((tmp_path / "m").glob("*.tmp")), "temporary files left behind"
+
+
+def test_detokenize_rejects_bad_ids(tiny_model):
+    with pytest.raises(DataError, match="shape"):
+        tiny_model.detokenize(torch.zeros(1, 3, 3, dtype=torch.long))
+    with pytest.raises(DataError, match=r"2\*\*28"):
+        tiny_model.detokenize(torch.full((1, 4, 4), 2 ** 28))
+    with pytest.raises(DataError, match="integer"):
+        tiny_model.detokenize(torch.zeros(1, 4, 4))
+
+
+def _corrupt(tmp_path, tiny_model, edit):
+    from safetensors.torch import load_file, save_file
+    tiny_model.save_pretrained(tmp_path / "m")
+    sd = load_file(tmp_path / "m" / "model.safetensors")
+    edit(sd)
+    save_file(sd, tmp_path / "m" / "model.safetensors")
+    return str(tmp_path / "m")
+
+
+def test_checkpoint_key_errors_name_the_keys(tiny_model, tmp_path):
+    path = _corrupt(tmp_path, tiny_model, lambda sd: sd.pop("decoder.norm.weight"))
+    with pytest.raises(CheckpointError, match="missing keys: decoder.norm.weight"):
+        qlip.load(path)
+    path = _corrupt(tmp_path, tiny_model, lambda sd: sd.update(extra_thing=torch.zeros(1)))
+    with pytest.raises(CheckpointError, match="unexpected keys: extra_thing"):
+        qlip.load(path)
+    path = _corrupt(tmp_path, tiny_model, lambda sd: sd.update({"visual.ln_post.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"visual.ln_post.weight \(3,\)"):
+        qlip.load(path)
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ConfigError, match="unknown keys in config section 'vision': widht"):
+        qlip.QLIPConfig.from_dict({"vision": {"widht": 3}})
+    with pytest.raises(ConfigError, match="not divisible"):
+        qlip.get_preset("qlip-tiny", **{"vision.heads": 5})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        qlip.get_preset("qlip-huge")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text(json.dumps({"format": "qlip", "config": {"vision": {"patch_size": 7}}}))
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, tmp_path / "c" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="cannot build a model"):
+        qlip.load(str(tmp_path / "c"))
+
+
+def test_hub_offline_error_names_cache(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as e:
+        qlip.load("nvidia/QLIP-B-16-256")
+    msg = str(e.value)
+    assert "models--nvidia--QLIP-B-16-256" in msg and "\n" not in msg
+    with pytest.raises(CheckpointError, match="not a folder, a hub id or a preset"):
+        qlip.load("no-such-thing")
+
+
+def test_bf16_autocast_tokenize(tiny_model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids = tiny_model.tokenize(x)
+        y = tiny_model.detokenize(ids)
+    assert ids.dtype == torch.int64 and y.shape == x.shape
+    bits = tiny_model.quantizer.ids_to_bits
+    agree = (bits(ids) == bits(tiny_model.tokenize(x))).float().mean()
+    assert agree > 0.8
