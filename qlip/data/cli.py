@@ -1,0 +1,32 @@
+"""`qlip data ...` subcommands."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    """Add ``qlip data shapes OUT --n N --size S --seed K [--heldout N] [--shard-size M]``."""
+    data = subparsers.add_parser("data", help="prepare datasets")
+    sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("shapes", help="write the synthetic captioned-shapes dataset as webdataset shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", metavar="OUT", help="output directory")
+    p.add_argument("--n", type=int, default=10000, help="number of training images")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--heldout", type=int, default=320, help="number of labelled held-out images (32 classes)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard")
+    p.add_argument("--overwrite", action="store_true", help="replace shapes data generated with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_shapes)
+
+
+def _shapes(args) -> int:
+    from .shapes import generate_shapes
+
+    m = generate_shapes(args.out, n=args.n, size=args.size, seed=args.seed, shard_size=args.shard_size,
+                        heldout_n=args.heldout, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"{args.out}: {m['n']} training images in {len(m['train_shards'])} shards, "
+          f"{m['heldout_n']} held-out images in {len(m['heldout_shards'])} shards ({m['size']}px, seed {m['seed']})")
+    return 0

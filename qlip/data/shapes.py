@@ -1,0 +1,523 @@
+"""Synthetic captioned shapes: the embedded demo / test dataset.
+
+Every training image shows one to three coloured shapes (circle, square, triangle, star; small or
+large; left, right, top, bottom or center) on a solid, noisy or gradient background, with a
+caption built from a small grammar ("a large red circle on the left and a small blue star at the
+bottom"). A held-out split of single-shape images carries a (color, kind) label in 0..31 for
+zero-shot classification with the prompts "a photo of a {color} {kind}".
+
+Design notes (a prototype learned color perfectly but shape kind only at 30%):
+- shapes are big (small ~ 0.24 * size, large ~ 0.44 * size, i.e. 15 / 28 px at 64x64) and drawn
+  with 4x supersampling, so their outlines survive at the 8 px patch scale of a tiny ViT;
+- a third of the multi-shape images have shapes of the SAME color and different kinds, so the
+  caption can only be matched by looking at the kind; shapes barely overlap (< 4% of the area);
+- backgrounds are kept far (RGB distance) from every palette color, so a background never reads
+  as a shape and a shape never disappears into its background.
+
+Every sample is a pure function of (seed, split, index): `make_sample` rebuilds any single sample
+without the others, and the shards are byte-identical for the same settings.
+
+    manifest = generate_shapes("data/shapes", n=20000, size=64, seed=0)
+    manifest["train_shards"], manifest["heldout_shards"]   # lists of tar paths
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from ..errors import DataError
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary
+
+# Canonical RGB of each color name. Shapes get a small per-channel jitter around it.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 35),
+    "green": (35, 170, 60),
+    "blue": (35, 75, 225),
+    "yellow": (245, 220, 35),
+    "purple": (140, 50, 185),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
+
+# Held-out classes: label = color_index * 4 + kind_index.
+SHAPE_CLASSNAMES: tuple[str, ...] = tuple(f"{c} {k}" for c in COLOR_NAMES for k in KINDS)
+SHAPE_PROMPT = "a photo of a {}"
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# ----------------------------------------------------------------------------------------------
+# geometry and color constants (fractions of the image size unless noted)
+
+SIZE_FRAC = {"small": 0.24, "large": 0.44}  # shape width: 15.4 / 28.2 px (+-6%) at 64x64
+SIZE_JITTER = 0.06                          # relative
+ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22),
+           "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
+POS_JITTER = 0.04
+MAX_ROTATION = 12.0                         # degrees, squares / triangles / stars
+SUPERSAMPLE = 4
+MAX_OVERLAP = 0.04                          # of the smaller shape's area
+COLOR_JITTER = 12                           # per channel, uniform
+BG_MIN_DIST = 80.0                          # every background pixel vs every palette color
+BG_MIN_DIST_SHAPE = 110.0                   # ... and vs the colors of the shapes in the image
+BG_MIN_HUE = 35.0                           # degrees from every chromatic palette hue, unless ...
+BG_MAX_CHROMA = 50                          # ... the background pixel is this grey (max - min RGB)
+SAME_COLOR_P = 0.35                         # multi-shape images with one color, different kinds
+SAME_KIND_P = 0.15                          # multi-shape images with one kind, different colors
+NUM_SHAPES_P = (0.35, 0.40, 0.25)           # one, two, three shapes
+
+_SPLITS = {"train": 0, "heldout": 1}
+
+
+def shape_label(color: str, kind: str) -> int:
+    """Held-out class index of a (color, kind) pair."""
+    return COLOR_NAMES.index(color) * len(KINDS) + KINDS.index(kind)
+
+
+def shape_prompts(template: str = SHAPE_PROMPT) -> list[str]:
+    """One zero-shot prompt per held-out class, in label order ("a photo of a red circle", ...)."""
+    return [template.format(name) for name in SHAPE_CLASSNAMES]
+
+
+# ----------------------------------------------------------------------------------------------
+# scene sampling
+
+
+def _sample_rgb(rng: np.random.Generator, color: str) -> list[int]:
+    base = np.array(COLORS[color])
+    return np.clip(base + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255).tolist()
+
+
+def _place(rng: np.random.Generator, position: str, size_name: str, size: int) -> tuple[list[float], float]:
+    """Center (x, y) in pixels and width of a shape, kept inside the frame."""
+    d = SIZE_FRAC[size_name] * size * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
+    ax, ay = ANCHORS[position]
+    lo, hi = d / 2 + 1, size - d / 2 - 1
+    x = float(np.clip((ax + rng.uniform(-POS_JITTER, POS_JITTER)) * size, lo, hi))
+    y = float(np.clip((ay + rng.uniform(-POS_JITTER, POS_JITTER)) * size, lo, hi))
+    return [round(x, 3), round(y, 3)], round(float(d), 3)
+
+
+def _sample_shapes(rng: np.random.Generator, n: int, size: int) -> list[dict]:
+    """Attributes of ``n`` shapes at distinct positions (no geometry checks yet)."""
+    mode = "mixed"
+    if n >= 2:
+        u = rng.random()
+        mode = "same_color" if u < SAME_COLOR_P else "same_kind" if u < SAME_COLOR_P + SAME_KIND_P else "mixed"
+    positions = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))[:n]]
+    if mode == "same_color":
+        # One color for all (two of three when n == 3), kinds all different: only the kind
+        # tells the shapes apart.
+        c = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+        colors = [c] * n
+        if n == 3 and rng.random() < 0.5:
+            colors[2] = COLOR_NAMES[rng.choice([i for i, x in enumerate(COLOR_NAMES) if x != c])]
+        kinds = [KINDS[i] for i in rng.permutation(len(KINDS))[:n]]
+    elif mode == "same_kind":
+        k = KINDS[rng.integers(len(KINDS))]
+        kinds = [k] * n
+        colors = [COLOR_NAMES[i] for i in rng.permutation(len(COLOR_NAMES))[:n]]
+    else:
+        colors, kinds = [], []
+        while len(colors) < n:  # independent draws, but no two identical (color, kind) pairs
+            c, k = COLOR_NAMES[rng.integers(len(COLOR_NAMES))], KINDS[rng.integers(len(KINDS))]
+            if (c, k) not in zip(colors, kinds):
+                colors.append(c)
+                kinds.append(k)
+    shapes = []
+    for c, k, p in zip(colors, kinds, positions):
+        s = SIZES[rng.integers(len(SIZES))]
+        center, d = _place(rng, p, s, size)
+        rot = 0.0 if k == "circle" else round(float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), 3)
+        shapes.append({"color": c, "kind": k, "size": s, "position": p, "rgb": _sample_rgb(rng, c),
+                       "center": center, "diameter": d, "rotation": rot, "label": shape_label(c, k)})
+    return shapes
+
+
+def _shape_polygon(kind: str, cx: float, cy: float, d: float, rot_deg: float) -> list[tuple[float, float]]:
+    """Outline of a square / triangle / star of width ~d centered at (cx, cy)."""
+    if kind == "square":
+        h = 0.88 * d / 2  # about the area of a circle of diameter d
+        pts = [(-h, -h), (h, -h), (h, h), (-h, h)]
+    elif kind == "triangle":
+        r = 1.05 * d / math.sqrt(3)  # circumradius; width 1.05 d, pointing up
+        pts = [(r * math.cos(math.radians(a)), -r * math.sin(math.radians(a))) for a in (90, 210, 330)]
+        pts = [(x, y + 0.25 * r) for x, y in pts]  # center the bounding box, not the centroid
+    elif kind == "star":
+        r_out, r_in = 0.55 * d, 0.55 * d * 0.5  # fat star: arms stay visible at 15 px
+        pts = []
+        for i in range(10):
+            r = r_out if i % 2 == 0 else r_in
+            a = math.radians(90 + 36 * i)
+            pts.append((r * math.cos(a), -r * math.sin(a)))
+    else:
+        raise ValueError(f"no polygon for {kind!r}")
+    c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def shape_coverage(shape: dict, size: int) -> np.ndarray:
+    """Anti-aliased coverage (H, W) float32 in [0, 1] of one shape, drawn at 4x and box-filtered."""
+    ss = SUPERSAMPLE
+    mask = Image.new("L", (size * ss, size * ss), 0)
+    draw = ImageDraw.Draw(mask)
+    (cx, cy), d = shape["center"], shape["diameter"]
+    if shape["kind"] == "circle":
+        draw.ellipse([(cx - d / 2) * ss, (cy - d / 2) * ss, (cx + d / 2) * ss, (cy + d / 2) * ss], fill=255)
+    else:
+        pts = _shape_polygon(shape["kind"], cx * ss, cy * ss, d * ss, shape["rotation"])
+        draw.polygon(pts, fill=255)
+    return np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+
+
+def _overlaps(coverages: Sequence[np.ndarray]) -> bool:
+    for i in range(len(coverages)):
+        for j in range(i + 1, len(coverages)):
+            inter = float(np.minimum(coverages[i], coverages[j]).sum())
+            if inter > MAX_OVERLAP * min(coverages[i].sum(), coverages[j].sum()):
+                return True
+    return False
+
+
+def _sample_background(rng: np.random.Generator, size: int, shape_rgbs: Sequence[Sequence[int]]) -> dict:
+    """A solid / noise / gradient background spec, far from the palette and the shapes' colors."""
+    palette = list(COLORS.values())
+
+    def far(pixels: np.ndarray) -> bool:
+        return (_min_distance(pixels, palette) >= BG_MIN_DIST and _hues_apart(pixels)
+                and _min_distance(pixels, shape_rgbs) >= BG_MIN_DIST_SHAPE)
+
+    for _ in range(1000):
+        kind = ("solid", "noise", "gradient")[rng.choice(3, p=[0.4, 0.4, 0.2])]
+        colors = [rng.integers(0, 256, 3).tolist()]
+        if kind == "gradient":
+            colors.append(np.clip(np.array(colors[0]) + rng.integers(-70, 71, 3), 0, 255).tolist())
+        bg = {"kind": kind, "colors": colors}
+        if kind == "noise":
+            bg.update(grid=int(rng.integers(3, 7)), amplitude=int(rng.integers(15, 36)),
+                      noise_seed=int(rng.integers(2**31)))
+        elif kind == "gradient":
+            bg["angle"] = round(float(rng.uniform(0, 360)), 3)
+        base = np.asarray(colors, dtype=np.uint8)
+        if not far(base):
+            continue  # cheap rejection on the spec colors before rendering every pixel
+        if kind == "solid" or far(render_background(bg, size)):
+            return bg
+    raise RuntimeError("could not find a background far from the shape colors")  # not reached in practice
+
+
+def _min_distance(pixels: np.ndarray, colors: Sequence[Sequence[int]]) -> float:
+    p = np.unique(pixels.reshape(-1, 3), axis=0).astype(np.float32)
+    c = np.asarray(colors, dtype=np.float32)
+    d2 = (p * p).sum(1)[:, None] - 2 * p @ c.T + (c * c).sum(1)[None, :]
+    return float(np.sqrt(max(d2.min(), 0.0)))
+
+
+def _hue_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hue in degrees and chroma (max - min) of (..., 3) RGB values."""
+    rgb = rgb.astype(np.float32)
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    chroma = mx - mn
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    c = np.maximum(chroma, 1e-6)
+    hue = np.where(mx == r, ((g - b) / c) % 6, np.where(mx == g, (b - r) / c + 2, (r - g) / c + 4)) * 60.0
+    return hue, chroma
+
+
+_PALETTE_HUES = [float(h) for h, c in zip(*_hue_chroma(np.array(list(COLORS.values())))) if c > 100]
+
+
+def _hues_apart(pixels: np.ndarray) -> bool:
+    """True if every pixel is greyish or at least BG_MIN_HUE degrees from every palette hue.
+
+    RGB distance alone lets a bright green background pass next to a green shape; the hue rule
+    keeps saturated backgrounds to hues no color name covers (teal, cyan, magenta, pink, lime).
+    """
+    hue, chroma = _hue_chroma(pixels.reshape(-1, 3))
+    for h in _PALETTE_HUES:
+        d = np.abs(hue - h) % 360
+        if np.any((np.minimum(d, 360 - d) < BG_MIN_HUE) & (chroma >= BG_MAX_CHROMA)):
+            return False
+    return True
+
+
+def render_background(bg: dict, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 background from its spec (as stored in the sample's json)."""
+    c0 = np.asarray(bg["colors"][0], dtype=np.float32)
+    if bg["kind"] == "solid":
+        img = np.broadcast_to(c0, (size, size, 3))
+    elif bg["kind"] == "noise":
+        # Low-frequency color noise: a tiny random grid upsampled bicubically, plus faint grain.
+        nrng = np.random.default_rng(bg["noise_seed"])
+        g, a = bg["grid"], bg["amplitude"]
+        grid = np.clip(c0 + nrng.uniform(-a, a, (g, g, 3)), 0, 255).astype(np.uint8)
+        img = np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC), dtype=np.float32)
+        img = img + nrng.uniform(-4, 4, (size, size, 3))
+    elif bg["kind"] == "gradient":
+        c1 = np.asarray(bg["colors"][1], dtype=np.float32)
+        t = np.linspace(-1, 1, size, dtype=np.float32)
+        a = math.radians(bg["angle"])
+        proj = (np.cos(a) * t[None, :] + np.sin(a) * t[:, None]) / math.sqrt(2) * 0.5 + 0.5
+        img = c0 * (1 - proj[..., None]) + c1 * proj[..., None]
+    else:
+        raise DataError(f"unknown background kind {bg['kind']!r}")
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def sample_scene(rng: np.random.Generator, size: int = 64, num_shapes: Optional[int] = None) -> dict:
+    """Random scene spec: {"size", "shapes": [...], "background": {...}} (json-serialisable)."""
+    n = int(rng.choice(3, p=NUM_SHAPES_P)) + 1 if num_shapes is None else num_shapes
+    for _ in range(200):
+        shapes = _sample_shapes(rng, n, size)
+        if n == 1 or not _overlaps([shape_coverage(s, size) for s in shapes]):
+            break
+    else:
+        shapes = shapes[:1]  # pathological case: keep a single shape
+    return {"size": size, "shapes": shapes, "background": _sample_background(rng, size, [s["rgb"] for s in shapes])}
+
+
+def render_scene(scene: dict) -> Image.Image:
+    """Draw a scene spec: background, then each shape alpha-blended with its anti-aliased coverage."""
+    size = scene["size"]
+    img = render_background(scene["background"], size).astype(np.float32)
+    for s in scene["shapes"]:
+        a = shape_coverage(s, size)[..., None]
+        img = img * (1 - a) + np.asarray(s["rgb"], dtype=np.float32) * a
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# caption grammar
+
+_SIZE_WORDS = {"small": ("small", "small", "little"), "large": ("large", "large", "big")}
+_POS_PHRASES = {
+    "left": ("on the left", "on the left side", "at the left"),
+    "right": ("on the right", "on the right side", "at the right"),
+    "top": ("at the top", "near the top", "at the top"),
+    "bottom": ("at the bottom", "near the bottom", "at the bottom"),
+    "center": ("in the center", "in the middle", "in the center"),
+}
+_BG_WORDS = {"solid": ("plain", "solid"), "noise": ("textured", "noisy"), "gradient": ("gradient", "shaded")}
+_NUMBER_WORDS = {2: "two", 3: "three"}
+_FRAMES = ("{}", "{}", "there is {}", "a photo of {}", "an image of {}", "a picture showing {}")
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[rng.integers(len(options))]
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _shape_phrase(rng: np.random.Generator, s: dict, with_color: bool = True) -> str:
+    """ "a large red circle on the left" (size word omitted 15% of the time)."""
+    words = [] if rng.random() < 0.15 else [_pick(rng, _SIZE_WORDS[s["size"]])]
+    words += [s["color"]] if with_color else []
+    words.append(s["kind"])
+    return f"{_article(' '.join(words))} {_pick(rng, _POS_PHRASES[s['position']])}"
+
+
+def _join(rng: np.random.Generator, parts: Sequence[str]) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return f"{parts[0]} {_pick(rng, ('and', 'and', 'with'))} {parts[1]}"
+    return ", ".join(parts[:-1]) + _pick(rng, (" and ", ", and ")) + parts[-1]
+
+
+def caption_scene(scene: dict, rng: np.random.Generator) -> str:
+    """Caption naming every shape's color, kind and position (and usually its size).
+
+    Forms: "[frame] a large red circle on the left and a small blue star at the bottom
+    [on a plain background]", "two shapes: ...", and for same-colored shapes
+    "two red shapes: a large circle on the left and a small star at the bottom".
+    """
+    shapes = [scene["shapes"][i] for i in rng.permutation(len(scene["shapes"]))]
+    n = len(shapes)
+    one_color = n >= 2 and len({s["color"] for s in shapes}) == 1
+    if one_color and rng.random() < 0.5:
+        body = _join(rng, [_shape_phrase(rng, s, with_color=False) for s in shapes])
+        text = f"{_NUMBER_WORDS[n]} {shapes[0]['color']} shapes: {body}"
+    else:
+        body = _join(rng, [_shape_phrase(rng, s) for s in shapes])
+        if n >= 2 and rng.random() < 0.2:
+            text = f"{_NUMBER_WORDS[n]} shapes: {body}"
+        else:
+            text = _pick(rng, _FRAMES).format(body)
+    if rng.random() < 0.2:
+        text += f" on a {_pick(rng, _BG_WORDS[scene['background']['kind']])} background"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# samples and shards
+
+
+def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train") -> tuple[Image.Image, str, dict]:
+    """Sample ``index`` of a split: (RGB image, caption, metadata). A pure function of its arguments.
+
+    Held-out samples have one shape whose class cycles through the 32 labels (balanced);
+    their metadata has "label", "color" and "kind" at the top level.
+    """
+    if split not in _SPLITS:
+        raise DataError(f"unknown shapes split {split!r} (expected one of {sorted(_SPLITS)})")
+    rng = np.random.default_rng([seed, _SPLITS[split], index])
+    if split == "train":
+        scene = sample_scene(rng, size)
+    else:
+        label = index % len(SHAPE_CLASSNAMES)
+        color, kind = COLOR_NAMES[label // len(KINDS)], KINDS[label % len(KINDS)]
+        s_name, pos = SIZES[rng.integers(len(SIZES))], POSITIONS[rng.integers(len(POSITIONS))]
+        center, d = _place(rng, pos, s_name, size)
+        rot = 0.0 if kind == "circle" else round(float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), 3)
+        shape = {"color": color, "kind": kind, "size": s_name, "position": pos, "rgb": _sample_rgb(rng, color),
+                 "center": center, "diameter": d, "rotation": rot, "label": label}
+        scene = {"size": size, "shapes": [shape], "background": _sample_background(rng, size, [shape["rgb"]])}
+    caption = caption_scene(scene, rng)
+    meta = {"key": f"{index:09d}", "split": split, "caption": caption, **scene}
+    if split == "heldout":
+        meta.update(label=scene["shapes"][0]["label"], color=scene["shapes"][0]["color"],
+                    kind=scene["shapes"][0]["kind"])
+    return render_scene(scene), caption, meta
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode_sample(index: int, size: int, seed: int, split: str) -> tuple[str, dict[str, bytes]]:
+    img, caption, meta = make_sample(index, size, seed, split)
+    fields = {"png": _png_bytes(img), "txt": caption.encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+    if split == "heldout":
+        fields["cls"] = str(meta["label"]).encode()
+    return meta["key"], fields
+
+
+def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write (key, {ext: bytes}) samples as a webdataset shard with fixed headers (byte-reproducible).
+
+    The shard is written to ``path + ".tmp"`` and renamed, so a reader never sees half a shard.
+    Returns the number of samples written.
+    """
+    count = 0
+    with tarfile.open(path + ".tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    os.replace(path + ".tmp", path)
+    return count
+
+
+def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, shard_size: int, progress: bool) -> list[str]:
+    names = []
+    bar = tqdm(total=n, desc=f"shapes {split}", unit="img", disable=not progress)
+    for shard, start in enumerate(range(0, n, shard_size)):
+        name = f"shapes-{split}-{shard:06d}.tar"
+
+        def samples(start=start) -> Iterator[tuple[str, dict[str, bytes]]]:
+            for i in range(start, min(start + shard_size, n)):
+                yield _encode_sample(i, size, seed, split)
+                bar.update(1)
+
+        write_tar(os.path.join(out_dir, name), samples())
+        names.append(name)
+    bar.close()
+    return names
+
+
+def generate_heldout(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_size: int = 1000,
+                     progress: bool = True) -> list[str]:
+    """Write the labelled held-out split (single shapes, ``{key}.cls`` = color*4 + kind, balanced
+    over the 32 classes) as ``shapes-heldout-*.tar`` in ``out_dir``. Returns the shard paths."""
+    _check_settings(n, size, shard_size, allow_zero=True)
+    os.makedirs(out_dir, exist_ok=True)
+    names = _write_split(out_dir, "heldout", n, size, seed, shard_size, progress)
+    return [os.path.join(out_dir, x) for x in names]
+
+
+def _check_settings(n: int, size: int, shard_size: int, allow_zero: bool = False) -> None:
+    if n < (0 if allow_zero else 1):
+        raise DataError(f"number of images must be {'>= 0' if allow_zero else '>= 1'}, got {n}")
+    if size < 32:
+        raise DataError(f"shapes image size must be >= 32 px, got {size}")
+    if shard_size < 1:
+        raise DataError(f"shard size must be >= 1, got {shard_size}")
+
+
+def read_manifest(out_dir: str) -> Optional[dict]:
+    """The manifest of a generated shapes directory (shard paths made absolute), or None if absent."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable shapes manifest ({e})") from None
+    root = os.path.abspath(out_dir)
+    manifest["train_shards"] = [os.path.join(root, x) for x in manifest.get("train", [])]
+    manifest["heldout_shards"] = [os.path.join(root, x) for x in manifest.get("heldout", [])]
+    return manifest
+
+
+def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int) -> dict:
+    return {"format": "qlip-shapes", "version": FORMAT_VERSION, "n": n, "heldout_n": heldout_n,
+            "size": size, "seed": seed, "shard_size": shard_size}
+
+
+def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_size: int = 1000,
+                    heldout_n: int = 320, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write ``n`` captioned training images and ``heldout_n`` labelled held-out images as shards.
+
+    Files in ``out_dir``: ``shapes-train-NNNNNN.tar`` (``{key}.png``, ``{key}.txt``, ``{key}.json``),
+    ``shapes-heldout-NNNNNN.tar`` (the same plus ``{key}.cls``) and ``manifest.json`` (written
+    last: its presence means the data is complete). If a manifest with the same settings and all
+    its shards already exist, nothing is written. A manifest with other settings is an error
+    unless ``overwrite``. Returns the manifest (see `read_manifest`).
+    """
+    _check_settings(n, size, shard_size)
+    _check_settings(heldout_n, size, shard_size, allow_zero=True)
+    want = _settings(n, size, seed, shard_size, heldout_n)
+    have = read_manifest(out_dir)
+    if have is not None:
+        same = all(have.get(k) == v for k, v in want.items())
+        if same and all(os.path.exists(p) for p in have["train_shards"] + have["heldout_shards"]):
+            return have
+        if not same and not overwrite:
+            diff = ", ".join(f"{k}={have.get(k)} (asked {v})" for k, v in want.items() if have.get(k) != v)
+            raise DataError(f"{out_dir} holds shapes data with other settings: {diff}; "
+                            "use overwrite=True / --overwrite to replace it")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # stale shards from other settings or an interrupted run
+        if name == MANIFEST or (name.startswith("shapes-") and (name.endswith(".tar") or name.endswith(".tmp"))):
+            os.remove(os.path.join(out_dir, name))
+    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress)
+    heldout = _write_split(out_dir, "heldout", heldout_n, size, seed, shard_size, progress)
+    manifest = {**want, "train": train, "heldout": heldout, "classnames": list(SHAPE_CLASSNAMES),
+                "prompt": SHAPE_PROMPT}
+    with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(os.path.join(out_dir, MANIFEST + ".tmp"), os.path.join(out_dir, MANIFEST))
+    return read_manifest(out_dir)
