@@ -1,0 +1,177 @@
+"""Symmetric InfoNCE (CLIP) loss with a gradient-carrying all-gather.
+
+The loss for one process holding ``n`` of the ``N`` image/text pairs of a global batch is::
+
+    logits_img = s * v_local @ w_all.T        # (n, N)
+    logits_txt = s * w_local @ v_all.T        # (n, N)
+    labels     = arange(n) + offset_of_this_rank
+    loss_rank  = 0.5 * (CE_sum(logits_img, labels) + CE_sum(logits_txt, labels)) * W / N
+
+``W`` is the world size and ``s`` the (already exponentiated) logit scale. Averaging
+``loss_rank`` over the ranks gives exactly the single-process CLIP loss on the global batch,
+``0.5 * (CE_mean(s V W^T) + CE_mean(s W V^T))``. The gathered features keep their autograd
+graph: the backward of the gather sums the gradients of all ranks into the owner's rows (our
+own small autograd function; ``torch.distributed.nn.functional.all_gather`` is deprecated).
+Hence the parameter gradients averaged over ranks (what DDP does, or
+:func:`qlip.losses.gradcache.all_reduce_gradients_`) equal the single-process gradients.
+Memory is ``n x N`` logits per rank, as in open_clip's ``ClipLoss(local_loss=True,
+gather_with_grad=True)``. Ranks may hold different ``n`` (the sizes are exchanged first).
+
+The paper writes Eq. (2) as a sum of log-probabilities without the minus sign; the
+implementation is the usual minimised form (negative log-likelihood, averaged over the batch
+and over the two directions).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ContrastiveLoss", "clamp_logit_scale_", "gather_with_grad", "distributed_world"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def distributed_world(group=None) -> Tuple[int, int]:
+    """Return ``(world_size, rank)`` of ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group=group), dist.get_rank(group=group)
+
+
+def _exchange_sizes(n: int, device: torch.device, group) -> List[int]:
+    """All-gather the local batch size of every rank (one tiny collective, one host sync)."""
+    world, _ = distributed_world(group)
+    mine = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=group)
+    return [int(s.item()) for s in sizes]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather of equally sized tensors whose backward sums every rank's gradient.
+
+    Backward: all-reduce (sum) of the gradient of the gathered tensor, then the owner's slice.
+    Every rank's loss depends on every rank's rows, so rank r's rows receive
+    ``sum_r' d loss_r' / d x_r``. (An all-reduce moves twice the bytes of a reduce-scatter, but
+    it works on every backend, gloo included, and the tensors are only ``N x P`` embeddings.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        world, rank = distributed_world(group)
+        ctx.group, ctx.rank, ctx.n = group, rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
+
+
+def gather_with_grad(tensor: torch.Tensor, sizes: List[int], group=None) -> torch.Tensor:
+    """Concatenate ``tensor`` (first dim ``sizes[rank]``) from all ranks, keeping gradients.
+
+    The local rows keep their autograd graph and also receive the gradient that the other
+    ranks' losses send them (see :class:`_AllGatherWithGrad`). Unequal sizes are handled by
+    zero-padding to the largest size before the gather; ``sizes`` comes from an exchange of the
+    local batch sizes (every rank must pass the same list).
+    """
+    max_n = max(sizes)
+    n = tensor.shape[0]
+    if n < max_n:
+        pad = tensor.new_zeros((max_n - n,) + tuple(tensor.shape[1:]))
+        tensor = torch.cat([tensor, pad], dim=0)
+    gathered = _AllGatherWithGrad.apply(tensor, group)
+    if all(s == max_n for s in sizes):
+        return gathered
+    return torch.cat([gathered[r * max_n : r * max_n + s] for r, s in enumerate(sizes)], dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP) loss, exact under data parallelism.
+
+    Args:
+        distributed: ``None`` (default) gathers across ranks when torch.distributed is
+            initialised with world size > 1; ``False`` always computes the local loss only
+            (e.g. a reference computation); ``True`` requires an initialised process group.
+        group: process group for the gather (default: the world group).
+
+    Call ``loss(image_features, text_features, logit_scale)`` with L2-normalised ``(n, P)``
+    features (row ``i`` of both is a pair) and ``logit_scale`` = ``exp(model.logit_scale)``
+    (tensor or float). fp16/bf16 features are up-cast to fp32 for the logits. Returns the scalar
+    loss of this rank; the mean over ranks is the global-batch loss (all-reduce it for logging).
+    Every rank must call the loss and its backward (collectives run in both).
+    """
+
+    def __init__(self, distributed: Optional[bool] = None, group=None):
+        super().__init__()
+        self.distributed = distributed
+        self.group = group
+
+    def _world(self) -> Tuple[int, int]:
+        if self.distributed is False:
+            return 1, 0
+        world, rank = distributed_world(self.group)
+        if self.distributed is True and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ContrastiveLoss(distributed=True) needs an initialised torch.distributed process group")
+        return world, rank
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Union[torch.Tensor, float],
+    ) -> torch.Tensor:
+        if image_features.dim() != 2 or image_features.shape != text_features.shape:
+            raise ValueError(
+                "ContrastiveLoss expects image and text features of the same shape (n, P), got "
+                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+        img, txt = image_features, text_features
+        if img.dtype in _LOW_PRECISION:
+            img = img.float()
+        if txt.dtype in _LOW_PRECISION:
+            txt = txt.float()
+        scale = torch.as_tensor(logit_scale, device=img.device)
+        if not scale.is_floating_point() or scale.dtype in _LOW_PRECISION:
+            scale = scale.float()
+
+        n = img.shape[0]
+        world, rank = self._world()
+        if world > 1:
+            sizes = _exchange_sizes(n, img.device, self.group)
+            all_img = gather_with_grad(img, sizes, self.group)
+            all_txt = gather_with_grad(txt, sizes, self.group)
+            offset, total = sum(sizes[:rank]), sum(sizes)
+        else:
+            all_img, all_txt, offset, total = img, txt, 0, n
+        if total == 0:
+            raise ValueError("ContrastiveLoss got an empty global batch")
+
+        logits_per_image = scale * img @ all_txt.t()
+        logits_per_text = scale * txt @ all_img.t()
+        labels = torch.arange(n, device=img.device) + offset
+        nll = F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(
+            logits_per_text, labels, reduction="sum"
+        )
+        # sum over local rows * W / N: the mean over ranks is the global-batch mean loss,
+        # also when ranks hold different numbers of pairs.
+        return 0.5 * nll * (world / total)
+
+
+@torch.no_grad()
+def clamp_logit_scale_(param: torch.Tensor, max: float = math.log(100.0), min: float = 0.0) -> torch.Tensor:  # noqa: A002
+    """Clamp the log-temperature parameter in place to ``[min, max]`` (CLIP: ``[0, ln 100]``).
+
+    Call after ``optimizer.step()``; it keeps ``exp(param)`` <= 100. Returns ``param``.
+    """
+    return param.clamp_(min=min, max=max)

@@ -1,0 +1,94 @@
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import qlip.losses.perceptual as perceptual
+from qlip.losses import LPIPSRandomBackboneWarning, PerceptualLoss, normalized_to_pm1
+
+
+@pytest.fixture(scope="module")
+def lpips_loss():
+    # offline in this environment: random VGG trunk (the warning is tested separately)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LPIPSRandomBackboneWarning)
+        return PerceptualLoss(backbone="random")
+
+
+def test_identical_zero_different_positive(lpips_loss):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    y = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert lpips_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert lpips_loss(x, y).item() > 1e-3
+    assert lpips_loss(x, y).shape == ()
+
+
+def test_gradients_reach_input_not_lpips(lpips_loss):
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    lpips_loss(x, y).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in lpips_loss.parameters())
+    lpips_loss.train()
+    assert not lpips_loss.lpips.training  # stays in eval mode
+
+
+def test_normalised_input_conversion(lpips_loss):
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    x01 = torch.rand(1, 3, 32, 32)
+    xn = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalized_to_pm1(xn, mean, std), x01 * 2 - 1, atol=1e-6, rtol=0)
+    # a second module with conversion on; the seeded random trunk is the same network
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LPIPSRandomBackboneWarning)
+        conv = PerceptualLoss(backbone="random", input_mean=mean, input_std=std, reduction="none")
+    assert torch.equal(torch.get_rng_state(), rng)  # construction leaves the global RNG alone
+    y01 = torch.rand(1, 3, 32, 32)
+    yn = (y01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(conv(xn, yn), lpips_loss(x01 * 2 - 1, y01 * 2 - 1).reshape(1), atol=1e-5, rtol=0)
+
+
+def test_backbone_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert perceptual.vgg16_weights_path().parent == tmp_path / "hub" / "checkpoints"
+    assert perceptual.resolve_lpips_backbone("auto") is False  # offline, not cached
+    assert perceptual.resolve_lpips_backbone("random") is False
+    monkeypatch.setattr(perceptual, "_download_vgg16", lambda timeout: False)
+    with pytest.raises(perceptual.QLIPError):
+        perceptual.resolve_lpips_backbone("pretrained")
+    path = perceptual.vgg16_weights_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # a cached checkpoint is used even when offline
+    assert perceptual.resolve_lpips_backbone("auto") is True
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("QLIP_OFFLINE", "true")
+    assert perceptual.offline_mode()
+    monkeypatch.setenv("QLIP_OFFLINE", "0")
+    assert not perceptual.offline_mode()
+
+
+def test_offline_auto_warns_once_and_does_not_hang(tmp_path):
+    """Fresh interpreter, empty torch hub, HF_HUB_OFFLINE=1: two constructions, one warning."""
+    code = (
+        "import warnings\n"
+        "from qlip.losses import PerceptualLoss, LPIPSRandomBackboneWarning\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = PerceptualLoss(); b = PerceptualLoss()\n"
+        "ours = [x for x in w if issubclass(x.category, LPIPSRandomBackboneWarning)]\n"
+        "others = [str(x.message) for x in w if x not in ours]\n"
+        "assert len(ours) == 1, ours\n"
+        "assert 'NOT comparable' in str(ours[0].message)\n"
+        "assert not a.pretrained_backbone and not b.pretrained_backbone\n"
+        "print('OK', others)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ":".join(p for p in sys.path if p)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("OK []"), res.stdout
