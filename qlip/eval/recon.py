@@ -1,0 +1,371 @@
+"""Reconstruction metrics: PSNR, SSIM, LPIPS and rFID (paper's Tables 2 and 14).
+
+Conventions (all metrics compare ``model.reconstruct(x)`` with ``x`` at the model's resolution):
+
+* Both images are mapped back to [0, 1] (inverse of the model's mean/std normalisation) and
+  clamped; they stay float (no rounding to 8 bits).
+* PSNR: per image, ``10 log10(1 / MSE)`` over all pixels and the 3 channels (data range 1), then
+  the mean over images (``torchmetrics.functional.peak_signal_noise_ratio`` with
+  ``reduction="none"``). A perfect reconstruction gives ``inf``.
+* SSIM: torchmetrics' defaults (Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range
+  1, per channel then averaged), per image, then the mean over images. It agrees with
+  ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=1, channel_axis=...)`` to ~2e-4 at 128-256 px; the
+  small difference is the border: torchmetrics averages the whole SSIM map (computed on a
+  mirror-padded image), skimage leaves out a 5-pixel border (so at 32 px they differ by ~1e-3).
+* LPIPS: the ``lpips`` package v0.1 with the VGG-16 trunk by default (the paper's perceptual loss;
+  ``"alex"`` possible), images mapped to [-1, 1], mean over images. Without the torchvision trunk
+  weights (offline) a random trunk is used with a warning and ``lpips_backbone`` says
+  ``"<net>-random"``: such values are not comparable with published ones.
+* rFID: Frechet distance between Gaussian fits of Inception-v3 pool3 (2048-d) features of the
+  originals and of the reconstructions (torchmetrics' ``NoTrainInceptionV3``, the torch-fidelity
+  port of the TF-FID network; 8-bit input as torchmetrics' ``normalize=True`` does). Means and
+  covariances are accumulated batch by batch (:class:`FeatureStats`); any callable mapping
+  [0, 1] images (B,3,H,W) to features (B,F) may replace Inception (tests). Statistics of the
+  originals are cached per dataset (see :func:`reference_stats_path`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+
+from qlip.errors import QLIPError
+from qlip.eval.data import Batch, iter_limited, model_device, unnormalize
+
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- PSNR / SSIM
+def psnr_per_image(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """(B,) PSNR in dB of each image pair (B,C,H,W), MSE over all pixels and channels."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(
+        pred.float(), target.float(), data_range=data_range, reduction="none", dim=(1, 2, 3)
+    )
+
+
+def ssim_per_image(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """(B,) SSIM of each image pair with torchmetrics' defaults (Gaussian 11x11, sigma 1.5)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(
+        pred.float(), target.float(), data_range=data_range, reduction="none"
+    )
+
+
+# --------------------------------------------------------------------------- LPIPS
+def build_lpips(net: str = "vgg", backbone: str = "auto") -> tuple[torch.nn.Module, str]:
+    """A per-image LPIPS module taking [-1, 1] images, and a label of its backbone.
+
+    Uses ``qlip.losses.perceptual.PerceptualLoss`` (the ``lpips`` package; calibration weights ship
+    with it, the torchvision trunk comes from the torch hub cache or one download). Without the
+    trunk weights (offline) the trunk is random, a warning is printed and the label is
+    ``"<net>-random"``: such values are not comparable with published LPIPS numbers.
+    """
+    from qlip.losses.perceptual import PerceptualLoss
+
+    module = PerceptualLoss(net=net, backbone=backbone, reduction="none")
+    return module.eval(), net if module.pretrained_backbone else f"{net}-random"
+
+
+# --------------------------------------------------------------------------- Frechet distance
+class FeatureStats:
+    """Streaming mean and covariance of feature vectors (float64, Chan et al.'s pairwise merge).
+
+    ``update(feats)`` with (B, F) features; ``compute()`` -> (mu (F,), sigma (F,F)) with the
+    unbiased covariance (``np.cov`` convention, divisor n - 1), as pytorch-fid / torchmetrics.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Optional[np.ndarray] = None
+        self.m2: Optional[np.ndarray] = None  # sum of outer products of deviations from the mean
+
+    def update(self, feats: Union[torch.Tensor, np.ndarray]) -> None:
+        f = torch.as_tensor(feats).detach().to("cpu", torch.float64)
+        f = f.reshape(f.shape[0], -1).numpy()
+        nb = f.shape[0]
+        if nb == 0:
+            return
+        mb = f.mean(axis=0)
+        dev = f - mb
+        m2b = dev.T @ dev
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        if mb.shape != self.mean.shape:
+            raise QLIPError(f"feature size changed from {self.mean.shape[0]} to {mb.shape[0]}")
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + np.outer(delta, delta) * (self.n * nb / n)
+        self.n = n
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise QLIPError(f"Frechet distance needs at least 2 images, got {self.n}")
+        return self.mean.copy(), self.m2 / (self.n - 1)
+
+    def save(self, path: Union[str, os.PathLike], meta: Optional[dict] = None) -> None:
+        """Write ``mu``, ``sigma``, ``n`` (and a JSON ``meta`` string) to an ``.npz`` atomically."""
+        mu, sigma = self.compute()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(self.n), meta=json.dumps(meta or {}))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "FeatureStats":
+        try:
+            with np.load(path) as data:
+                mu, sigma, n = data["mu"], data["sigma"], int(data["n"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise QLIPError(f"{path}: not a feature-statistics file ({exc})") from None
+        stats = cls()
+        stats.n, stats.mean, stats.m2 = n, mu, sigma * (n - 1)
+        return stats
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Frechet distance of two Gaussians: |mu1-mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    Same algorithm as pytorch-fid: ``scipy.linalg.sqrtm`` of S1 S2; if it is not finite, ``eps``
+    is added to both diagonals; a small imaginary part from round-off is dropped.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise QLIPError(
+            f"Frechet distance: shapes do not match (mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape})"
+        )
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+class InceptionFeatures(torch.nn.Module):
+    """Inception-v3 pool3 features (2048) of [0, 1] images, the standard FID network."""
+
+    name = "inception-v3-compat-pool3"
+
+    def __init__(self, weights_path: Optional[str] = None) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+        )
+
+    @torch.no_grad()
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        x = (x01 * 255).byte()  # torchmetrics' FID with normalize=True
+        return self.net(x).reshape(x.shape[0], -1)
+
+
+def inception_extractor(weights_path: Optional[str] = None) -> InceptionFeatures:
+    """The standard FID feature extractor, or a one-line QLIPError when it cannot be built."""
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise QLIPError(f"{weights_path}: no such Inception weights file")
+    try:
+        return InceptionFeatures(weights_path).eval()
+    except ImportError:
+        raise QLIPError(
+            "rFID needs torch-fidelity for the Inception-v3 network: pip install torch-fidelity "
+            "(or pass --fid none)"
+        ) from None
+    except (OSError, RuntimeError) as exc:  # URLError (offline) or a bad weights file
+        raise QLIPError(
+            "cannot load the Inception-v3 FID weights "
+            f"({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}); pass --fid-weights "
+            "PATH (pt_inception-2015-12-05-6726825d.pth) or --fid none"
+        ) from None
+
+
+def default_cache_dir() -> Path:
+    """``$QLIP_CACHE_DIR/fid`` or ``~/.cache/qlip/fid``."""
+    root = os.environ.get("QLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qlip")
+    return Path(root) / "fid"
+
+
+def reference_stats_path(cache_dir: Union[str, os.PathLike], fingerprint: str, resolution,
+                         extractor_name: str, limit: Optional[int] = None) -> Path:
+    """Cache file of the originals' feature statistics.
+
+    Keyed by a SHA-256 of the dataset fingerprint (path + file list + sizes, see
+    ``EvalDataset.fingerprint``), the image resolution, the extractor name and ``limit``.
+    """
+    key = json.dumps(
+        {"data": fingerprint, "resolution": resolution, "extractor": extractor_name, "limit": limit},
+        sort_keys=True, default=str,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"fid-ref-{digest}.npz"
+
+
+# --------------------------------------------------------------------------- streaming evaluation
+class ReconMetrics:
+    """Accumulates PSNR, SSIM, LPIPS and the rFID feature statistics over batches.
+
+    ``update(originals, reconstructions)`` takes [0, 1] images (B,3,H,W). ``reference`` (the
+    originals' :class:`FeatureStats`, e.g. from the cache) skips extracting the originals' features.
+    """
+
+    def __init__(self, *, lpips_net: Optional[str] = "vgg", feature_extractor: Optional[FeatureExtractor] = None,
+                 reference: Optional[FeatureStats] = None, device: Union[str, torch.device] = "cpu") -> None:
+        self.device = torch.device(device)
+        self.n = 0
+        self.psnr_sum = 0.0
+        self.ssim_sum = 0.0
+        self.lpips_sum = 0.0
+        self.lpips, self.lpips_backbone = (None, None)
+        if lpips_net:
+            module, self.lpips_backbone = build_lpips(lpips_net)
+            self.lpips = module.to(self.device)
+        self.extractor = feature_extractor
+        if isinstance(feature_extractor, torch.nn.Module):
+            feature_extractor.to(self.device)
+        self.real = reference if reference is not None else FeatureStats()
+        self.real_cached = reference is not None
+        self.fake = FeatureStats()
+
+    @torch.no_grad()
+    def update(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        if originals.shape != reconstructions.shape:
+            raise QLIPError(f"image shapes differ: {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
+        x = originals.to(self.device, torch.float32)
+        y = reconstructions.to(self.device, torch.float32)
+        self.psnr_sum += float(psnr_per_image(y, x).double().sum())
+        self.ssim_sum += float(ssim_per_image(y, x).double().sum())
+        if self.lpips is not None:
+            self.lpips_sum += float(self.lpips(y * 2 - 1, x * 2 - 1).double().sum())
+        if self.extractor is not None:
+            self.fake.update(self.extractor(y))
+            if not self.real_cached:
+                self.real.update(self.extractor(x))
+        self.n += x.shape[0]
+
+    def compute(self) -> dict:
+        if self.n == 0:
+            raise QLIPError("reconstruction metrics got no images")
+        out = {"n": self.n, "psnr": self.psnr_sum / self.n, "ssim": self.ssim_sum / self.n}
+        if self.lpips is not None:
+            out["lpips"] = self.lpips_sum / self.n
+            out["lpips_backbone"] = self.lpips_backbone
+        if self.extractor is not None:
+            mu1, s1 = self.real.compute()
+            mu2, s2 = self.fake.compute()
+            out["rfid"] = frechet_distance(mu1, s1, mu2, s2)
+            out["fid_features"] = getattr(self.extractor, "name", type(self.extractor).__name__)
+            out["fid_reference_n"] = self.real.n
+        return out
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    model,
+    batches: Iterable[Batch],
+    *,
+    metrics: Optional[ReconMetrics] = None,
+    codes=None,
+    limit: Optional[int] = None,
+    progress: bool = False,
+    keep: int = 0,
+) -> tuple[dict, dict]:
+    """Run ``tokenize`` + ``detokenize`` over batches of normalised images and update ``metrics``
+    (a :class:`ReconMetrics`, default: PSNR/SSIM/LPIPS-vgg, no rFID) and ``codes`` (a
+    ``CodeStats``, optional) from the same pass.
+
+    Returns ``(metrics_dict, samples)`` where ``samples`` holds the first ``keep`` originals and
+    reconstructions in [0, 1] (``{"originals": (k,3,H,W), "reconstructions": ...}``) for reports.
+    """
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    metrics = metrics if metrics is not None else ReconMetrics(device=device)
+    kept_x, kept_y, n_kept = [], [], 0
+    for images, _ in tqdm(iter_limited(batches, limit), desc="reconstruction", disable=not progress, leave=False):
+        images = images.to(device)
+        ids = model.tokenize(images)
+        recon = model.detokenize(ids)
+        x01 = unnormalize(images.float(), model.image_mean, model.image_std)
+        y01 = unnormalize(recon.float(), model.image_mean, model.image_std)
+        metrics.update(x01, y01)
+        if codes is not None:
+            codes.update(ids)
+        if n_kept < keep:
+            take = min(keep - n_kept, len(x01))
+            kept_x.append(x01[:take].cpu())
+            kept_y.append(y01[:take].cpu())
+            n_kept += take
+    samples = {}
+    if kept_x:
+        samples = {"originals": torch.cat(kept_x), "reconstructions": torch.cat(kept_y)}
+    return metrics.compute(), samples
+
+
+def run_recon(
+    model,
+    dataset,
+    *,
+    batch_size: int = 32,
+    limit: Optional[int] = None,
+    fid: Union[str, FeatureExtractor, None] = "inception",
+    fid_weights: Optional[str] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    lpips_net: Optional[str] = "vgg",
+    codes=None,
+    keep: int = 0,
+    progress: bool = True,
+) -> tuple[dict, dict]:
+    """Reconstruction metrics on an opened dataset, with cached reference statistics for rFID.
+
+    ``fid``: ``"inception"`` (standard), ``None``/``"none"`` (skip rFID) or a feature extractor.
+    The originals' statistics are read from / written to ``cache_dir`` (default
+    :func:`default_cache_dir`) when the extractor has a ``name``.
+    """
+    device = model_device(model)
+    extractor: Optional[FeatureExtractor]
+    if fid is None or fid == "none":
+        extractor = None
+    elif fid == "inception":
+        extractor = inception_extractor(fid_weights)
+    elif isinstance(fid, str):
+        raise QLIPError(f"unknown rFID feature extractor {fid!r} (use 'inception' or 'none')")
+    else:
+        extractor = fid
+    reference, ref_path = None, None
+    name = getattr(extractor, "name", None)
+    if extractor is not None and name:
+        ref_path = reference_stats_path(cache_dir or default_cache_dir(), dataset.fingerprint(),
+                                        model.image_size, name, limit)
+        if ref_path.is_file():
+            reference = FeatureStats.load(ref_path)
+    metrics = ReconMetrics(lpips_net=lpips_net, feature_extractor=extractor, reference=reference, device=device)
+    batches = dataset.batches(model.preprocess, batch_size, limit)
+    out, samples = evaluate_reconstruction(model, batches, metrics=metrics, codes=codes, progress=progress, keep=keep)
+    if ref_path is not None:
+        if reference is None:
+            metrics.real.save(ref_path, meta={"data": dataset.describe(), "extractor": name,
+                                              "resolution": model.image_size, "limit": limit})
+        out["fid_reference_cache"] = str(ref_path)
+        out["fid_reference_cached"] = reference is not None
+    return out, samples
