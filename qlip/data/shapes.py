@@ -430,20 +430,32 @@ def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int
     return count
 
 
-def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, shard_size: int, progress: bool) -> list[str]:
+def _write_shard(args: tuple) -> tuple[str, int]:
+    out_dir, split, shard, start, stop, size, seed = args
+    name = f"shapes-{split}-{shard:06d}.tar"
+    count = write_tar(os.path.join(out_dir, name), (_encode_sample(i, size, seed, split) for i in range(start, stop)))
+    return name, count
+
+
+def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, shard_size: int, progress: bool,
+                 workers: int = 1) -> list[str]:
+    """Write one split's shards; with ``workers > 1`` shards are rendered in parallel processes
+    (every sample is a pure function of its index, so the bytes do not depend on ``workers``)."""
+    jobs = [(out_dir, split, shard, start, min(start + shard_size, n), size, seed)
+            for shard, start in enumerate(range(0, n, shard_size))]
     names = []
-    bar = tqdm(total=n, desc=f"shapes {split}", unit="img", disable=not progress)
-    for shard, start in enumerate(range(0, n, shard_size)):
-        name = f"shapes-{split}-{shard:06d}.tar"
-
-        def samples(start=start) -> Iterator[tuple[str, dict[str, bytes]]]:
-            for i in range(start, min(start + shard_size, n)):
-                yield _encode_sample(i, size, seed, split)
-                bar.update(1)
-
-        write_tar(os.path.join(out_dir, name), samples())
-        names.append(name)
-    bar.close()
+    with tqdm(total=n, desc=f"shapes {split}", unit="img", disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+            with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for name, count in pool.imap(_write_shard, jobs):
+                    names.append(name)
+                    bar.update(count)
+        else:
+            for job in jobs:
+                name, count = _write_shard(job)
+                names.append(name)
+                bar.update(count)
     return names
 
 
@@ -488,7 +500,7 @@ def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int) -> 
 
 
 def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_size: int = 1000,
-                    heldout_n: int = 320, overwrite: bool = False, progress: bool = True) -> dict:
+                    heldout_n: int = 320, overwrite: bool = False, progress: bool = True, workers: int = 1) -> dict:
     """Write ``n`` captioned training images and ``heldout_n`` labelled held-out images as shards.
 
     Files in ``out_dir``: ``shapes-train-NNNNNN.tar`` (``{key}.png``, ``{key}.txt``, ``{key}.json``),
@@ -513,8 +525,8 @@ def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_s
     for name in os.listdir(out_dir):  # stale shards from other settings or an interrupted run
         if name == MANIFEST or (name.startswith("shapes-") and (name.endswith(".tar") or name.endswith(".tmp"))):
             os.remove(os.path.join(out_dir, name))
-    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress)
-    heldout = _write_split(out_dir, "heldout", heldout_n, size, seed, shard_size, progress)
+    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress, workers)
+    heldout = _write_split(out_dir, "heldout", heldout_n, size, seed, shard_size, progress, workers)
     manifest = {**want, "train": train, "heldout": heldout, "classnames": list(SHAPE_CLASSNAMES),
                 "prompt": SHAPE_PROMPT}
     with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:

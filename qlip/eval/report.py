@@ -305,6 +305,8 @@ def write_report(
     *,
     max_images: int = 8,
     embed_images: bool = True,
+    tables: Optional[Sequence[tuple]] = None,
+    extra_figures: Optional[Sequence[tuple]] = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.html``, ``report.md`` and PNG figures into ``out_dir``.
 
@@ -317,6 +319,8 @@ def write_report(
             ``bit_p1``) -> ``bit_usage.png``.
         loss_curves: ``{name: [(step, value), ...]}`` or a JSON-lines log path -> ``loss_curves.png``.
         embed_images: embed the figures in the HTML as base64 (default) instead of linking the PNGs.
+        tables: extra ``(title, columns, rows)`` tables shown after the summary (e.g. a comparison).
+        extra_figures: extra ``(caption, png_path)`` figures shown before the generated ones.
 
     Returns ``{"json", "html", "md"}`` and one entry per written figure, as paths.
     """
@@ -341,6 +345,9 @@ def write_report(
         bit_usage = to_jsonable(bit_usage)
         paths["bit_usage"] = out / "bit_usage.png"
         figures.append(("Bit usage: P(bit = 1) per bit", "bit_usage.png", bit_usage_figure(bit_usage, paths["bit_usage"])))
+    for caption, png in extra_figures or ():
+        png = Path(png)
+        figures.append((caption, png.name, png.read_bytes()))
     curves = load_curves(loss_curves)
     if curves:
         paths["loss_curves"] = out / "loss_curves.png"
@@ -355,6 +362,8 @@ def write_report(
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts.append("<h2>Summary (paper's Table 2 columns)</h2>" + _html_table(COLUMNS, [[row[c] for c in COLUMNS]]))
+    for t_title, t_cols, t_rows in tables or ():
+        parts.append(f"<h2>{html.escape(t_title)}</h2>" + _html_table(t_cols, t_rows))
     parts.append("<h2>All metrics</h2>" + _html_table(("metric", "value"), items))
     for caption, name, data in figures:
         src = "data:image/png;base64," + base64.b64encode(data).decode() if embed_images else name
@@ -365,7 +374,10 @@ def write_report(
     paths["html"].write_text("\n".join(parts), encoding="utf-8")
 
     md = [f"# {title}", "", "## Summary (paper's Table 2 columns)", "",
-          _md_table(COLUMNS, [[row[c] for c in COLUMNS]]), "", "## All metrics", "",
+          _md_table(COLUMNS, [[row[c] for c in COLUMNS]]), ""]
+    for t_title, t_cols, t_rows in tables or ():
+        md += [f"## {t_title}", "", _md_table(t_cols, t_rows), ""]
+    md += ["## All metrics", "",
           _md_table(("metric", "value"), items), ""]
     for caption, name, _ in figures:
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]

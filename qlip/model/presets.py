@@ -84,9 +84,9 @@ register_preset("qlip-tiny", dict(
 # the demo model (README main job): 64x64 images, patch 8 -> 8x8 = 64 tokens of 28 bits
 register_preset("qlip-demo", dict(
     vision=dict(image_size=64, patch_size=8, projection_bias=True, **_eva(128, 4, 4, 344)),
-    decoder=_eva(128, 4, 4, 344),
+    decoder=_eva(128, 3, 4, 344),
     quantizer=dict(bits=28, group_size=7, inv_temperature=1.0),
-    text=_clip_text(128, 3, 4, 512),
+    text=_clip_text(128, 2, 4, 512, context_length=32),  # shapes captions fit in 32 BPE tokens
     embed_dim=128,
     preprocess=dict(resize=64, crop=64),
 ))

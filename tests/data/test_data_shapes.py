@@ -47,7 +47,9 @@ def test_layout_and_manifest(shapes_dir):
 
 
 def test_same_seed_same_bytes(shapes_dir, tmp_path):
-    S.generate_shapes(str(tmp_path / "a"), n=24, size=64, seed=3, shard_size=10, heldout_n=40, progress=False)
+    # two worker processes render the shards: bytes must not depend on the number of workers
+    S.generate_shapes(str(tmp_path / "a"), n=24, size=64, seed=3, shard_size=10, heldout_n=40, progress=False,
+                      workers=2)
     for name in sorted(os.listdir(shapes_dir)):
         with open(os.path.join(shapes_dir, name), "rb") as f, open(tmp_path / "a" / name, "rb") as g:
             assert f.read() == g.read(), name

@@ -1,0 +1,41 @@
+"""`qlip demo --fast`: the README's main job end to end, at smoke-test size."""
+import json
+
+import pytest
+import torch
+
+import qlip
+from qlip.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--fast", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_outputs(demo_dir):
+    m = json.loads((demo_dir / "metrics.json").read_text())
+    for key in ("zero_shot_top1", "zero_shot_top1_recon", "colour_acc", "kind_acc", "psnr", "lpips_stage1",
+                "lpips_stage2"):
+        assert isinstance(m["qlip"][key], float), key
+    assert 0 <= m["qlip"]["zero_shot_top1"] <= 1 and m["qlip"]["psnr"] > 0
+    assert isinstance(m["clip_only"]["zero_shot_top1"], float) and isinstance(m["recon_only"]["psnr"], float)
+    assert set(m["checks"]) and all(isinstance(v, bool) for v in m["checks"].values())
+    html = (demo_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # grid, bit usage, loss curves
+    assert "Understanding vs reconstruction" in html and "CLIP-only" in html
+    # the final model tokenizes and classifies
+    model = qlip.load(str(demo_dir / "qlip"))
+    assert model.text is not None and model.image_size == 64
+    ids = model.tokenize(torch.zeros(1, 3, 64, 64))
+    x = model.preprocess(model.postprocess(model.detokenize(ids)))
+    probs = model.zero_shot(x, ["a photo of a red circle", "a photo of a blue star"])
+    assert probs.shape == (1, 2)
+
+
+def test_demo_resume_reuses_finished_runs(demo_dir, capsys):
+    assert main(["demo", "--fast", "--resume", "--out", str(demo_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 4
