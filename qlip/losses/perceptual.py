@@ -68,23 +68,36 @@ def offline_mode() -> bool:
     return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_ENV_VARS)
 
 
+_TRUNK_WEIGHTS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+_RESOLVED: dict = {}  # (net, backbone) -> bool: one download attempt per process
+
+
+def _trunk_url(net: str = "vgg") -> str:
+    import torchvision.models as tvm
+    weights = getattr(tvm, _TRUNK_WEIGHTS[net], None)
+    if weights is None:
+        return VGG16_URL if net == "vgg" else ""
+    return weights.IMAGENET1K_V1.url
+
+
 def _vgg16_url() -> str:
-    try:
-        from torchvision.models import VGG16_Weights
-    except ImportError:
-        return VGG16_URL
-    return VGG16_Weights.IMAGENET1K_V1.url
+    return _trunk_url("vgg")
+
+
+def trunk_weights_path(net: str = "vgg") -> Path:
+    """Where torchvision caches the ImageNet checkpoint of an LPIPS trunk (honours ``TORCH_HOME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_trunk_url(net))
 
 
 def vgg16_weights_path() -> Path:
     """Where torchvision caches the VGG-16 ImageNet checkpoint (honours ``TORCH_HOME``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_vgg16_url())
+    return trunk_weights_path("vgg")
 
 
-def _download_vgg16(timeout: float) -> bool:
+def _download_vgg16(timeout: float, net: str = "vgg") -> bool:
     """One download attempt with a socket timeout and the sha256 prefix check. True on success."""
-    url = _vgg16_url()
-    dest = vgg16_weights_path()
+    url = _trunk_url(net)
+    dest = trunk_weights_path(net)
     # torchvision file names end in the first 8 hex digits of the sha256: vgg16-397923af.pth
     hash_prefix = dest.stem.rsplit("-", 1)[-1]
     tmp_name = None
@@ -112,38 +125,44 @@ def _download_vgg16(timeout: float) -> bool:
             os.remove(tmp_name)
 
 
-def resolve_lpips_backbone(backbone: str = "auto", download_timeout: float = 20.0) -> bool:
-    """Decide whether the VGG trunk can be pretrained. Returns True (ImageNet trunk) or False (random).
+def resolve_lpips_backbone(backbone: str = "auto", download_timeout: float = 20.0, net: str = "vgg") -> bool:
+    """Decide whether the ``net`` trunk can be pretrained. Returns True (ImageNet trunk) or False (random).
 
-    ``backbone`` is ``"auto"``, ``"pretrained"`` or ``"random"`` (see the module docstring).
+    ``backbone`` is ``"auto"``, ``"pretrained"`` or ``"random"`` (see the module docstring). A failed
+    download is remembered for the process, so building several LPIPS modules waits only once.
     """
     if backbone not in ("auto", "pretrained", "random"):
         raise QLIPError(f"LPIPS backbone must be 'auto', 'pretrained' or 'random', got {backbone!r}")
+    if net not in _TRUNK_WEIGHTS:
+        raise QLIPError(f"LPIPS net must be one of {', '.join(_TRUNK_WEIGHTS)}, got {net!r}")
     if backbone == "random":
         return False
-    if vgg16_weights_path().is_file():
+    if trunk_weights_path(net).is_file():
         return True
     if backbone == "auto" and offline_mode():
         return False
-    if _download_vgg16(download_timeout):
+    if (net, backbone) not in _RESOLVED:
+        _RESOLVED[(net, backbone)] = _download_vgg16(download_timeout, net)
+    if _RESOLVED[(net, backbone)]:
         return True
     if backbone == "pretrained":
         raise QLIPError(
-            f"LPIPS needs the torchvision VGG-16 weights at {vgg16_weights_path()} and they could not be "
-            f"downloaded from {_vgg16_url()}; copy the file there or use backbone='random'"
+            f"LPIPS needs the torchvision {net} weights at {trunk_weights_path(net)} and they could not be "
+            f"downloaded from {_trunk_url(net)}; copy the file there or use backbone='random'"
         )
     return False
 
 
-def _warn_random_backbone() -> None:
+def _warn_random_backbone(net: str = "vgg") -> None:
     global _RANDOM_BACKBONE_WARNED
     if _RANDOM_BACKBONE_WARNED:
         return
     _RANDOM_BACKBONE_WARNED = True
+    path = trunk_weights_path(net)
     warnings.warn(
-        "LPIPS is using a RANDOMLY INITIALISED VGG-16 trunk because the torchvision ImageNet weights "
-        f"are not available offline ({vgg16_weights_path()}); the loss still trains but its values are "
-        "NOT comparable to published LPIPS numbers. Put vgg16-397923af.pth in that folder for the real metric.",
+        f"LPIPS is using a RANDOMLY INITIALISED {net} trunk because the torchvision ImageNet weights "
+        f"are not available offline ({path}); the loss still trains but its values are "
+        f"NOT comparable to published LPIPS numbers. Put {path.name} in that folder for the real metric.",
         LPIPSRandomBackboneWarning,
         stacklevel=3,
     )
@@ -190,7 +209,7 @@ class PerceptualLoss(nn.Module):
         if (input_mean is None) != (input_std is None):
             raise ValueError("give both input_mean and input_std, or neither")
         self.reduction = reduction
-        self.pretrained_backbone = resolve_lpips_backbone(backbone, download_timeout)
+        self.pretrained_backbone = resolve_lpips_backbone(backbone, download_timeout, net)
         # Fixed seed so the random trunk (and lpips' throw-away classifier init) is reproducible
         # and the caller's global RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -201,7 +220,7 @@ class PerceptualLoss(nn.Module):
                 net=net, version="0.1", pretrained=True, pnet_rand=not self.pretrained_backbone, verbose=False
             )
         if not self.pretrained_backbone:
-            _warn_random_backbone()
+            _warn_random_backbone(net)
         self.lpips.requires_grad_(False)
         self.lpips.eval()
         if input_mean is not None:

@@ -7,6 +7,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .recipe import OptimSection
 
 
@@ -40,62 +41,16 @@ def param_groups(model: nn.Module, o: OptimSection) -> List[Dict]:
     return out
 
 
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2019) as in timm's ``timm.optim.Lamb`` with ``max_grad_norm=None``,
-    ``bias_correction=True``, ``grad_averaging=True``, ``trust_clip=False``, ``always_adapt=False``:
-
-        m = beta1 m + (1 - beta1) g,   v = beta2 v + (1 - beta2) g^2
-        u = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) + wd * p
-        p -= lr * (||p|| / ||u||) * u      (trust ratio only where wd != 0; 1 if a norm is 0)
-
-    Written here so that training does not import timm (and torchvision) at start-up; the
-    trainer clips the global gradient norm itself. ``tests/train`` checks it against timm.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            group["step"] = group.get("step", 0) + 1
-            if not any(p.grad is not None for p in group["params"]):
-                continue
-            t = group["step"]
-            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-            wd, lr, eps = group["weight_decay"], group["lr"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                st = self.state[p]
-                if not st:
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = (m / bc1).div_((v.sqrt() / bc2 ** 0.5).add_(eps))
-                if wd != 0:
-                    update.add_(p, alpha=wd)
-                    w_norm, u_norm = p.norm(2.0), update.norm(2.0)
-                    one = torch.ones_like(w_norm)
-                    update.mul_(torch.where(w_norm > 0, torch.where(u_norm > 0, w_norm / u_norm, one), one))
-                p.add_(update, alpha=-lr)
-        return loss
-
-
 def build_optimizer(groups: List[Dict], o: OptimSection) -> torch.optim.Optimizer:
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if o.optimizer == "adamw":
         return torch.optim.AdamW(clean, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    # clipping is done by the trainer on the global norm (timm's Lamb would clip again by default)
-    return Lamb(clean, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    try:
+        from timm.optim import Lamb
+    except ImportError:
+        raise ConfigError("optimizer lamb needs timm: pip install 'qlip[train]'") from None
+    # the trainer clips the global gradient norm itself: switch off Lamb's own clipping
+    return Lamb(clean, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, max_grad_norm=None)
 
 
 def lr_factor(step: int, o: OptimSection) -> float:

@@ -58,9 +58,17 @@ def test_backbone_resolution(monkeypatch, tmp_path):
     assert perceptual.vgg16_weights_path().parent == tmp_path / "hub" / "checkpoints"
     assert perceptual.resolve_lpips_backbone("auto") is False  # offline, not cached
     assert perceptual.resolve_lpips_backbone("random") is False
-    monkeypatch.setattr(perceptual, "_download_vgg16", lambda timeout: False)
-    with pytest.raises(perceptual.QLIPError):
+    calls = []
+    monkeypatch.setattr(perceptual, "_download_vgg16", lambda timeout, net="vgg": calls.append(net) or False)
+    monkeypatch.setattr(perceptual, "_RESOLVED", {})
+    with pytest.raises(perceptual.QLIPError, match="torchvision vgg weights"):
         perceptual.resolve_lpips_backbone("pretrained")
+    with pytest.raises(perceptual.QLIPError, match="alexnet"):  # each trunk has its own weights file
+        perceptual.resolve_lpips_backbone("pretrained", net="alex")
+    assert calls == ["vgg", "alex"]
+    with pytest.raises(perceptual.QLIPError):  # a failed download is not retried in the process
+        perceptual.resolve_lpips_backbone("pretrained")
+    assert calls == ["vgg", "alex"]
     path = perceptual.vgg16_weights_path()
     path.parent.mkdir(parents=True)
     path.write_bytes(b"")  # a cached checkpoint is used even when offline

@@ -1,0 +1,84 @@
+"""Stage 2: text tower dropped, encoder frozen, bottleneck + decoder trained with LPIPS + GAN;
+the discriminator is checkpointed and resumed."""
+import os
+import warnings
+
+import pytest
+import torch
+
+from _train_testutils import max_abs_diff, read_log, tiny_recipe, weights
+
+STEPS = 4
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def stage1(shapes_dir, tmp_path_factory):
+    from qlip.train.recipe import Recipe
+    from qlip.train.trainer import train
+    out = tmp_path_factory.mktemp("s1") / "run"
+    train(Recipe.from_dict(tiny_recipe(shapes_dir, optim={"steps": 2}, train={"ckpt_every": 0})), str(out))
+    return out / "final"
+
+
+def _stage2(shapes_dir, stage1):
+    from qlip.train.recipe import Recipe
+    d = tiny_recipe(shapes_dir,
+                    model={"preset": None, "init": str(stage1)},
+                    optim={"steps": STEPS, "warmup_steps": 0, "schedule": "constant", "optimizer": "adamw"},
+                    loss={"alpha_a": 0.0, "alpha_p": 0.1, "alpha_g": 0.1},
+                    gan={"disc_channels": 8, "disc_layers": 2, "disc_start": 0},
+                    train={"stage": 2, "ckpt_every": 2})
+    return Recipe.from_dict(d)
+
+
+def test_stage2_trains_decoder_with_lpips_and_gan_and_resumes(shapes_dir, stage1, tmp_path):
+    from qlip.train.state import latest_checkpoint, load_train_state
+    from qlip.train.trainer import train
+    recipe = _stage2(shapes_dir, stage1)
+    ref = tmp_path / "ref"
+    with warnings.catch_warnings():  # LPIPS offline: random VGG trunk (values not comparable to papers)
+        warnings.simplefilter("ignore")
+        summary = train(recipe, str(ref))
+    assert summary["steps"] == STEPS
+
+    before, after = weights(stage1), weights(ref / "final")
+    assert not [k for k in after if k.startswith("text.")] and any(k.startswith("text.") for k in before)
+    import qlip
+    assert qlip.load(str(ref / "final")).text is None
+    visual = [k for k in after if k.startswith("visual.")]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual), "stage 2 changed the encoder"
+    assert torch.equal(before["logit_scale"], after["logit_scale"])
+    for prefix in ("bottleneck.", "decoder."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+
+    log = read_log(ref)
+    assert len(log) == STEPS
+    for rec in log:
+        for k in ("mse", "quant", "lpips", "g_gan", "d_loss", "logits_real", "logits_fake"):
+            assert k in rec and rec[k] == rec[k], (k, rec)
+        assert "contrastive" not in rec
+    st = load_train_state(latest_checkpoint(str(ref / "checkpoints")))
+    assert st["step"] == STEPS and "discriminator" in st and "d_optimizer" in st
+    assert st["d_optimizer"]["state"], "discriminator optimizer state not saved"
+
+    # crash right after step 3 (checkpoint at 2), resume: same generator AND discriminator
+    out = tmp_path / "resumed"
+
+    def crash(rec):
+        if rec["step"] == 3:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        train(recipe, str(out), on_log=crash)
+    assert os.path.basename(latest_checkpoint(str(out / "checkpoints"))) == "step_00000002"
+    summary = train(recipe, str(out), resume=True)
+    assert summary["steps_this_run"] == STEPS - 2
+    assert max_abs_diff(weights(out / "final"), weights(ref / "final")) <= 1e-6
+    st2 = load_train_state(latest_checkpoint(str(out / "checkpoints")))
+    for k, v in st["discriminator"].items():
+        assert torch.allclose(v.float(), st2["discriminator"][k].float(), atol=1e-6, rtol=0), k
+    assert [r["step"] for r in read_log(out)] == list(range(1, STEPS + 1))
