@@ -69,6 +69,17 @@ class MLP2(nn.Module):
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
 
+    def forward_fp32(self, x):
+        """The same in (at least) float32 whatever the autocast state and the weights' dtype."""
+        dt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.gelu(F.linear(x.to(dt), self.fc.weight.to(dt), _to(self.fc.bias, dt)))
+            return F.linear(h, self.proj.weight.to(dt), _to(self.proj.bias, dt))
+
+
+def _to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
 
 class Bottleneck(nn.Module):
     """``down`` MLP (D -> D -> L), L2 norm, BSQ, ``up`` MLP (L -> Dq -> Dq)."""
@@ -85,14 +96,23 @@ class Bottleneck(nn.Module):
             beta=q.beta, gamma_0=q.gamma_0, gamma_1=q.gamma_1, persample_entropy=q.persample_entropy)
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """Encoder patch features (B, N, D) -> pre-quantisation vectors u (B, N, L)."""
-        u = self.down(z)
+        """Encoder patch features (B, N, D) -> pre-quantisation vectors u (B, N, L).
+
+        Under autocast or with reduced-precision features/weights this runs in float32 (the
+        down MLP is ~0.3% of B-16's FLOPs): the signs of ``u`` are the token bits, and a bf16
+        projection of the same features flips ~0.1% of them (docs/performance.md).
+        """
+        reduced = z.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(z.device.type)
+        if isinstance(self.down, MLP2) and reduced:
+            u = self.down.forward_fp32(z)
+        else:
+            u = self.down(z).float() if reduced else self.down(z)
         return F.normalize(u, dim=-1) if self.input_l2_norm else u
 
     def forward(self, z: torch.Tensor, compute_loss: Optional[bool] = None):
         u = self.project(z)
         codes, ids, loss, stats = self.quantizer(u, compute_loss=compute_loss)
-        return self.up(codes), ids, loss, stats
+        return self.up(codes.to(z.dtype)), ids, loss, stats  # u may be float32 when z is not
 
 
 class Decoder(nn.Module):
@@ -298,9 +318,9 @@ class QLIP(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Tokenize and detokenize in one pass."""
-        u = self.bottleneck.project(self.visual(x)[:, 1:])
-        codes = self.quantizer.quantize(u)
-        return self.decoder(self.bottleneck.up(codes))
+        z = self.visual(x)[:, 1:]
+        codes = self.quantizer.quantize(self.bottleneck.project(z))
+        return self.decoder(self.bottleneck.up(codes.to(z.dtype)))
 
     # ---- CLIP side -------------------------------------------------------------------------
     def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -77,8 +77,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RoPE2D] = None, causal: bool = False) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
-        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(B, N, 3, self.heads, D // self.heads)
+        if rope is not None and not (torch.is_grad_enabled() and qkv.requires_grad):
+            rope.rotate_(qkv[:, :, :2])  # q and k together, in the qkv buffer: no copies
+            rope = None
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             q, k = rope(q), rope(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)

@@ -41,6 +41,11 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+def _complex_viewable(x: torch.Tensor) -> bool:
+    """Whether ``view_as_complex(x.unflatten(-1, (-1, 2)))`` is legal (pairs adjacent, even strides)."""
+    return x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1])
+
+
 class RoPE2D(nn.Module):
     """Applies the 2D rotary embedding to ``(B, heads, N, head_dim)`` tensors.
 
@@ -64,6 +69,29 @@ class RoPE2D(nn.Module):
             return self._rotate(x)
         head, rest = x[..., : self.skip, :], x[..., self.skip :, :]
         return torch.cat([head, self._rotate(rest)], dim=-2)
+
+    def rotate_(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``(B, N, ..., head_dim)`` in place (tokens on dim 1, any head dims between) and
+        return it; the ``skip`` leading tokens are left alone. Inference only: no autograd.
+
+        The attention rotates q and k together as one strided view of its qkv buffer, so there is
+        no extra copy, no ``cat`` for the cls token, and one pass over the data in float32/64,
+        where the interleaved pair rotation is a complex multiplication by ``cos + i sin``.
+        """
+        rest = x[:, self.skip:]
+        shape = (rest.shape[1],) + (1,) * (rest.dim() - 3) + (self.head_dim,)
+        if rest.dtype in (torch.float32, torch.float64) and _complex_viewable(rest):
+            # cos/sin repeat each frequency for both channels of a pair: take one of each
+            table = torch.complex(self.cos[:, 0::2].to(rest.dtype), self.sin[:, 0::2].to(rest.dtype))
+            torch.view_as_complex(rest.unflatten(-1, (-1, 2))).mul_(table.view(shape[:-1] + (-1,)))
+            return x
+        # reduced precision (no complex bf16): x * cos + (x1, x0) * (-sin, sin), rounding once
+        cos = self.cos.to(rest.dtype).view(shape)
+        sin = (self.sin.unflatten(-1, (-1, 2)) * self.sin.new_tensor([-1.0, 1.0])).flatten(-2)
+        pairs = rest.unflatten(-1, (-1, 2))
+        swapped = torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        rest.mul_(cos).addcmul_(swapped, sin.to(rest.dtype).view(shape))
+        return x
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, grid={self.grid}, skip={self.skip}, pt_grid={self.pt_grid}"
