@@ -81,6 +81,15 @@ def _add_model_args(p, required=True):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def _add_run_args(p, output_help):
+    p.add_argument("-o", "--output", required=True, help=output_help)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast: faster on GPUs and AMX CPUs, slower on plain AVX-512 CPUs; "
+                        "~99.4%% of id bits agree with fp32 (docs/performance.md)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
 # ---- commands ------------------------------------------------------------------------------
 def cmd_tokenize(args) -> int:
     import numpy as np
@@ -240,29 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokenize", help="images -> int64 token ids (.npy, shape (N, H/p, W/p))")
     t.add_argument("images", nargs="+", help="image files, folders or globs")
     _add_model_args(t)
-    t.add_argument("-o", "--output", required=True, help="output .npy file")
+    _add_run_args(t, "output .npy file")
     t.add_argument("--list", help="also write the image paths (one per row of the array) to this text file")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster; ~99%% of id bits agree)")
-    t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=cmd_tokenize)
 
     d = sub.add_parser("detokenize", help="token ids (.npy) -> one PNG per row")
     d.add_argument("ids", help=".npy file of int ids, shape (N, H/p, W/p) or (H/p, W/p)")
     _add_model_args(d)
-    d.add_argument("-o", "--output", required=True, help="output folder")
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--bf16", action="store_true")
-    d.add_argument("-q", "--quiet", action="store_true")
+    _add_run_args(d, "output folder")
     d.set_defaults(func=cmd_detokenize)
 
     r = sub.add_parser("reconstruct", help="images -> tokens -> images (PNG)")
     r.add_argument("images", nargs="+")
     _add_model_args(r)
-    r.add_argument("-o", "--output", required=True, help="output folder")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--bf16", action="store_true")
-    r.add_argument("-q", "--quiet", action="store_true")
+    _add_run_args(r, "output folder")
     r.set_defaults(func=cmd_reconstruct)
 
     z = sub.add_parser("zero-shot", help="classify images against text labels")

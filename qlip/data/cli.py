@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--heldout", type=int, default=320, help="number of labelled held-out images (32 classes)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard")
     p.add_argument("--overwrite", action="store_true", help="replace shapes data generated with other settings")
+    p.add_argument("--group", type=int, default=1,
+                   help="kind groups: consecutive images show the same scene with the shape kinds cycled (1-4)")
     p.add_argument("--workers", type=int, default=1, help="processes rendering shards in parallel (same bytes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_shapes)
@@ -28,7 +30,7 @@ def _shapes(args) -> int:
 
     m = generate_shapes(args.out, n=args.n, size=args.size, seed=args.seed, shard_size=args.shard_size,
                         heldout_n=args.heldout, overwrite=args.overwrite, progress=not args.quiet,
-                        workers=args.workers)
+                        workers=args.workers, group=args.group)
     print(f"{args.out}: {m['n']} training images in {len(m['train_shards'])} shards, "
           f"{m['heldout_n']} held-out images in {len(m['heldout_shards'])} shards ({m['size']}px, seed {m['seed']})")
     return 0

@@ -56,6 +56,7 @@ log = logging.getLogger("qlip.data")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 TEXT_EXTS = ("txt", "text", "caption")
+NEG_TEXT_EXT = "neg.txt"  # optional hard-negative caption ({key}.neg.txt), as in NegCLIP
 STAT_KEYS = ("samples", "skipped", "decode_errors", "incomplete", "shard_errors")
 STATE_VERSION = 1
 MAX_WARNINGS = 20  # per worker process; later problems are only counted
@@ -193,8 +194,10 @@ class TarSource:
     def _sample(self, key: str, url: str, fields: dict) -> dict:
         image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
         text = next((fields[e] for e in TEXT_EXTS if e in fields), None)
+        neg = fields.get(NEG_TEXT_EXT)
         sample = {"key": key, "url": url, "image": image, "label": None, "missing": None,
-                  "text": text.decode("utf-8", errors="replace").strip() if text is not None else None}
+                  "text": text.decode("utf-8", errors="replace").strip() if text is not None else None,
+                  "neg_text": neg.decode("utf-8", errors="replace").strip() if neg is not None else None}
         if image is None or text is None:
             sample["missing"] = f"no {'image' if image is None else 'text'} field (has {sorted(fields)})"
         elif self.label_key is not None:
@@ -355,7 +358,7 @@ class _Stream(IterableDataset):
             self._warn(f"skipping sample {where}: undecodable image ({e.__class__.__name__}: {e})")
             return None
         stats["samples"] += 1
-        return self.transform(img), raw["text"], raw["label"], raw["key"]
+        return self.transform(img), raw["text"], raw["label"], raw["key"], raw.get("neg_text")
 
     def _samples(self, logical: int, num_workers: int, stats: collections.Counter) -> Iterator[tuple]:
         """(decoded sample or None, epoch, position) from the start position on; position counts
@@ -387,10 +390,14 @@ class _Stream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
     def _collate(self, items: list) -> dict:
-        images, texts, labels, keys = zip(*items)
+        images, texts, labels, keys, negs = zip(*items)
         batch = {"images": torch.stack(images), "texts": list(texts), "keys": list(keys)}
         if self.tokenizer is not None:
             batch["tokens"] = torch.as_tensor(self.tokenizer(list(texts)), dtype=torch.long)
+        if all(n is not None for n in negs):  # every sample ships a hard-negative caption
+            batch["neg_texts"] = list(negs)
+            if self.tokenizer is not None:
+                batch["neg_tokens"] = torch.as_tensor(self.tokenizer(list(negs)), dtype=torch.long)
         if self.source.has_labels:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch

@@ -22,6 +22,7 @@ without the others, and the shards are byte-identical for the same settings.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -58,7 +59,7 @@ POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 SHAPE_CLASSNAMES: tuple[str, ...] = tuple(f"{c} {k}" for c in COLOR_NAMES for k in KINDS)
 SHAPE_PROMPT = "a photo of a {}"
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: training samples carry a hard-negative caption ({key}.neg.txt)
 MANIFEST = "manifest.json"
 
 # ----------------------------------------------------------------------------------------------
@@ -369,16 +370,40 @@ def caption_scene(scene: dict, rng: np.random.Generator) -> str:
 # samples and shards
 
 
-def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train") -> tuple[Image.Image, str, dict]:
+def _kind_variant(scene: dict, v: int, rng: np.random.Generator) -> dict:
+    """The scene with every shape's kind shifted by ``v`` (mod 4): same colours, sizes, positions
+    and background; variants 0..3 of a group show four different kinds at every position."""
+    shapes = []
+    for s in scene["shapes"]:
+        kind = KINDS[(KINDS.index(s["kind"]) + v) % len(KINDS)]
+        rot = 0.0 if kind == "circle" else (s["rotation"] or round(float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), 3))
+        shapes.append({**s, "kind": kind, "rotation": rot, "label": shape_label(s["color"], kind)})
+    return {**scene, "shapes": shapes}
+
+
+def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train",
+                group: int = 1) -> tuple[Image.Image, str, dict]:
     """Sample ``index`` of a split: (RGB image, caption, metadata). A pure function of its arguments.
 
     Held-out samples have one shape whose class cycles through the 32 labels (balanced);
     their metadata has "label", "color" and "kind" at the top level.
+
+    ``group`` > 1 (training split): consecutive samples ``g*group .. g*group+group-1`` are *kind
+    groups*, the same scene (colours, sizes, positions, background, caption wording) with the
+    shapes' kinds cycled, so a batch made of whole groups holds, for every caption, captions that
+    differ from it only in the kind words: colour alone cannot pair images and captions.
     """
     if split not in _SPLITS:
         raise DataError(f"unknown shapes split {split!r} (expected one of {sorted(_SPLITS)})")
+    if not 1 <= group <= len(KINDS):
+        raise DataError(f"kind group size must be in 1..{len(KINDS)}, got {group}")
     rng = np.random.default_rng([seed, _SPLITS[split], index])
-    if split == "train":
+    if split == "train" and group > 1:
+        g, v = divmod(index, group)
+        base_rng = np.random.default_rng([seed, _SPLITS[split], g, 1000003])
+        scene = _kind_variant(sample_scene(base_rng, size), v, rng)
+        rng = np.random.default_rng([seed, _SPLITS[split], g, 2000003])  # same caption wording in a group
+    elif split == "train":
         scene = sample_scene(rng, size)
     else:
         label = index % len(SHAPE_CLASSNAMES)
@@ -389,8 +414,14 @@ def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train")
         shape = {"color": color, "kind": kind, "size": s_name, "position": pos, "rgb": _sample_rgb(rng, color),
                  "center": center, "diameter": d, "rotation": rot, "label": label}
         scene = {"size": size, "shapes": [shape], "background": _sample_background(rng, size, [shape["rgb"]])}
+    wording = copy.deepcopy(rng)  # the hard negative uses the caption's exact wording
     caption = caption_scene(scene, rng)
     meta = {"key": f"{index:09d}", "split": split, "caption": caption, **scene}
+    if split == "train":
+        # hard-negative caption: the same scene and wording with every shape's kind shifted, so it
+        # differs from the caption only in the kind words (NegCLIP-style negative)
+        shift = int(np.random.default_rng([seed, _SPLITS[split], index, 3000017]).integers(1, len(KINDS)))
+        meta["negative_caption"] = caption_scene(_kind_variant(scene, shift, rng), wording)
     if split == "heldout":
         meta.update(label=scene["shapes"][0]["label"], color=scene["shapes"][0]["color"],
                     kind=scene["shapes"][0]["kind"])
@@ -403,9 +434,11 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _encode_sample(index: int, size: int, seed: int, split: str) -> tuple[str, dict[str, bytes]]:
-    img, caption, meta = make_sample(index, size, seed, split)
+def _encode_sample(index: int, size: int, seed: int, split: str, group: int = 1) -> tuple[str, dict[str, bytes]]:
+    img, caption, meta = make_sample(index, size, seed, split, group if split == "train" else 1)
     fields = {"png": _png_bytes(img), "txt": caption.encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+    if "negative_caption" in meta:
+        fields["neg.txt"] = meta["negative_caption"].encode()
     if split == "heldout":
         fields["cls"] = str(meta["label"]).encode()
     return meta["key"], fields
@@ -431,17 +464,18 @@ def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int
 
 
 def _write_shard(args: tuple) -> tuple[str, int]:
-    out_dir, split, shard, start, stop, size, seed = args
+    out_dir, split, shard, start, stop, size, seed, group = args
     name = f"shapes-{split}-{shard:06d}.tar"
-    count = write_tar(os.path.join(out_dir, name), (_encode_sample(i, size, seed, split) for i in range(start, stop)))
+    count = write_tar(os.path.join(out_dir, name),
+                      (_encode_sample(i, size, seed, split, group) for i in range(start, stop)))
     return name, count
 
 
 def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, shard_size: int, progress: bool,
-                 workers: int = 1) -> list[str]:
+                 workers: int = 1, group: int = 1) -> list[str]:
     """Write one split's shards; with ``workers > 1`` shards are rendered in parallel processes
     (every sample is a pure function of its index, so the bytes do not depend on ``workers``)."""
-    jobs = [(out_dir, split, shard, start, min(start + shard_size, n), size, seed)
+    jobs = [(out_dir, split, shard, start, min(start + shard_size, n), size, seed, group)
             for shard, start in enumerate(range(0, n, shard_size))]
     names = []
     with tqdm(total=n, desc=f"shapes {split}", unit="img", disable=not progress) as bar:
@@ -494,13 +528,14 @@ def read_manifest(out_dir: str) -> Optional[dict]:
     return manifest
 
 
-def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int) -> dict:
+def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int, group: int = 1) -> dict:
     return {"format": "qlip-shapes", "version": FORMAT_VERSION, "n": n, "heldout_n": heldout_n,
-            "size": size, "seed": seed, "shard_size": shard_size}
+            "size": size, "seed": seed, "shard_size": shard_size, "group": group}
 
 
 def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_size: int = 1000,
-                    heldout_n: int = 320, overwrite: bool = False, progress: bool = True, workers: int = 1) -> dict:
+                    heldout_n: int = 320, overwrite: bool = False, progress: bool = True, workers: int = 1,
+                    group: int = 1) -> dict:
     """Write ``n`` captioned training images and ``heldout_n`` labelled held-out images as shards.
 
     Files in ``out_dir``: ``shapes-train-NNNNNN.tar`` (``{key}.png``, ``{key}.txt``, ``{key}.json``),
@@ -511,7 +546,12 @@ def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_s
     """
     _check_settings(n, size, shard_size)
     _check_settings(heldout_n, size, shard_size, allow_zero=True)
-    want = _settings(n, size, seed, shard_size, heldout_n)
+    if not 1 <= group <= len(KINDS):
+        raise DataError(f"kind group size must be in 1..{len(KINDS)}, got {group}")
+    if group > 1 and (shard_size % group or n % group):
+        raise DataError(f"with kind groups of {group}, n ({n}) and shard_size ({shard_size}) must be multiples "
+                        f"of {group} so that no group is split across shards")
+    want = _settings(n, size, seed, shard_size, heldout_n, group)
     have = read_manifest(out_dir)
     if have is not None:
         same = all(have.get(k) == v for k, v in want.items())
@@ -525,7 +565,7 @@ def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_s
     for name in os.listdir(out_dir):  # stale shards from other settings or an interrupted run
         if name == MANIFEST or (name.startswith("shapes-") and (name.endswith(".tar") or name.endswith(".tmp"))):
             os.remove(os.path.join(out_dir, name))
-    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress, workers)
+    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress, workers, group)
     heldout = _write_split(out_dir, "heldout", heldout_n, size, seed, shard_size, progress, workers)
     manifest = {**want, "train": train, "heldout": heldout, "classnames": list(SHAPE_CLASSNAMES),
                 "prompt": SHAPE_PROMPT}

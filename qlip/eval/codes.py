@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from qlip.errors import QLIPError
+from qlip.quant import ids_to_bits, ids_to_group_ids  # noqa: F401 (ids_to_bits re-exported)
 
 Size = Union[int, Sequence[int]]
 
@@ -57,21 +58,12 @@ def bits_per_image(image_size: Size, patch_size: int, num_bits: int) -> int:
     return num_bits * (h // patch_size) * (w // patch_size)
 
 
-def ids_to_bits(ids: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """(...,) int64 ids -> (..., L) {0,1} int64 bits, channel 0 = most significant bit."""
-    shifts = torch.arange(num_bits - 1, -1, -1, device=ids.device, dtype=torch.int64)
-    return (ids.to(torch.int64).unsqueeze(-1) >> shifts) & 1
-
-
 def ids_to_groups(ids: torch.Tensor, num_bits: int, group_size: int) -> torch.Tensor:
-    """(...,) ids -> (..., L/g) group ids; group 0 holds the most significant ``g`` bits."""
+    """(...,) ids -> (..., L/g) group ids; group 0 holds the most significant ``g`` bits
+    (the shared conversion of ``qlip.quant``, with a one-line error for a bad group size)."""
     if num_bits % group_size:
         raise QLIPError(f"group size {group_size} does not divide the {num_bits} bits")
-    n_groups = num_bits // group_size
-    shifts = torch.tensor(
-        [num_bits - (j + 1) * group_size for j in range(n_groups)], device=ids.device, dtype=torch.int64
-    )
-    return (ids.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << group_size) - 1)
+    return ids_to_group_ids(ids, num_bits, group_size)
 
 
 def default_group_size(num_bits: int) -> int:

@@ -130,17 +130,26 @@ class ContrastiveLoss(nn.Module):
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: Union[torch.Tensor, float],
+        text_negatives: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """``text_negatives`` (optional, ``(n, P)`` normalised): hard-negative captions, one per
+        image (NegCLIP). They are extra columns of the image-to-text softmax only (gathered across
+        ranks like the other features); the text-to-image direction is unchanged."""
         if image_features.dim() != 2 or image_features.shape != text_features.shape:
             raise ValueError(
                 "ContrastiveLoss expects image and text features of the same shape (n, P), got "
                 f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
             )
-        img, txt = image_features, text_features
+        img, txt, neg = image_features, text_features, text_negatives
+        if neg is not None and neg.shape != txt.shape:
+            raise ValueError(f"text_negatives must have the shape of the text features {tuple(txt.shape)}, "
+                             f"got {tuple(neg.shape)}")
         if img.dtype in _LOW_PRECISION:
             img = img.float()
         if txt.dtype in _LOW_PRECISION:
             txt = txt.float()
+        if neg is not None and neg.dtype in _LOW_PRECISION:
+            neg = neg.float()
         scale = torch.as_tensor(logit_scale, device=img.device)
         if not scale.is_floating_point() or scale.dtype in _LOW_PRECISION:
             scale = scale.float()
@@ -151,13 +160,15 @@ class ContrastiveLoss(nn.Module):
             sizes = _exchange_sizes(n, img.device, self.group)
             all_img = gather_with_grad(img, sizes, self.group)
             all_txt = gather_with_grad(txt, sizes, self.group)
+            all_neg = gather_with_grad(neg, sizes, self.group) if neg is not None else None
             offset, total = sum(sizes[:rank]), sum(sizes)
         else:
-            all_img, all_txt, offset, total = img, txt, 0, n
+            all_img, all_txt, all_neg, offset, total = img, txt, neg, 0, n
         if total == 0:
             raise ValueError("ContrastiveLoss got an empty global batch")
 
-        logits_per_image = scale * img @ all_txt.t()
+        columns = all_txt if all_neg is None else torch.cat([all_txt, all_neg])
+        logits_per_image = scale * img @ columns.t()
         logits_per_text = scale * txt @ all_img.t()
         labels = torch.arange(n, device=img.device) + offset
         nll = F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(

@@ -28,7 +28,7 @@ import torch
 
 log = logging.getLogger("qlip.demo")
 
-DATA_N, DATA_HELDOUT, IMAGE_SIZE = 10000, 640, 64
+DATA_N, DATA_HELDOUT, IMAGE_SIZE, SHARD = 10240, 640, 64, 512
 LPIPS_NET = "alex"  # the metric's trunk (also stage 2's loss): VGG-16 costs more than the model here
 
 
@@ -169,8 +169,8 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     n_train, n_heldout = (320, 128) if fast else (DATA_N, DATA_HELDOUT)
     data_dir = os.path.join(out, "data")
     print(f"[demo] data: {n_train} captioned training images + {n_heldout} labelled held-out images in {data_dir}")
-    manifest = generate_shapes(data_dir, n=n_train, size=IMAGE_SIZE, seed=0, heldout_n=n_heldout,
-                               shard_size=500, overwrite=True, progress=True, workers=os.cpu_count() or 1)
+    generate_shapes(data_dir, n=n_train, size=IMAGE_SIZE, seed=0, heldout_n=n_heldout, shard_size=SHARD,
+                    overwrite=True, progress=True, workers=os.cpu_count() or 1)
     t_data = time.time() - t_start
     train_glob = os.path.join(data_dir, "shapes-train-*.tar")
     heldout = os.path.join(data_dir, "shapes-heldout-*.tar")

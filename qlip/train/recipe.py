@@ -64,6 +64,7 @@ class LossSection:
     alpha_p: float = 0.0      # LPIPS
     alpha_g: float = 0.0      # GAN (generator side)
     lpips_net: str = "vgg"    # LPIPS trunk: vgg (paper) | alex | squeeze
+    hard_negatives: bool = False  # score each image against a hard-negative caption ({key}.neg.txt) too
     logit_scale_max: float = 4.6052   # ln(100), clamp as CLIP does
 
 
@@ -139,6 +140,8 @@ class Recipe:
             raise ConfigError(f"train.stage must be 1 or 2, got {t.stage}")
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
+        if l.hard_negatives and t.contrastive_chunk:
+            raise ConfigError("loss.hard_negatives is not supported with gradient caching (train.contrastive_chunk)")
         if l.lpips_net not in ("vgg", "alex", "squeeze"):
             raise ConfigError(f"loss.lpips_net must be vgg, alex or squeeze, got {l.lpips_net!r}")
         if self.gan.kind not in ("hinge", "non_saturating"):

@@ -207,7 +207,9 @@ class Trainer:
     def _micro_step(self, batch: Dict[str, Any], scale: float, logs: Dict[str, float]) -> None:
         images = batch["images"].to(self.device, non_blocking=True)
         L, t = self.r.loss, self.r.train
-        if self.need_text:
+        if self.need_text and L.hard_negatives:
+            self._hard_negative_step(batch, images, scale, logs)
+        elif self.need_text:
             from ..losses import grad_cache_step
             tokens = batch["tokens"].to(self.device, non_blocking=True)
             n = images.shape[0]
@@ -229,6 +231,20 @@ class Trainer:
             (d_total.float() * scale).backward()
             for k, v in d_stats.items():
                 logs[k] = logs.get(k, 0.0) + float(v) * scale
+
+    def _hard_negative_step(self, batch, images, scale: float, logs: Dict[str, float]) -> None:
+        """Plain (uncached) step whose image-to-text softmax also scores one hard-negative caption
+        per image (``{key}.neg.txt`` in the shards, NegCLIP-style)."""
+        if "neg_tokens" not in batch:
+            raise DataError("loss.hard_negatives needs shards whose samples carry a {key}.neg.txt caption "
+                            "(e.g. `qlip data shapes`); this batch has none")
+        emb, extra = self._image_terms(images, logs, scale)
+        txt = self._text_embed(batch["tokens"].to(self.device, non_blocking=True))
+        neg = self._text_embed(batch["neg_tokens"].to(self.device, non_blocking=True))
+        closs = self.contrastive(emb, txt, self.model.logit_scale.exp(), text_negatives=neg)
+        total = self.r.loss.alpha_a * closs if extra is None else self.r.loss.alpha_a * closs + extra
+        (total * scale).backward()
+        logs["contrastive"] = logs.get("contrastive", 0.0) + float(closs.detach()) * scale
 
     # ---- the loop --------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:

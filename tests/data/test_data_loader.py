@@ -225,3 +225,18 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         expand_shards(str(tmp_path / "x-{0..1}.tar"))
     with pytest.raises(DataError, match="not a directory"):
         image_folder_loader(str(tmp_path / "nope"), image_transform(16))
+
+
+def test_hard_negative_captions_batched(shards):
+    """Shards whose samples carry {key}.neg.txt give neg_texts / neg_tokens aligned with the batch;
+    shards without them (held-out) give neither."""
+    from qlip.data.shapes import make_sample
+    tf = image_transform(32)
+    b = next(iter(webdataset_loader(shards["train_shards"], tf, tokenize, batch_size=6, shuffle=False)))
+    assert b["neg_tokens"].shape == b["tokens"].shape == (6, 77)
+    for key, text, neg in zip(b["keys"], b["texts"], b["neg_texts"]):
+        _, cap, meta = make_sample(int(key), size=32, seed=0)
+        assert (text, neg) == (cap, meta["negative_caption"])
+    torch.testing.assert_close(b["neg_tokens"], tokenize(b["neg_texts"]))
+    held = next(iter(webdataset_loader(shards["heldout_shards"], tf, tokenize, batch_size=4, label_key="cls")))
+    assert "neg_tokens" not in held and "neg_texts" not in held

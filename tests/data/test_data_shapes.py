@@ -39,7 +39,7 @@ def test_layout_and_manifest(shapes_dir):
     samples = {k: v for p in m["train_shards"] for k, v in read_tar(p).items()}
     assert sorted(samples) == [f"{i:09d}" for i in range(24)]
     for key, fields in samples.items():
-        assert set(fields) == {"png", "txt", "json"}
+        assert set(fields) == {"png", "txt", "json", "neg.txt"}
         meta = json.loads(fields["json"])
         assert meta["key"] == key and meta["caption"] == fields["txt"].decode()
         assert 1 <= len(meta["shapes"]) <= 3
@@ -152,3 +152,35 @@ def test_cli(tmp_path, capsys):
     m = S.read_manifest(str(tmp_path / "c"))
     assert (m["n"], m["size"], m["seed"], m["heldout_n"], len(m["train"])) == (3, 32, 7, 2, 2)
     assert "3 training images" in capsys.readouterr().out
+
+
+def test_kind_groups():
+    """group=4: four consecutive images share everything but the shape kinds (all four differ)."""
+    for g in range(6):
+        metas = [S.make_sample(g * 4 + v, seed=1, group=4)[2] for v in range(4)]
+        caps = [m["caption"] for m in metas]
+        for j in range(len(metas[0]["shapes"])):
+            shapes = [m["shapes"][j] for m in metas]
+            assert len({s["kind"] for s in shapes}) == 4
+            for key in ("color", "size", "position", "rgb", "center", "diameter"):
+                assert len({json.dumps(s[key]) for s in shapes}) == 1, key
+        assert len({json.dumps(m["background"]) for m in metas}) == 1
+        # captions differ only in the kind words
+        strip = [re.sub(r"\b(circle|square|triangle|star)s?\b", "K", c) for c in caps]
+        assert len(set(strip)) == 1 and len(set(caps)) == 4
+    with pytest.raises(DataError, match="multiples of 4"):
+        S.generate_shapes("/nonexistent-never-written", n=10, size=64, shard_size=8, group=4, progress=False)
+    with pytest.raises(DataError, match="1..4"):
+        S.make_sample(0, group=5)
+
+
+def test_hard_negative_caption_differs_only_in_kinds():
+    for i in range(20):
+        _, cap, meta = S.make_sample(i, seed=2)
+        neg = meta["negative_caption"]
+        kinds = r"\b(circle|square|triangle|star)s?\b"
+        assert neg != cap and re.sub(kinds, "K", neg) == re.sub(kinds, "K", cap)
+        # every shape's kind is shifted by the same non-zero amount, so each kind word changes
+        assert all(a != b for a, b in zip(re.findall(kinds, cap), re.findall(kinds, neg)))
+    _, _, held = S.make_sample(0, split="heldout")
+    assert "negative_caption" not in held

@@ -65,3 +65,19 @@ def test_clamp_logit_scale():
     p.data.fill_(1.0)
     clamp_logit_scale_(p, max=0.5)
     assert p.item() == 0.5
+
+
+def test_hard_negative_captions_are_extra_image_to_text_columns():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    neg = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    got = ContrastiveLoss(distributed=False)(img, txt, 10.0, text_negatives=neg)
+    labels = torch.arange(5)
+    i2t = torch.nn.functional.cross_entropy(10.0 * img @ torch.cat([txt, neg]).T, labels)
+    t2i = torch.nn.functional.cross_entropy(10.0 * txt @ img.T, labels)
+    torch.testing.assert_close(got, 0.5 * (i2t + t2i), rtol=1e-12, atol=1e-12)
+    # extra columns in the softmax can only raise the loss
+    assert got > ContrastiveLoss(distributed=False)(img, txt, 10.0)
+    with pytest.raises(ValueError, match="text_negatives"):
+        ContrastiveLoss(distributed=False)(img, txt, 10.0, text_negatives=neg[:3])
