@@ -23,7 +23,7 @@ def atomic_path(path: str) -> Iterator[str]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_path(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -42,9 +42,10 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, _w)
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or folder by path; a no-op where the filesystem does not support it."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..io import atomic_write_text
+from ..io.atomic import atomic_write_text, fsync_path
 
 STATE_FILE = "train_state.pt"
 
@@ -72,19 +72,6 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
-def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. directories on some filesystems
-    finally:
-        os.close(fd)
-
-
 def clean_stale(ckpt_root: str) -> None:
     """Remove ``*.tmp*`` leftovers of an interrupted checkpoint write or prune."""
     if not os.path.isdir(ckpt_root):
@@ -107,14 +94,14 @@ def save_checkpoint(ckpt_root: str, step: int, model, state: Dict[str, Any], kee
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         model.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, STATE_FILE))
-        _fsync(os.path.join(tmp, STATE_FILE))
-        _fsync(tmp)
+        fsync_path(os.path.join(tmp, STATE_FILE))
+        fsync_path(tmp)
         if os.path.exists(final):  # same step written again: move the old one aside first
             old = final + ".tmp-del"
             os.replace(final, old)
             _remove(old)
         os.replace(tmp, final)
-        _fsync(ckpt_root)
+        fsync_path(ckpt_root)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
