@@ -22,6 +22,7 @@ class ModelSection:
     overrides: Dict[str, Any] = field(default_factory=dict)   # dotted config keys, e.g. vision.depth
     init: Optional[str] = None               # qlip.load-able checkpoint to start from (stage 2: stage 1 output)
     init_open_clip: Optional[str] = None     # "ARCH:PRETRAINED" open_clip weights for the text tower
+    init_eva_clip: Optional[str] = None      # EVA-CLIP vision tower: "EVA02-B-16:TAG" (open_clip) or "timm:NAME"
     drop_text: bool = False                  # drop the text tower (reconstruction-only runs, stage 2)
     grad_checkpointing: bool = False
 
@@ -200,7 +201,8 @@ def _check_ranges(r: "Recipe") -> None:
     if d.train is not None and not isinstance(d.train, (str, list)):
         raise ConfigError(f"data.train must be a path, a pattern or a list of them, got {d.train!r}")
     for name, v in (("model.preset", r.model.preset), ("model.init", r.model.init),
-                    ("model.init_open_clip", r.model.init_open_clip), ("train.device", t.device),
+                    ("model.init_open_clip", r.model.init_open_clip),
+                    ("model.init_eva_clip", r.model.init_eva_clip), ("train.device", t.device),
                     ("data.image_root", d.image_root)):
         if v is not None and not isinstance(v, str):
             raise ConfigError(f"{name} must be a string, got {v!r}")

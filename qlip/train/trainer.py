@@ -47,6 +47,12 @@ def build_model(recipe: Recipe) -> QLIP:
         model = QLIP(get_preset(m.preset, **m.overrides))
     else:
         raise ConfigError("the recipe needs model.preset or model.init")
+    if m.init_eva_clip:
+        from .init import init_visual_from_eva_clip
+        report = init_visual_from_eva_clip(model, m.init_eva_clip)
+        log.info("vision encoder initialised from %s: %d tensors, pos_embed %s, proj %s%s", report["source"],
+                 report["tensors"], report["pos_embed"], report["proj"],
+                 "".join(f"; {n}" for n in report["notes"]))
     if m.init_open_clip:
         from .init import init_text_from_open_clip
         init_text_from_open_clip(model, m.init_open_clip)

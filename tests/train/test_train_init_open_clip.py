@@ -96,8 +96,7 @@ def test_offline_download_failure_is_one_line(monkeypatch):
     assert "ViT-B-32:openai" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_recipe_init_open_clip_and_eva_not_implemented(tiny_arch):
-    from qlip.train.init import init_visual_from_eva_clip
+def test_recipe_init_open_clip(tiny_arch):
     from qlip.train.recipe import Recipe
     from qlip.train.trainer import build_model
     torch.manual_seed(0)
@@ -106,5 +105,3 @@ def test_recipe_init_open_clip_and_eva_not_implemented(tiny_arch):
     plain = build_model(Recipe.from_dict({"model": {"preset": "qlip-tiny"}}))
     assert torch.equal(model.visual.proj.weight, plain.visual.proj.weight)  # only the text tower changes
     assert not torch.equal(model.text.token_embed.weight, plain.text.token_embed.weight)
-    with pytest.raises(ConfigError, match="not implemented"):
-        init_visual_from_eva_clip(model, "EVA02-B-16")
