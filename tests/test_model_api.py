@@ -158,3 +158,38 @@ def test_bf16_autocast_tokenize(tiny_model):
     bits = tiny_model.quantizer.ids_to_bits
     agree = (bits(ids) == bits(tiny_model.tokenize(x))).float().mean()
     assert agree > 0.8
+
+
+def test_conv_stem(tmp_path):
+    """vision.stem='conv': same token grid as the patchify stem, each token sees only its own patch,
+    the init keeps the activation scale, it round-trips through our format, and the official
+    format (patchify only) refuses it by name."""
+    torch.manual_seed(0)
+    cfg = qlip.get_preset("qlip-tiny", **{"vision.stem": "conv", "vision.stem_channels": 8})
+    model = qlip.QLIP(cfg).eval()
+    stem = model.visual.patch_embed
+    assert [m.stride for m in stem.convs if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3  # patch 8
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = stem(x)
+        assert feats.shape == (2, cfg.vision.width, 4, 4)
+        assert 0.05 < feats.std().item() < 5.0  # Kaiming init, not the ViT std 0.02 that vanishes
+        # receptive field of token k: pixels 8k-7 .. 8k+7, so a change in patch (1, 1) (pixels
+        # 8..15) reaches tokens 1 and 2 of each axis, never tokens 0 and 3
+        y = x.clone()
+        y[:, :, 8:16, 8:16] += 1.0
+        delta = (stem(y) - feats).abs().amax(dim=(0, 1))
+        assert (delta[1:3, 1:3] > 0).all()
+        assert delta[[0, 3]].abs().max() == 0 and delta[:, [0, 3]].abs().max() == 0
+        ids = model.tokenize(x)
+    assert ids.shape == (2, 4, 4)
+    model.save_pretrained(tmp_path / "m")
+    back = qlip.load(str(tmp_path / "m"))
+    assert back.config.vision.stem == "conv"
+    assert torch.equal(back.tokenize(x), ids)
+    with pytest.raises(ConfigError, match="vision.stem 'conv'"):
+        qlip.export_official(model, tmp_path / "official")
+    with pytest.raises(ConfigError, match="power-of-two patch_size"):
+        qlip.get_preset("qlip-tiny", **{"vision.stem": "conv", "vision.patch_size": 6, "vision.image_size": 36})
+    with pytest.raises(ConfigError, match="stem must be 'patch' or 'conv'"):
+        qlip.get_preset("qlip-tiny", **{"vision.stem": "hybrid"})

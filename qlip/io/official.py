@@ -131,6 +131,8 @@ def config_to_official(cfg: QLIPConfig) -> Dict[str, Any]:
                     swiglu=b.swiglu, subln=b.subln, rope=b.rope, hidden_act=b.act, layer_norm_eps=b.ln_eps,
                     attention_dropout=0.0, post_layernorm=False, **extra)
     v, dec, q = cfg.vision, cfg.decoder, cfg.quantizer
+    if v.stem != "patch":
+        raise ConfigError(f"the official format has only the patchify stem; this model has vision.stem {v.stem!r}")
     if dec.head_dim and dec.head_dim != dec.mlp_dim:
         raise ConfigError("the official format ties the decoder head width to intermediate_size; "
                           f"this model has head_dim {dec.head_dim} != mlp_dim {dec.mlp_dim}")

@@ -14,11 +14,19 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class VisionConfig(BlockConfig):
-    """ViT encoder: conv patchify, cls token, learned position embedding (+ optional 2D RoPE)."""
+    """ViT encoder: patchify stem, cls token, learned position embedding (+ optional 2D RoPE).
+
+    ``stem``: ``"patch"`` (the paper's and the official models': one ``patch x patch`` stride-``patch``
+    convolution) or ``"conv"`` (early convolutions, Xiao et al. 2021: log2(patch) 3x3 stride-2
+    convolutions with GELU, then a 1x1 projection; patch must be a power of two). ``"conv"`` trains
+    shape features much faster from scratch (docs/demo.md) but has no official-format equivalent.
+    """
 
     image_size: int = 256
     patch_size: int = 16
     projection_bias: bool = True   # bias of the visual projection head
+    stem: str = "patch"
+    stem_channels: int = 32        # "conv" stem: channels of the first convolution (doubling after)
 
 
 @dataclass
@@ -93,6 +101,11 @@ class QLIPConfig:
             raise ConfigError(str(e)) from None
         if v.image_size % v.patch_size:
             raise ConfigError(f"vision image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if v.stem not in ("patch", "conv"):
+            raise ConfigError(f"vision stem must be 'patch' or 'conv', got {v.stem!r}")
+        if v.stem == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1) or v.stem_channels < 1):
+            raise ConfigError(f"vision stem 'conv' needs a power-of-two patch_size >= 2 and stem_channels >= 1 "
+                              f"(got patch_size {v.patch_size}, stem_channels {v.stem_channels})")
         if q.bits % q.group_size:
             raise ConfigError(f"quantizer group_size {q.group_size} does not divide bits {q.bits}")
         if q.embed_type not in ("mlp", "identity"):

@@ -26,12 +26,46 @@ from .config import QLIPConfig
 from .preprocess import denormalize, normalize, pil_to_tensor, resize_center_crop, tensor_to_pil, to_rgb
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early convolutions help transformers see better"):
+    log2(patch) 3x3 stride-2 convolutions with GELU (channels ``channels, 2*channels, ...`` capped
+    at ``width``), then a 1x1 convolution to ``width``: the same (B, width, H/p, W/p) output as
+    the patchify convolution, with local nonlinear features inside each patch."""
+
+    def __init__(self, width: int, patch_size: int, channels: int = 32):
+        super().__init__()
+        n = patch_size.bit_length() - 1
+        chans = [3] + [min(channels * 2 ** i, width) for i in range(n)]
+        layers: List[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(chans[-1], width, kernel_size=1)
+
+    @property
+    def weight(self) -> torch.Tensor:  # dtype/device probe, like the patchify conv's
+        return self.proj.weight
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default (Kaiming-uniform) conv init: the ViT-style std 0.02 would shrink the
+        signal through the stack."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(x))
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: QLIPConfig):
         super().__init__()
         v = cfg.vision
         self.patch_size, self.grid = v.patch_size, cfg.grid
-        self.patch_embed = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size)
+        if v.stem == "conv":
+            self.patch_embed = ConvStem(v.width, v.patch_size, v.stem_channels)
+        else:
+            self.patch_embed = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(v.width))
         self.pos_embed = nn.Parameter(torch.zeros(self.grid ** 2 + 1, v.width))
         self.rope = RoPE2D(v.width // v.heads, self.grid, skip=1) if v.rope else None
@@ -250,6 +284,8 @@ class QLIP(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
+        if isinstance(self.visual.patch_embed, ConvStem):
+            self.visual.patch_embed.reset_parameters()
         nn.init.normal_(self.visual.cls_token, std=0.02)
         nn.init.normal_(self.visual.pos_embed, std=0.02)
         nn.init.normal_(self.decoder.pos_embed, std=0.02)
