@@ -1,4 +1,5 @@
 import math
+import os
 import tracemalloc
 
 import pytest
@@ -122,3 +123,70 @@ def test_invalid_ids_rejected():
         q.ids_to_codes(torch.tensor([1.0]))
     with pytest.raises(DataError):
         q.ids_to_codes(torch.tensor([-1]))
+
+
+# ---- codebook entropy over the global batch (data parallelism) ---------------------------------
+def _bsq_step(proj, q, x):
+    """Quantiser loss of ``x`` (tokens (n, T, 6) -> u (n, T, 8)); backward; (loss, stats, u.grad)."""
+    proj.zero_grad()
+    u = torch.nn.functional.normalize(proj(x), dim=-1)
+    u.retain_grad()
+    _, _, loss, stats = q(u, compute_loss=True)
+    loss.backward()
+    return loss.detach(), stats, u.grad
+
+
+def _bsq_ddp_worker(rank, world, init_file):
+    import torch.distributed as dist
+    from qlip.losses import all_reduce_gradients_
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # equal halves with every term on; unequal shares (4 + 9 images) with the codebook term only
+        # (per-sample terms are per-rank means, exact only for equal shares)
+        cases = [((6, 6), dict(beta=0.25, gamma_0=1.0, gamma_1=1.0)), ((4, 9), dict(gamma_0=0.0, gamma_1=1.0))]
+        for mode in ("group", "analytical"):
+            for sizes, weights in cases:
+                torch.manual_seed(0)  # same weights and data on both ranks
+                proj = torch.nn.Linear(6, 8).double()
+                x = torch.randn(sum(sizes), 3, 6, dtype=torch.float64)
+                q = BinarySphericalQuantizer(embed_dim=8, group_size=4, inv_temperature=2.0,
+                                             persample_entropy=mode, distributed=False, **weights)
+                ref_loss, ref_stats, ref_du = _bsq_step(proj, q, x)  # one process, whole batch
+                ref_grads = [p.grad.clone() for p in proj.parameters()]
+
+                rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+                local_cb = _bsq_step(proj, q, x[rows])[1]["codebook_entropy"]
+                assert abs(float(local_cb - ref_stats["codebook_entropy"])) > 1e-3  # per rank: differs
+
+                q.distributed = None  # the default: on under the initialised process group
+                loss, stats, du = _bsq_step(proj, q, x[rows])
+                all_reduce_gradients_(proj.parameters())  # the trainer's (DDP's) mean over ranks
+                mean_loss = loss.clone()
+                dist.all_reduce(mean_loss)
+                torch.testing.assert_close(mean_loss / world, ref_loss, atol=1e-6, rtol=0)
+                torch.testing.assert_close(stats["codebook_entropy"], ref_stats["codebook_entropy"],
+                                           atol=1e-6, rtol=0)
+                for p, g in zip(proj.parameters(), ref_grads):
+                    torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=0)
+                # d(mean of the ranks' losses) / du: this rank's rows of the 1-process gradient
+                torch.testing.assert_close(du / world, ref_du[rows], atol=1e-6, rtol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_codebook_entropy_over_the_global_batch_under_two_gloo_ranks(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed gloo")
+    os.environ.pop("MASTER_ADDR", None)
+    mp.spawn(_bsq_ddp_worker, args=(2, str(tmp_path / "pg_init")), nprocs=2, join=True)
+
+
+def test_distributed_true_needs_a_process_group():
+    q = BinarySphericalQuantizer(embed_dim=4, group_size=2, distributed=True)
+    with pytest.raises(RuntimeError, match="process group"):
+        q(torch.randn(3, 4), compute_loss=True)
+    q.distributed = None  # default: local average without a process group
+    assert torch.isfinite(q(torch.randn(3, 4), compute_loss=True)[2])

@@ -10,8 +10,8 @@ The loss for one process holding ``n`` of the ``N`` image/text pairs of a global
 ``W`` is the world size and ``s`` the (already exponentiated) logit scale. Averaging
 ``loss_rank`` over the ranks gives exactly the single-process CLIP loss on the global batch,
 ``0.5 * (CE_mean(s V W^T) + CE_mean(s W V^T))``. The gathered features keep their autograd
-graph: the backward of the gather sums the gradients of all ranks into the owner's rows (our
-own small autograd function; ``torch.distributed.nn.functional.all_gather`` is deprecated).
+graph: the backward of the gather sums the gradients of all ranks into the owner's rows
+(:func:`qlip.nn.collectives.gather_with_grad`, shared with the BSQ codebook entropy).
 Hence the parameter gradients averaged over ranks (what DDP does, or
 :func:`qlip.losses.gradcache.all_reduce_gradients_`) equal the single-process gradients.
 Memory is ``n x N`` logits per rank, as in open_clip's ``ClipLoss(local_loss=True,
@@ -25,75 +25,17 @@ and over the two directions).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..nn.collectives import distributed_world, exchange_sizes, gather_with_grad, resolve_world
 
 __all__ = ["ContrastiveLoss", "clamp_logit_scale_", "gather_with_grad", "distributed_world"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def distributed_world(group=None) -> Tuple[int, int]:
-    """Return ``(world_size, rank)`` of ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group=group), dist.get_rank(group=group)
-
-
-def _exchange_sizes(n: int, device: torch.device, group) -> List[int]:
-    """All-gather the local batch size of every rank (one tiny collective, one host sync)."""
-    world, _ = distributed_world(group)
-    mine = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(sizes, mine, group=group)
-    return [int(s.item()) for s in sizes]
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather of equally sized tensors whose backward sums every rank's gradient.
-
-    Backward: all-reduce (sum) of the gradient of the gathered tensor, then the owner's slice.
-    Every rank's loss depends on every rank's rows, so rank r's rows receive
-    ``sum_r' d loss_r' / d x_r``. (An all-reduce moves twice the bytes of a reduce-scatter, but
-    it works on every backend, gloo included, and the tensors are only ``N x P`` embeddings.)
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
-        world, rank = distributed_world(group)
-        ctx.group, ctx.rank, ctx.n = group, rank, tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
-
-
-def gather_with_grad(tensor: torch.Tensor, sizes: List[int], group=None) -> torch.Tensor:
-    """Concatenate ``tensor`` (first dim ``sizes[rank]``) from all ranks, keeping gradients.
-
-    The local rows keep their autograd graph and also receive the gradient that the other
-    ranks' losses send them (see :class:`_AllGatherWithGrad`). Unequal sizes are handled by
-    zero-padding to the largest size before the gather; ``sizes`` comes from an exchange of the
-    local batch sizes (every rank must pass the same list).
-    """
-    max_n = max(sizes)
-    n = tensor.shape[0]
-    if n < max_n:
-        pad = tensor.new_zeros((max_n - n,) + tuple(tensor.shape[1:]))
-        tensor = torch.cat([tensor, pad], dim=0)
-    gathered = _AllGatherWithGrad.apply(tensor, group)
-    if all(s == max_n for s in sizes):
-        return gathered
-    return torch.cat([gathered[r * max_n : r * max_n + s] for r, s in enumerate(sizes)], dim=0)
 
 
 class ContrastiveLoss(nn.Module):
@@ -118,12 +60,7 @@ class ContrastiveLoss(nn.Module):
         self.group = group
 
     def _world(self) -> Tuple[int, int]:
-        if self.distributed is False:
-            return 1, 0
-        world, rank = distributed_world(self.group)
-        if self.distributed is True and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ContrastiveLoss(distributed=True) needs an initialised torch.distributed process group")
-        return world, rank
+        return resolve_world(self.distributed, self.group, "ContrastiveLoss")
 
     def forward(
         self,
@@ -157,7 +94,7 @@ class ContrastiveLoss(nn.Module):
         n = img.shape[0]
         world, rank = self._world()
         if world > 1:
-            sizes = _exchange_sizes(n, img.device, self.group)
+            sizes = exchange_sizes(n, img.device, self.group)
             all_img = gather_with_grad(img, sizes, self.group)
             all_txt = gather_with_grad(txt, sizes, self.group)
             all_neg = gather_with_grad(neg, sizes, self.group) if neg is not None else None

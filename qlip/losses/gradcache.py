@@ -19,7 +19,13 @@ in the same re-forward: an encoder function may return ``(embedding, extra_loss)
 accumulated gradient equals that of the full-batch mean. This is exact for per-sample means
 (MSE, L1, LPIPS, the BSQ commitment and per-sample entropy). Terms that are statistics of the
 whole batch (the BSQ *codebook* entropy, BatchNorm) are evaluated per chunk instead: their
-gradient is that of the average of the per-chunk values, not of the full-batch value.
+gradient is that of the average of the per-chunk values, not of the full-batch value (under data
+parallelism the BSQ codebook entropy of a re-forward is that of chunk ``i`` of every rank).
+
+Hard negatives: ``text_negatives`` (token ids, one hard-negative caption per image) are a third
+set of embeddings of the text tower, cached, given their gradient by the full-batch loss
+(``loss_fn(..., text_negatives=...)``: extra image-to-text columns of the contrastive loss) and
+re-forwarded chunk by chunk like the texts.
 
 Randomness: phase 3 must see exactly the same random numbers as phase 1 (dropout, drop-path,
 random masking), otherwise the cached gradients belong to different embeddings. With
@@ -64,6 +70,7 @@ class GradCacheOutput:
     text_extra_loss: Optional[torch.Tensor]
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor
+    negative_embeds: Optional[torch.Tensor] = None  # hard-negative captions (``text_negatives``)
 
 
 class _RngState:
@@ -171,6 +178,21 @@ def _reforward_backward(
     return extra_sum
 
 
+def _embedding_only(fn: EncoderFn, what: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` returning only its embedding (an extra loss it returns is dropped)."""
+    return lambda chunk: _unpack(fn(chunk), what)[0]
+
+
+def _objective(align_weight: float, contrastive: torch.Tensor,
+               extras: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``align_weight * contrastive + sum of the extras that are not None``."""
+    total = align_weight * contrastive
+    for extra in extras:
+        if extra is not None:
+            total = total + extra
+    return total
+
+
 def grad_cache_step(
     image_encoder_fn: EncoderFn,
     text_encoder_fn: EncoderFn,
@@ -182,6 +204,7 @@ def grad_cache_step(
     logit_scale: Optional[Union[torch.Tensor, float]] = None,
     align_weight: float = 1.0,
     replay_rng: bool = True,
+    text_negatives: Optional[torch.Tensor] = None,
 ) -> GradCacheOutput:
     """Accumulate into ``.grad`` the gradients of ``align_weight * loss_fn(...) + extras`` on a big batch.
 
@@ -202,6 +225,12 @@ def grad_cache_step(
             this step so its gradient reaches the parameter.
         align_weight: weight of the contrastive term (the paper's ``alpha_a``).
         replay_rng: replay the RNG state per chunk in the re-forward (see module docstring).
+        text_negatives: optional hard-negative captions, one per image (first dim that of
+            ``images``). They are embedded by ``text_encoder_fn`` like the texts (cached without
+            graph, then re-forwarded chunk by chunk with their embedding gradients; an extra loss
+            the function returns for them is dropped) and passed to the loss as
+            ``loss_fn(..., text_negatives=embeddings)``, e.g. the extra image-to-text columns of
+            :class:`~qlip.losses.ContrastiveLoss`.
 
     Returns:
         :class:`GradCacheOutput` with detached values. Gradients are *accumulated* (zero them
@@ -210,62 +239,56 @@ def grad_cache_step(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     total = images.shape[0]
-    if texts.shape[0] != total:
-        raise ValueError(f"images and texts must have the same batch size, got {total} and {texts.shape[0]}")
+    for name, batch in (("texts", texts), ("text_negatives", text_negatives)):
+        if batch is not None and batch.shape[0] != total:
+            raise ValueError(f"images and {name} must have the same batch size, got {total} and {batch.shape[0]}")
+    # (name, encoder function, inputs) of every embedding the loss sees, in the loss's order
+    towers = [("image_encoder_fn", image_encoder_fn, images), ("text_encoder_fn", text_encoder_fn, texts)]
+    if text_negatives is not None:
+        what = "text_encoder_fn (hard negatives)"
+        towers.append((what, _embedding_only(text_encoder_fn, what), text_negatives))
 
-    def call_loss(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        return loss_fn(img, txt) if logit_scale is None else loss_fn(img, txt, logit_scale)
+    def call_loss(embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+        args = tuple(embeds[:2]) if logit_scale is None else (embeds[0], embeds[1], logit_scale)
+        kwargs = {"text_negatives": embeds[2]} if len(embeds) > 2 else {}
+        return loss_fn(*args, **kwargs)
 
     if chunk_size >= total:  # everything fits: plain forward/backward
-        img_emb, img_extra = _unpack(image_encoder_fn(images), "image_encoder_fn")
-        txt_emb, txt_extra = _unpack(text_encoder_fn(texts), "text_encoder_fn")
-        _check_embedding(img_emb, total, "image_encoder_fn")
-        _check_embedding(txt_emb, total, "text_encoder_fn")
-        closs = call_loss(img_emb, txt_emb)
-        full = align_weight * closs
-        for extra in (img_extra, txt_extra):
-            if extra is not None:
-                full = full + extra
+        outs = [_unpack(fn(x), what) for what, fn, x in towers]
+        for (what, _, _), (emb, _) in zip(towers, outs):
+            _check_embedding(emb, total, what)
+        embeds = [emb for emb, _ in outs]
+        extras = [extra for _, extra in outs]
+        closs = call_loss(embeds)
+        full = _objective(align_weight, closs, extras)
         full.backward()
-        return GradCacheOutput(
-            loss=full.detach(),
-            contrastive_loss=closs.detach(),
-            image_extra_loss=None if img_extra is None else img_extra.detach(),
-            text_extra_loss=None if txt_extra is None else txt_extra.detach(),
-            image_embeds=img_emb.detach(),
-            text_embeds=txt_emb.detach(),
-        )
+        extras = [None if extra is None else extra.detach() for extra in extras]
+        loss = full.detach()
+    else:
+        chunks = [x.split(chunk_size) for _, _, x in towers]
+        # 1) embeddings of the whole batch, no activations kept
+        cached = [_embed_no_grad(fn, c, replay_rng, what) for (what, fn, _), c in zip(towers, chunks)]
+        embeds = [emb for emb, _ in cached]
+        # 2) loss on the cached embeddings -> d loss / d embedding (and d loss / d logit_scale)
+        leaves = [emb.detach().requires_grad_(True) for emb in embeds]
+        closs = call_loss(leaves)
+        (align_weight * closs).backward()
+        # 3) re-forward chunk by chunk with gradients, backward the cached embedding gradient
+        extras = [
+            _reforward_backward(fn, c, states, leaf.grad if leaf.grad is not None else torch.zeros_like(leaf),
+                                total, what)
+            for (what, fn, _), c, (_, states), leaf in zip(towers, chunks, cached, leaves)
+        ]
+        loss = _objective(align_weight, closs.detach(), extras)
 
-    image_chunks = images.split(chunk_size)
-    text_chunks = texts.split(chunk_size)
-
-    # 1) embeddings of the whole batch, no activations kept
-    img_all, img_states = _embed_no_grad(image_encoder_fn, image_chunks, replay_rng, "image_encoder_fn")
-    txt_all, txt_states = _embed_no_grad(text_encoder_fn, text_chunks, replay_rng, "text_encoder_fn")
-
-    # 2) loss on the cached embeddings -> d loss / d embedding (and d loss / d logit_scale)
-    img_leaf = img_all.detach().requires_grad_(True)
-    txt_leaf = txt_all.detach().requires_grad_(True)
-    closs = call_loss(img_leaf, txt_leaf)
-    (align_weight * closs).backward()
-    img_grad = img_leaf.grad if img_leaf.grad is not None else torch.zeros_like(img_leaf)
-    txt_grad = txt_leaf.grad if txt_leaf.grad is not None else torch.zeros_like(txt_leaf)
-
-    # 3) re-forward chunk by chunk with gradients, backward the cached embedding gradient
-    img_extra = _reforward_backward(image_encoder_fn, image_chunks, img_states, img_grad, total, "image_encoder_fn")
-    txt_extra = _reforward_backward(text_encoder_fn, text_chunks, txt_states, txt_grad, total, "text_encoder_fn")
-
-    loss = align_weight * closs.detach()
-    for extra in (img_extra, txt_extra):
-        if extra is not None:
-            loss = loss + extra
     return GradCacheOutput(
         loss=loss,
         contrastive_loss=closs.detach(),
-        image_extra_loss=img_extra,
-        text_extra_loss=txt_extra,
-        image_embeds=img_all,
-        text_embeds=txt_all,
+        image_extra_loss=extras[0],
+        text_extra_loss=extras[1],
+        image_embeds=embeds[0].detach(),
+        text_embeds=embeds[1].detach(),
+        negative_embeds=embeds[2].detach() if len(embeds) > 2 else None,
     )
 
 

@@ -18,7 +18,8 @@ Training terms (all linear in ``L``; nothing of size ``2 ** L`` is ever built):
   mode evaluates the per-sample term per bit in closed form (it factorises exactly) and the
   codebook term with the same groups. The codebook term summed over groups is the usual
   factorised approximation (an upper bound) of the entropy of the full ``2 ** L``-way code
-  distribution.
+  distribution. Under data parallelism the batch average ``E_u`` runs over the **global** batch
+  (see :class:`BinarySphericalQuantizer`, ``distributed``).
 * commitment ``beta * mean_tokens sum_c (sg(u_hat) - u) ** 2``.
 
 ``loss = commit + (gamma_0 * H_persample - gamma_1 * H_codebook) / inv_temperature``, the same
@@ -28,12 +29,13 @@ and the batch's code usage uniform (the loss is negative when usage is spread: t
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import DataError
+from ..nn.collectives import global_mean_with_grad, resolve_world
 
 ENTROPY_EPS = 1e-8
 
@@ -94,11 +96,22 @@ class BinarySphericalQuantizer(nn.Module):
     ``loss`` the scalar training term described in the module docstring, ``stats`` a dict of
     scalar tensors (``persample_entropy``, ``codebook_entropy``, ``commit``) computed in training
     mode or when ``compute_loss=True``.
+
+    Data parallelism (``distributed``): the codebook entropy is the entropy of the soft code
+    distribution averaged over the tokens of the batch. With ``None`` (default) and an initialised
+    torch.distributed process group of more than one rank, that average is taken over the tokens
+    of **all** ranks (an all-reduce of the per-group probability sums, weighted by each rank's
+    token count, whose backward sends every rank's gradient back), so the codebook term and, after
+    the usual mean of the parameter gradients over ranks, its gradients equal those of one process
+    on the concatenated batch; the per-sample terms stay per-rank means. Every rank must then call
+    the loss (and its backward) the same number of times. ``False`` keeps the average local (the
+    official code's per-rank statistic); ``True`` requires a process group. ``group`` selects the
+    process group (default: the world).
     """
 
     def __init__(self, embed_dim: int = 28, group_size: int = 7, inv_temperature: float = 1.0,
                  l2_norm: bool = True, beta: float = 0.0, gamma_0: float = 1.0, gamma_1: float = 1.0,
-                 persample_entropy: str = "group"):
+                 persample_entropy: str = "group", distributed: Optional[bool] = None, group=None):
         super().__init__()
         if embed_dim < 1 or embed_dim > 62:
             raise ValueError(f"embed_dim (bits per token) must be in [1, 62], got {embed_dim}")
@@ -113,6 +126,7 @@ class BinarySphericalQuantizer(nn.Module):
         self.inv_temperature, self.l2_norm = float(inv_temperature), bool(l2_norm)
         self.beta, self.gamma_0, self.gamma_1 = float(beta), float(gamma_0), float(gamma_1)
         self.persample_entropy = persample_entropy
+        self.distributed, self.group = distributed, group
         self.scale = 1.0 / math.sqrt(embed_dim) if l2_norm else 1.0
         # the 2**g sign patterns of one group, MSB first, as +-1
         patterns = ids_to_bits(torch.arange(2 ** group_size), group_size).float() * 2 - 1
@@ -170,8 +184,14 @@ class BinarySphericalQuantizer(nn.Module):
         else:  # closed form per bit: p(bit = 0) = sigmoid(-4 tau u / sqrt(L)) (with l2 scale)
             p0 = torch.sigmoid(-4 * self.inv_temperature * u * self.scale)
             persample = (_entr(p0) + _entr(1 - p0)).sum((-2, -1)).mean()
-        codebook = _entr(prob.mean(0)).sum()
+        codebook = _entr(self._batch_mean(prob)).sum()
         return persample, codebook
+
+    def _batch_mean(self, prob: torch.Tensor) -> torch.Tensor:
+        """Mean of the per-token distributions ``(n, G, 2^g)`` over the batch, over all ranks when
+        distributed (see the class docstring)."""
+        world, _ = resolve_world(self.distributed, self.group, type(self).__name__)
+        return global_mean_with_grad(prob, self.group) if world > 1 else prob.mean(0)
 
     def forward(self, u: torch.Tensor, compute_loss: bool = None):
         if u.shape[-1] != self.embed_dim:

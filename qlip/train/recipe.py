@@ -141,8 +141,6 @@ class Recipe:
             raise ConfigError(f"train.stage must be 1 or 2, got {t.stage}")
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
-        if l.hard_negatives and t.contrastive_chunk:
-            raise ConfigError("loss.hard_negatives is not supported with gradient caching (train.contrastive_chunk)")
         if l.lpips_net not in ("vgg", "alex", "squeeze"):
             raise ConfigError(f"loss.lpips_net must be vgg, alex or squeeze, got {l.lpips_net!r}")
         if self.gan.kind not in ("hinge", "non_saturating"):

@@ -11,7 +11,8 @@ is reconstruction-only (text tower dropped), ``alpha_r = alpha_q = alpha_z = 0``
 
 Distributed: launch with ``torchrun``; gradients are averaged with one bucketed all-reduce after
 the backward passes of a step (see qlip.train.distributed). The contrastive loss gathers
-features across ranks with gradients, so N ranks x batch b trains exactly like 1 rank x N*b.
+features across ranks with gradients and the BSQ codebook entropy averages the code distribution
+over all ranks' tokens (qlip.nn.collectives), so N ranks x batch b trains exactly like 1 rank x N*b.
 """
 from __future__ import annotations
 
@@ -212,22 +213,8 @@ class Trainer:
 
     def _micro_step(self, batch: Dict[str, Any], scale: float, logs: Dict[str, float]) -> None:
         images = batch["images"].to(self.device, non_blocking=True)
-        L, t = self.r.loss, self.r.train
-        if self.need_text and L.hard_negatives:
-            self._hard_negative_step(batch, images, scale, logs)
-        elif self.need_text:
-            from ..losses import grad_cache_step
-            tokens = batch["tokens"].to(self.device, non_blocking=True)
-            n = images.shape[0]
-            chunk = t.contrastive_chunk if t.contrastive_chunk > 0 else n
-
-            def image_fn(x):
-                emb, extra = self._image_terms(x, logs, scale * x.shape[0] / n)
-                return emb if extra is None else (emb, extra * scale)
-
-            out = grad_cache_step(image_fn, self._text_embed, images, tokens, self.contrastive, chunk,
-                                  logit_scale=self.model.logit_scale.exp(), align_weight=L.alpha_a * scale)
-            logs["contrastive"] = logs.get("contrastive", 0.0) + float(out.contrastive_loss) * scale
+        if self.need_text:
+            self._contrastive_step(batch, images, scale, logs)
         else:
             _, extra = self._image_terms(images, logs, scale)
             (extra * scale).backward()
@@ -238,19 +225,33 @@ class Trainer:
             for k, v in d_stats.items():
                 logs[k] = logs.get(k, 0.0) + float(v) * scale
 
-    def _hard_negative_step(self, batch, images, scale: float, logs: Dict[str, float]) -> None:
-        """Plain (uncached) step whose image-to-text softmax also scores one hard-negative caption
-        per image (``{key}.neg.txt`` in the shards, NegCLIP-style)."""
+    def _contrastive_step(self, batch: Dict[str, Any], images: torch.Tensor, scale: float,
+                          logs: Dict[str, float]) -> None:
+        """Stage-1 step with the InfoNCE term, gradient-cached when ``train.contrastive_chunk > 0``.
+        With ``loss.hard_negatives`` the image-to-text softmax also scores one hard-negative
+        caption per image (``{key}.neg.txt`` in the shards, NegCLIP-style), cached and
+        re-forwarded like the captions."""
+        from ..losses import grad_cache_step
+        L, t = self.r.loss, self.r.train
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        negatives = self._negative_tokens(batch) if L.hard_negatives else None
+        n = images.shape[0]
+        chunk = t.contrastive_chunk if t.contrastive_chunk > 0 else n
+
+        def image_fn(x):
+            emb, extra = self._image_terms(x, logs, scale * x.shape[0] / n)
+            return emb if extra is None else (emb, extra * scale)
+
+        out = grad_cache_step(image_fn, self._text_embed, images, tokens, self.contrastive, chunk,
+                              logit_scale=self.model.logit_scale.exp(), align_weight=L.alpha_a * scale,
+                              text_negatives=negatives)
+        logs["contrastive"] = logs.get("contrastive", 0.0) + float(out.contrastive_loss) * scale
+
+    def _negative_tokens(self, batch: Dict[str, Any]) -> torch.Tensor:
         if "neg_tokens" not in batch:
             raise DataError("loss.hard_negatives needs shards whose samples carry a {key}.neg.txt caption "
                             "(e.g. `qlip data shapes`); this batch has none")
-        emb, extra = self._image_terms(images, logs, scale)
-        txt = self._text_embed(batch["tokens"].to(self.device, non_blocking=True))
-        neg = self._text_embed(batch["neg_tokens"].to(self.device, non_blocking=True))
-        closs = self.contrastive(emb, txt, self.model.logit_scale.exp(), text_negatives=neg)
-        total = self.r.loss.alpha_a * closs if extra is None else self.r.loss.alpha_a * closs + extra
-        (total * scale).backward()
-        logs["contrastive"] = logs.get("contrastive", 0.0) + float(closs.detach()) * scale
+        return batch["neg_tokens"].to(self.device, non_blocking=True)
 
     # ---- the loop --------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:

@@ -19,14 +19,16 @@ def _global_mean(x):
     return t / dist.get_world_size()
 
 
-def _reference(model, images, texts, recon_w=0.0):
+def _reference(model, images, texts, recon_w=0.0, negatives=None):
     ref = copy.deepcopy(model)
     ref.zero_grad()
     if recon_w:
         emb, rec = ref.visual.with_recon(images)
     else:
         emb, rec = ref.visual(images), 0.0
-    loss = ContrastiveLoss(distributed=False)(emb, ref.text(texts), ref.logit_scale.exp()) + recon_w * rec
+    neg = None if negatives is None else ref.text(negatives)
+    loss = ContrastiveLoss(distributed=False)(emb, ref.text(texts), ref.logit_scale.exp(), text_negatives=neg)
+    loss = loss + recon_w * rec
     loss.backward()
     return loss.detach(), grads(ref)
 
@@ -51,22 +53,26 @@ def _worker(rank, world, init_file):
             torch.testing.assert_close(_global_mean(loss), ref_loss, atol=ATOL, rtol=0)
             assert_grads_close(grads(model), ref_grads, atol=ATOL)
 
-        # 2) gradient caching across ranks, with an extra reconstruction loss (chunks of 3 over 6)
+        # 2) gradient caching across ranks, with an extra reconstruction loss (chunks of 3 over 6),
+        #    without and with hard-negative captions (gathered, cached and re-forwarded too)
         images, texts = make_batch(12, seed=2, dtype=torch.float64)
-        ref_loss, ref_grads = _reference(model, images, texts, recon_w=2.0)
+        negatives = make_batch(12, seed=3)[1]
         sl = slice(6 * rank, 6 * rank + 6)
-        model.zero_grad()
 
         def image_fn(x):
             emb, rec = model.visual.with_recon(x)
             return emb, 2.0 * rec
 
-        out = grad_cache_step(
-            image_fn, model.text, images[sl], texts[sl], ContrastiveLoss(), 3, logit_scale=model.logit_scale.exp()
-        )
-        all_reduce_gradients_(model.parameters())
-        torch.testing.assert_close(_global_mean(out.loss), ref_loss, atol=ATOL, rtol=0)
-        assert_grads_close(grads(model), ref_grads, atol=ATOL)
+        for negs in (None, negatives):
+            ref_loss, ref_grads = _reference(model, images, texts, recon_w=2.0, negatives=negs)
+            model.zero_grad()
+            out = grad_cache_step(
+                image_fn, model.text, images[sl], texts[sl], ContrastiveLoss(), 3, logit_scale=model.logit_scale.exp(),
+                text_negatives=None if negs is None else negs[sl],
+            )
+            all_reduce_gradients_(model.parameters())
+            torch.testing.assert_close(_global_mean(out.loss), ref_loss, atol=ATOL, rtol=0)
+            assert_grads_close(grads(model), ref_grads, atol=ATOL)
     finally:
         dist.destroy_process_group()
 

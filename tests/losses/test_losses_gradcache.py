@@ -50,6 +50,44 @@ def test_gradcache_equals_full_batch(chunk, with_recon):
     assert out.image_embeds.shape == (10, 8) and not out.image_embeds.requires_grad
 
 
+@pytest.mark.parametrize("chunk", [3, 4, 64])  # 64 >= batch: the single-pass path
+def test_gradcache_with_hard_negatives_equals_full_batch(chunk):
+    """Hard-negative captions (extra image-to-text columns) are cached and re-forwarded like the
+    texts: the gradients equal the plain full-batch step's, text tower and logit scale included."""
+    torch.manual_seed(2)
+    model = TinyCLIP()
+    images, texts = make_batch(10, seed=4)
+    negatives = make_batch(10, seed=5)[1]
+
+    def text_fn(t):  # embedding and a per-sample text loss (kept for the texts, dropped for negatives)
+        return model.text(t), 0.1 * model.text.emb(t).pow(2).mean()
+
+    model.zero_grad()
+    emb, rec = model.visual.with_recon(images)
+    txt, txt_extra = text_fn(texts)
+    closs = ContrastiveLoss()(emb, txt, model.logit_scale.exp(), text_negatives=model.text(negatives))
+    ref_loss = ALIGN_W * closs + 3.0 * rec + txt_extra
+    ref_loss.backward()
+    ref = grads(model)
+
+    model.zero_grad()
+    out = grad_cache_step(
+        lambda x: (lambda e, r: (e, 3.0 * r))(*model.visual.with_recon(x)),
+        text_fn,
+        images, texts, ContrastiveLoss(), chunk,
+        logit_scale=model.logit_scale.exp(), align_weight=ALIGN_W, text_negatives=negatives,
+    )
+    assert_grads_close(grads(model), ref, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.contrastive_loss, closs.detach(), atol=1e-5, rtol=0)
+    assert out.negative_embeds.shape == (10, 8) and not out.negative_embeds.requires_grad
+    # the negatives matter: without them the text tower gets other gradients
+    model.zero_grad()
+    grad_cache_step(model.visual, model.text, images, texts, ContrastiveLoss(), chunk,
+                    logit_scale=model.logit_scale.exp(), align_weight=ALIGN_W)
+    assert not torch.allclose(grads(model)["text.emb.weight"], ref["text.emb.weight"], atol=1e-5)
+
+
 def test_single_chunk_path_and_text_extra():
     torch.manual_seed(1)
     model = TinyCLIP()
@@ -99,5 +137,8 @@ def test_bad_arguments():
         grad_cache_step(model.visual, model.text, images, texts[:3], ContrastiveLoss(), 2, logit_scale=1.0)
     with pytest.raises(ValueError):
         grad_cache_step(model.visual, model.text, images, texts, ContrastiveLoss(), 0, logit_scale=1.0)
+    with pytest.raises(ValueError, match="text_negatives"):
+        grad_cache_step(model.visual, model.text, images, texts, ContrastiveLoss(), 2, logit_scale=1.0,
+                        text_negatives=texts[:3])
     with pytest.raises(TypeError):
         grad_cache_step(lambda x: (model.visual(x), 1.0), model.text, images, texts, ContrastiveLoss(), 2, logit_scale=1.0)

@@ -18,12 +18,11 @@ def _free_port():
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_two_ranks_match_one_process_with_the_same_global_batch(shapes_dir, tmp_path):
     # data.global_batches: every rank reads the 1-process stream of global batches (8) and keeps
-    # its half, so the union of the two ranks' batches is the 1-process batch.
-    # quantizer.gamma_1 = 0: the BSQ codebook entropy is a statistic of each rank's own batch (as in
-    # the official code), the only term that is not identical to the 1-process run; the
-    # per-sample BSQ terms, MSE and the gathered InfoNCE are exact.
-    common = dict(model={"preset": "qlip-tiny", "overrides": {"quantizer": {"gamma_1": 0.0}}},
-                  optim={"steps": STEPS, "warmup_steps": 1}, train={"ckpt_every": 0})
+    # its half, so the union of the two ranks' batches is the 1-process batch. Every term is then
+    # exact: MSE and the per-sample BSQ terms (per-rank means of equal shares), the gathered
+    # InfoNCE and the BSQ codebook entropy (quantizer.gamma_1 = 1 in qlip-tiny), whose code
+    # distribution is averaged over the tokens of both ranks.
+    common = dict(model={"preset": "qlip-tiny"}, optim={"steps": STEPS, "warmup_steps": 1}, train={"ckpt_every": 0})
     one = write_recipe(tmp_path / "one.yaml", tiny_recipe(shapes_dir, **common))
     d2 = tiny_recipe(shapes_dir, **common)
     d2["data"].update(batch_size=4, global_batches=True)
@@ -42,6 +41,6 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(shapes_dir, tmp_
     a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):
-        for k in ("loss", "mse", "contrastive", "quant", "bsq_persample_entropy", "grad_norm"):
+        for k in ("loss", "mse", "contrastive", "quant", "bsq_persample_entropy", "bsq_codebook_entropy", "grad_norm"):
             assert abs(ra[k] - rb[k]) <= 1e-4 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
     assert max_abs_diff(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")) < 1e-4

@@ -1,14 +1,15 @@
 """train.contrastive_chunk > 0 (gradient caching) gives the gradients of the plain step."""
+import pytest
 import torch
 
 from _train_testutils import read_log, tiny_recipe
 
 
-def _trainer(shapes_dir, out, gamma_1):
+def _trainer(shapes_dir, out, gamma_1, **loss):
     from qlip.train.recipe import Recipe
     from qlip.train.trainer import Trainer
     d = tiny_recipe(shapes_dir, model={"preset": "qlip-tiny", "overrides": {"quantizer.gamma_1": gamma_1}},
-                    loss={"alpha_r": 1.0, "alpha_q": 1.0, "alpha_a": 1.0})
+                    loss={"alpha_r": 1.0, "alpha_q": 1.0, "alpha_a": 1.0, **loss})
     return Trainer(Recipe.from_dict(d), str(out))
 
 
@@ -35,6 +36,41 @@ def test_gradient_caching_matches_plain_step(shapes_dir, tmp_path):
             assert diff <= 1e-5, (chunk, n, diff)
         for k in logs_plain.keys() - {"bsq_codebook_entropy"}:  # a per-chunk statistic (logged only)
             assert abs(logs_plain[k] - logs_cached[k]) <= 1e-5 * max(1.0, abs(logs_plain[k])), (k, chunk)
+
+
+def test_gradient_caching_with_hard_negatives_matches_plain_step(shapes_dir, tmp_path):
+    """loss.hard_negatives with train.contrastive_chunk: the hard-negative captions are cached and
+    re-forwarded like the captions; the gradients equal the plain full-batch step's."""
+    from qlip.errors import DataError
+    from qlip.train.recipe import Recipe
+    Recipe.from_dict(tiny_recipe(shapes_dir, loss={"hard_negatives": True}, train={"contrastive_chunk": 4}))
+    tr = _trainer(shapes_dir, tmp_path / "hn", gamma_1=0.0, hard_negatives=True)
+    batch = next(iter(tr.loader))
+    assert batch["neg_tokens"].shape == batch["tokens"].shape
+
+    # the plain full-batch step with hard negatives, written out
+    tr.optimizer.zero_grad(set_to_none=True)
+    emb, extra = tr._image_terms(batch["images"], {}, 1.0)
+    txt, neg = tr._text_embed(batch["tokens"]), tr._text_embed(batch["neg_tokens"])
+    closs = tr.contrastive(emb, txt, tr.model.logit_scale.exp(), text_negatives=neg)
+    (closs + extra).backward()
+    closs = float(closs.detach())
+    plain = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    assert "logit_scale" in plain and any(n.startswith("text.") for n in plain)
+
+    for chunk in (0, 3, 4):  # 0: no caching; 8 = 3 + 3 + 2 and 4 + 4
+        cached, logs = _grads(tr, batch, chunk)
+        assert plain.keys() == cached.keys()
+        for n in plain:
+            diff = float((plain[n] - cached[n]).abs().max())
+            assert diff <= 1e-5, (chunk, n, diff)
+        assert abs(logs["contrastive"] - closs) <= 1e-5, chunk
+    tr.r.loss.hard_negatives = False  # the negatives matter
+    without, _ = _grads(tr, batch, 4)
+    assert float((without["text.token_embed.weight"] - plain["text.token_embed.weight"]).abs().max()) > 1e-5
+    tr.r.loss.hard_negatives = True
+    with pytest.raises(DataError, match="neg.txt"):
+        _grads(tr, {k: v for k, v in batch.items() if k != "neg_tokens"}, 4)
 
 
 def test_codebook_entropy_is_per_chunk(shapes_dir, tmp_path):
