@@ -59,7 +59,7 @@ POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 SHAPE_CLASSNAMES: tuple[str, ...] = tuple(f"{c} {k}" for c in COLOR_NAMES for k in KINDS)
 SHAPE_PROMPT = "a photo of a {}"
 
-FORMAT_VERSION = 2  # 2: training samples carry a hard-negative caption ({key}.neg.txt)
+FORMAT_VERSION = 3  # 2: hard-negative captions ({key}.neg.txt); 3: short captions, more single shapes
 MANIFEST = "manifest.json"
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +80,8 @@ BG_MIN_HUE = 35.0                           # degrees from every chromatic palet
 BG_MAX_CHROMA = 50                          # ... the background pixel is this grey (max - min RGB)
 SAME_COLOR_P = 0.35                         # multi-shape images with one color, different kinds
 SAME_KIND_P = 0.15                          # multi-shape images with one kind, different colors
-NUM_SHAPES_P = (0.35, 0.40, 0.25)           # one, two, three shapes
+NUM_SHAPES_P = (0.5, 0.3, 0.2)              # one, two, three shapes
+SHORT_CAPTION_P = 0.5                       # captions naming only colours and kinds (no size, position)
 
 _SPLITS = {"train": 0, "heldout": 1}
 
@@ -326,8 +327,10 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _shape_phrase(rng: np.random.Generator, s: dict, with_color: bool = True) -> str:
-    """ "a large red circle on the left" (size word omitted 15% of the time)."""
+def _shape_phrase(rng: np.random.Generator, s: dict, with_color: bool = True, short: bool = False) -> str:
+    """ "a large red circle on the left" (size word omitted 15% of the time); ``short``: "a red circle"."""
+    if short:
+        return _article(" ".join(([s["color"]] if with_color else []) + [s["kind"]]))
     words = [] if rng.random() < 0.15 else [_pick(rng, _SIZE_WORDS[s["size"]])]
     words += [s["color"]] if with_color else []
     words.append(s["kind"])
@@ -343,20 +346,25 @@ def _join(rng: np.random.Generator, parts: Sequence[str]) -> str:
 
 
 def caption_scene(scene: dict, rng: np.random.Generator) -> str:
-    """Caption naming every shape's color, kind and position (and usually its size).
+    """Caption naming every shape's color and kind, and, unless it is a *short* caption
+    (``SHORT_CAPTION_P``), every shape's position and usually its size.
 
     Forms: "[frame] a large red circle on the left and a small blue star at the bottom
     [on a plain background]", "two shapes: ...", and for same-colored shapes
-    "two red shapes: a large circle on the left and a small star at the bottom".
+    "two red shapes: a large circle on the left and a small star at the bottom"; short:
+    "a red circle and a blue star". Short captions take away the size and position shortcuts: a
+    contrastive model that matches them beyond colour must look at the shapes' kinds
+    (docs/demo.md measured this).
     """
+    short = bool(rng.random() < SHORT_CAPTION_P)
     shapes = [scene["shapes"][i] for i in rng.permutation(len(scene["shapes"]))]
     n = len(shapes)
     one_color = n >= 2 and len({s["color"] for s in shapes}) == 1
     if one_color and rng.random() < 0.5:
-        body = _join(rng, [_shape_phrase(rng, s, with_color=False) for s in shapes])
+        body = _join(rng, [_shape_phrase(rng, s, with_color=False, short=short) for s in shapes])
         text = f"{_NUMBER_WORDS[n]} {shapes[0]['color']} shapes: {body}"
     else:
-        body = _join(rng, [_shape_phrase(rng, s) for s in shapes])
+        body = _join(rng, [_shape_phrase(rng, s, short=short) for s in shapes])
         if n >= 2 and rng.random() < 0.2:
             text = f"{_NUMBER_WORDS[n]} shapes: {body}"
         else:

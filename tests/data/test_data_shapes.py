@@ -79,15 +79,23 @@ def _has_word(text, phrase):
 
 def test_caption_names_every_shape():
     pos_words = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": ("center", "middle")}
+    all_pos = [w for v in pos_words.values() for w in (v if isinstance(v, tuple) else (v,))]
+    size_words = ("small", "little", "large", "big")
+    n_short = 0
     for i in range(150):
         _, cap, meta = S.make_sample(i, size=64, seed=1)
         assert cap == cap.lower() and "  " not in cap and not re.search(r"\ba [aeiou]", cap), cap
+        short = not any(_has_word(cap, w) for w in all_pos)
+        n_short += short
+        if short:  # a short caption: colours and kinds only, no size word either
+            assert not any(_has_word(cap, w) for w in size_words), cap
         for s in meta["shapes"]:
             assert _has_word(cap, s["color"]) and _has_word(cap, s["kind"]), cap
             words = pos_words[s["position"]]
-            assert any(_has_word(cap, w) for w in (words if isinstance(words, tuple) else (words,))), cap
+            assert short or any(_has_word(cap, w) for w in (words if isinstance(words, tuple) else (words,))), cap
         n_kinds = sum(_has_word(cap, k) for k in S.KINDS)
         assert n_kinds == len({s["kind"] for s in meta["shapes"]}), cap  # no kind word that is not drawn
+    assert 0.35 < n_short / 150 < 0.65, n_short  # SHORT_CAPTION_P = 0.5
 
 
 def test_kind_is_learnable():
