@@ -257,7 +257,7 @@ def _report(out: str, metrics: Dict[str, Any], ev: Dict[str, Any], dirs: Dict[st
     orig = ev["qlip"]["_images"][0]
     grid_path = os.path.join(out, "recon_rows.png")
     _grid([orig, ev["qlip_stage1"]["_images"][1], ev["qlip"]["_images"][1], ev["recon_only"]["_images"][1]],
-          ["original", "QLIP stage 1", "QLIP stage 2", "recon-only"], grid_path)
+          ["original", "QLIP (stage 1)", "QLIP (stage 2)", "recon-only"], grid_path)
     q, c, r = metrics["qlip"], metrics["clip_only"], metrics["recon_only"]
     fmt = lambda v, pct=False: "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")  # noqa: E731
     table = [
