@@ -4,6 +4,7 @@
     python benchmarks/demo_kind.py probe --tower vit --stem conv --lr 3e-4 --steps 600
     python benchmarks/demo_kind.py probe --tower timm --lr 1e-3 --steps 300
     python benchmarks/demo_kind.py probe --tower cnn --lr 1e-3 --steps 1500
+    python benchmarks/demo_kind.py probe --stem conv --set vision.depth=2
 
     # single-shape training shards for contrastive runs (full grammar or colour + kind captions)
     python benchmarks/demo_kind.py single data/single --n 6000
@@ -77,8 +78,8 @@ class _CNN(nn.Module):
         return self.net(x).mean((2, 3))
 
 
-def _tower(kind: str, stem: str) -> tuple[nn.Module, int]:
-    cfg = qlip.get_preset("qlip-demo", **{"vision.stem": stem})
+def _tower(kind: str, stem: str, overrides: dict | None = None) -> tuple[nn.Module, int]:
+    cfg = qlip.get_preset("qlip-demo", **{"vision.stem": stem, **(overrides or {})})
     if kind == "cnn":
         return _CNN(cfg.vision.width), cfg.vision.width
     if kind == "timm":
@@ -107,10 +108,19 @@ def cmd_probe(a) -> None:
         generate_heldout(train, n=a.n, seed=7)  # labelled single shapes, another seed than the held-out split
     xtr, ytr = _load(os.path.join(train, "shapes-heldout-*.tar"), pre)
     xte, yte = _load(_heldout(a.heldout, a.cache), pre)
-    tower, width = _tower(a.tower, a.stem)
+    import ast
+    overrides = {}
+    for item in a.set:
+        key, _, val = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            overrides[key] = val
+    tower, width = _tower(a.tower, a.stem, overrides)
     head = nn.Linear(width, len(SHAPE_CLASSNAMES))
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=a.lr, weight_decay=0.05)
-    print(f"probe: tower={a.tower} stem={a.stem} lr={a.lr} batch={a.batch} train={len(xtr)} test={len(xte)}")
+    print(f"probe: tower={a.tower} stem={a.stem} {overrides or ''} lr={a.lr} batch={a.batch} "
+          f"train={len(xtr)} test={len(xte)}")
     t0 = time.time()
     for step in range(1, a.steps + 1):
         idx = torch.randint(0, len(xtr), (a.batch,))
@@ -208,6 +218,8 @@ def main(argv=None) -> None:
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="qlip-demo preset override for the vit tower, e.g. vision.depth=2 (repeatable)")
     p = sub.add_parser("single", help="single-shape training shards")
     p.add_argument("out")
     p.add_argument("--n", type=int, default=6000)
