@@ -30,7 +30,6 @@ import io
 import os
 import random
 import sys
-import tarfile
 import time
 
 # benchmarks/ holds a tokenize.py that would shadow the standard library's tokenize module
@@ -41,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qlip  # noqa: E402
-from qlip.data.shapes import KINDS, SHAPE_CLASSNAMES, generate_heldout  # noqa: E402
+from qlip.data.shapes import KINDS, SHAPE_CLASSNAMES, generate_heldout, write_tar  # noqa: E402
 from qlip.eval.data import ShardDataset  # noqa: E402
 
 
@@ -145,17 +144,13 @@ def cmd_single(a) -> None:
     rng = random.Random(a.seed)
     frames = ["a {}", "a photo of a {}", "there is a {}", "an image of a {}"]
     for i, src in enumerate(sorted(glob.glob(os.path.join(tmp, "*.tar")))):
-        with tarfile.open(src) as tin, tarfile.open(os.path.join(a.out, f"shapes-train-{i:06d}.tar"), "w") as tout:
-            members = [m for m in tin if m.isfile()]
-            data = {m.name: tin.extractfile(m).read() for m in members}
-            for m in members:
-                body = data[m.name]
-                if a.short and m.name.endswith(".txt"):
-                    label = int(data[m.name[:-4] + ".cls"])
-                    body = rng.choice(frames).format(SHAPE_CLASSNAMES[label]).encode()
-                info = tarfile.TarInfo(m.name)
-                info.size, info.mode = len(body), 0o644
-                tout.addfile(info, io.BytesIO(body))
+        def samples():
+            for key, fields in ShardDataset(src)._groups():
+                if a.short:
+                    label = int(fields["cls"])
+                    fields["txt"] = rng.choice(frames).format(SHAPE_CLASSNAMES[label]).encode()
+                yield key, fields
+        write_tar(os.path.join(a.out, f"shapes-train-{i:06d}.tar"), samples())
         os.remove(src)
     for f in os.listdir(tmp):
         os.remove(os.path.join(tmp, f))
