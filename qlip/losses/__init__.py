@@ -11,6 +11,7 @@ from qlip.losses.gan import AdversarialLoss, PatchDiscriminator, d_loss, g_loss,
 from qlip.losses.gradcache import GradCacheOutput, all_reduce_gradients_, grad_cache_step
 from qlip.losses.perceptual import LPIPSRandomBackboneWarning, PerceptualLoss, normalized_to_pm1
 from qlip.losses.reconstruction import ReconstructionLoss, reconstruction_loss
+from qlip.losses.semantic import embedding_consistency_loss
 
 __all__ = [
     "ContrastiveLoss",
@@ -29,6 +30,7 @@ __all__ = [
     "r1_penalty",
     "ReconstructionLoss",
     "reconstruction_loss",
+    "embedding_consistency_loss",
     "compute_loss_weights_ratio",
     "balanced_loss_weights",
 ]

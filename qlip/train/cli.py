@@ -26,7 +26,10 @@ def register(sub) -> None:
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--fast", action="store_true", help="a much shorter smoke run (minutes -> seconds)")
     d.add_argument("--resume", action="store_true", help="reuse finished stages and resume interrupted ones")
-    d.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    d.add_argument("--threads", type=int, default=None, help="torch threads in all (default: all cores)")
+    d.add_argument("--lanes", type=int, choices=(1, 2), default=None,
+                   help="2: train QLIP and the baselines in two processes at once (default with >= 2 cores); "
+                        "1: one after the other")
     d.set_defaults(func=_demo)
 
 
@@ -48,5 +51,5 @@ def _balance(args) -> int:
 
 def _demo(args) -> int:
     from .demo import run_demo
-    run_demo(args.out, fast=args.fast, resume=args.resume, threads=args.threads)
+    run_demo(args.out, fast=args.fast, resume=args.resume, threads=args.threads, lanes=args.lanes)
     return 0

@@ -64,6 +64,8 @@ class LossSection:
     alpha_z: float = 0.0      # paper's commitment ||sg(Z_hat) - Z||^2 (needs decoder width == vision width)
     alpha_p: float = 0.0      # LPIPS
     alpha_g: float = 0.0      # GAN (generator side)
+    alpha_s: float = 0.0      # stage 2: 1 - cos(E(x_hat), E(x)) with the frozen encoder (qlip/losses/semantic.py)
+    semantic_features: str = "embedding"  # alpha_s on: embedding (pooled image embedding) | tokens (every token)
     lpips_net: str = "vgg"    # LPIPS trunk: vgg (paper) | alex | squeeze
     hard_negatives: bool = False  # score each image against a hard-negative caption ({key}.neg.txt) too
     logit_scale_max: float = 4.6052   # ln(100), clamp as CLIP does
@@ -143,13 +145,18 @@ class Recipe:
             raise ConfigError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
         if l.lpips_net not in ("vgg", "alex", "squeeze"):
             raise ConfigError(f"loss.lpips_net must be vgg, alex or squeeze, got {l.lpips_net!r}")
+        if l.semantic_features not in ("embedding", "tokens"):
+            raise ConfigError(f"loss.semantic_features must be embedding or tokens, got {l.semantic_features!r}")
         if self.gan.kind not in ("hinge", "non_saturating"):
             raise ConfigError(f"gan.kind must be hinge or non_saturating, got {self.gan.kind!r}")
-        for name in ("alpha_r", "alpha_q", "alpha_a", "alpha_z", "alpha_p", "alpha_g"):
+        for name in ("alpha_r", "alpha_q", "alpha_a", "alpha_z", "alpha_p", "alpha_g", "alpha_s"):
             if getattr(l, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0")
         if t.stage == 2 and l.alpha_a > 0:
             raise ConfigError("stage 2 drops the text tower: set loss.alpha_a to 0")
+        if l.alpha_s > 0 and t.stage != 2:
+            raise ConfigError("loss.alpha_s (embedding consistency through the frozen encoder) is a stage-2 term: "
+                              "in stage 1 the encoder is being trained; set train.stage=2 or loss.alpha_s=0")
         if l.alpha_a == 0 and l.alpha_r == l.alpha_q == l.alpha_z == l.alpha_p == l.alpha_g == 0:
             raise ConfigError("every loss weight is 0: nothing to train")
         if t.grad_accum < 1 or o.steps < 1 or self.data.batch_size < 1:

@@ -74,7 +74,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(recipe).to(self.device)
         self.need_text = L.alpha_a > 0
-        self.need_recon = t.stage == 2 or any(w > 0 for w in (L.alpha_r, L.alpha_q, L.alpha_z, L.alpha_p, L.alpha_g))
+        self.need_recon = t.stage == 2 or any(w > 0 for w in (L.alpha_r, L.alpha_q, L.alpha_z, L.alpha_p, L.alpha_g,
+                                                                L.alpha_s))
         if (not self.need_text or recipe.model.drop_text or t.stage == 2) and self.model.text is not None:
             self.model.drop_text()
         if self.need_text and self.model.text is None:
@@ -193,6 +194,15 @@ class Trainer:
             lp = self.lpips(recon, images)
             extra = extra + L.alpha_p * lp
             terms["lpips"] = lp
+        if L.alpha_s > 0:  # stage 2 only (recipe check): the encoder is frozen, h has no graph
+            from ..losses import embedding_consistency_loss
+            with self._autocast():
+                if L.semantic_features == "tokens":
+                    sem = embedding_consistency_loss(m.visual, recon, h)
+                else:
+                    sem = embedding_consistency_loss(lambda x: m.visual.pool(m.visual(x)), recon, m.visual.pool(h))
+            extra = extra + L.alpha_s * sem
+            terms["semantic"] = sem
         if self.adv is not None:
             fake = self._pm1(recon)  # the discriminator sees images in [-1, 1]
             g = self.adv.generator_loss(fake, self.step)

@@ -23,6 +23,7 @@ def test_demo_outputs(demo_dir):
     assert 0 <= m["qlip"]["zero_shot_top1"] <= 1 and m["qlip"]["psnr"] > 0
     assert isinstance(m["clip_only"]["zero_shot_top1"], float) and isinstance(m["recon_only"]["psnr"], float)
     assert set(m["checks"]) and all(isinstance(v, bool) for v in m["checks"].values())
+    assert m["timings_s"]["lanes"] == (2 if torch.get_num_threads() >= 2 else 1)
     html = (demo_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3  # grid, bit usage, loss curves
     assert "Understanding vs reconstruction" in html and "CLIP-only" in html
@@ -35,7 +36,8 @@ def test_demo_outputs(demo_dir):
     assert probs.shape == (1, 2)
 
 
-def test_demo_resume_reuses_finished_runs(demo_dir, capsys):
-    assert main(["demo", "--fast", "--resume", "--out", str(demo_dir)]) == 0
-    out = capsys.readouterr().out
+def test_demo_resume_reuses_finished_runs(demo_dir, capfd):
+    # the first run trained in two lanes (two processes); this one reuses all four runs in one
+    assert main(["demo", "--fast", "--resume", "--lanes", "1", "--out", str(demo_dir)]) == 0
+    out = capfd.readouterr().out
     assert out.count("finished earlier") == 4

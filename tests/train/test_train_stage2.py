@@ -29,7 +29,7 @@ def _stage2(shapes_dir, stage1):
     d = tiny_recipe(shapes_dir,
                     model={"preset": None, "init": str(stage1)},
                     optim={"steps": STEPS, "warmup_steps": 0, "schedule": "constant", "optimizer": "adamw"},
-                    loss={"alpha_a": 0.0, "alpha_p": 0.1, "alpha_g": 0.1},
+                    loss={"alpha_a": 0.0, "alpha_p": 0.1, "alpha_g": 0.1, "alpha_s": 0.5},
                     gan={"disc_channels": 8, "disc_layers": 2, "disc_start": 0},
                     train={"stage": 2, "ckpt_every": 2})
     return Recipe.from_dict(d)
@@ -58,9 +58,10 @@ def test_stage2_trains_decoder_with_lpips_and_gan_and_resumes(shapes_dir, stage1
     log = read_log(ref)
     assert len(log) == STEPS
     for rec in log:
-        for k in ("mse", "quant", "lpips", "g_gan", "d_loss", "logits_real", "logits_fake"):
+        for k in ("mse", "quant", "lpips", "g_gan", "d_loss", "logits_real", "logits_fake", "semantic"):
             assert k in rec and rec[k] == rec[k], (k, rec)
         assert "contrastive" not in rec
+        assert 0.0 <= rec["semantic"] <= 2.0
     st = load_train_state(latest_checkpoint(str(ref / "checkpoints")))
     assert st["step"] == STEPS and "discriminator" in st and "d_optimizer" in st
     assert st["d_optimizer"]["state"], "discriminator optimizer state not saved"
