@@ -81,10 +81,11 @@ def _few(items, n=4):
 
 
 # ---- our format --------------------------------------------------------------------------
-def save_pretrained(model: QLIP, folder: str, safe_serialization: bool = True) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (each atomically)."""
+def save_pretrained(model: QLIP, folder: str, safe_serialization: bool = True, state_dict=None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (each atomically). ``state_dict``: the
+    weights to write instead of ``model.state_dict()`` (e.g. gathered from a sharded model)."""
     os.makedirs(folder, exist_ok=True)
-    write_safetensors(model.state_dict(), os.path.join(folder, "model.safetensors"))
+    write_safetensors(model.state_dict() if state_dict is None else state_dict, os.path.join(folder, "model.safetensors"))
     meta = {"format": "qlip", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
     atomic_write_text(os.path.join(folder, "config.json"), json.dumps(meta, indent=2) + "\n")
     src = getattr(model, "_source_folder", None)

@@ -108,3 +108,110 @@ class RankSlice:
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         for batch in self.loader:
             yield {k: (v[lo:hi] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+
+
+# ---- FSDP (train.fsdp): every transformer block sharded with FSDP2 ------------------------------
+# Everything outside the blocks (patch / token embeddings, norms, projections, the bottleneck,
+# the logit scale: a few percent of an L-size model) stays replicated, and its gradients are
+# averaged with the bucketed all-reduce as without FSDP. Checkpoints hold *full* tensors in the
+# same format as unsharded runs, so a run saved under FSDP loads in one process and vice versa.
+
+def _distribute_tensor():
+    try:
+        from torch.distributed.tensor import distribute_tensor  # torch >= 2.5
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import distribute_tensor
+    return distribute_tensor
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor  # torch >= 2.5
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DTensor
+    return DTensor
+
+
+def is_sharded(t) -> bool:
+    return isinstance(t, _dtensor_cls())
+
+
+def shard_blocks(model) -> int:
+    """``fully_shard`` (FSDP2) every transformer block of the vision encoder, the text tower and
+    the decoder, over all ranks. Returns the number of sharded blocks."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    n = 0
+    for tower in (model.visual, model.text, model.decoder):
+        if tower is None:
+            continue
+        for block in tower.transformer.blocks:
+            fully_shard(block)
+            n += 1
+    return n
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for sharded tensors: call on all ranks)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def full_state_dict(module) -> dict:
+    """``module.state_dict()`` with sharded entries gathered (collective, same order on every rank)."""
+    return {k: full_tensor(v).detach() for k, v in module.state_dict().items()}
+
+
+def shard_state_like(module, state: dict) -> dict:
+    """Full tensors of ``state`` turned into shards shaped like ``module``'s sharded entries."""
+    distribute_tensor = _distribute_tensor()
+    own = module.state_dict()
+    out = {}
+    for k, v in state.items():
+        cur = own.get(k)
+        if cur is not None and is_sharded(cur) and not is_sharded(v):
+            v = distribute_tensor(v.to(cur.dtype), cur.device_mesh, cur.placements)
+        out[k] = v
+    return out
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with sharded moment tensors gathered: the unsharded format."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return sd
+
+
+def shard_optimizer_state_(optimizer) -> None:
+    """After ``load_state_dict`` of full moments: shard each moment like its parameter."""
+    distribute_tensor = _distribute_tensor()
+    for p, s in optimizer.state.items():
+        if not is_sharded(p):
+            continue
+        for k, v in list(s.items()):
+            if torch.is_tensor(v) and not is_sharded(v) and v.shape == p.shape:
+                s[k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Global-norm gradient clipping over sharded and replicated gradients; returns the total norm
+    (the same on every rank). Replicated gradients must already be averaged across ranks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(is_sharded(g) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    sq_sharded = torch.zeros((), dtype=torch.float64)
+    sq_repl = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        if is_sharded(g):
+            sq_sharded += g.to_local().double().pow(2).sum()
+        else:
+            sq_repl += g.double().pow(2).sum()
+    dist.all_reduce(sq_sharded)  # every rank holds one shard of each sharded gradient
+    total = (sq_sharded + sq_repl).sqrt().float()
+    coef = max_norm / (total + 1e-6)
+    if torch.isfinite(total) and coef < 1:
+        for g in grads:
+            (g.to_local() if is_sharded(g) else g).mul_(coef)
+    return total

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Optional, Dict, List
 
 import torch
 from torch import nn
@@ -41,10 +41,12 @@ def param_groups(model: nn.Module, o: OptimSection) -> List[Dict]:
     return out
 
 
-def build_optimizer(groups: List[Dict], o: OptimSection) -> torch.optim.Optimizer:
+def build_optimizer(groups: List[Dict], o: OptimSection, foreach: Optional[bool] = None) -> torch.optim.Optimizer:
+    """``foreach=False`` for parameter lists that mix sharded (DTensor) and plain tensors (FSDP)."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(clean, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(clean, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                 foreach=foreach)
     try:
         from timm.optim import Lamb
     except ImportError:

@@ -88,6 +88,7 @@ class TrainSection:
     stage: int = 1
     precision: str = "fp32"    # fp32 | bf16
     grad_accum: int = 1
+    fsdp: bool = False         # shard every transformer block across ranks (FSDP2; AdamW only)
     contrastive_chunk: int = 0 # >0: gradient caching with chunks of this many samples
     seed: int = 0
     log_every: int = 10
@@ -162,6 +163,9 @@ class Recipe:
         if t.grad_accum < 1 or o.steps < 1 or self.data.batch_size < 1:
             raise ConfigError("train.grad_accum, optim.steps and data.batch_size must be >= 1")
         _check_ranges(self)
+        if t.fsdp and o.optimizer != "adamw":
+            raise ConfigError("train.fsdp needs optim.optimizer=adamw: timm's LAMB computes its per-parameter "
+                              "trust ratio on the local shard of each weight, which would differ from unsharded LAMB")
         if t.contrastive_chunk and (l.alpha_p > 0 or l.alpha_g > 0):
             raise ConfigError("gradient caching (train.contrastive_chunk) is for stage 1 (no LPIPS/GAN)")
         return self

@@ -81,10 +81,12 @@ def clean_stale(ckpt_root: str) -> None:
             _remove(os.path.join(ckpt_root, stale))
 
 
-def save_checkpoint(ckpt_root: str, step: int, model, state: Dict[str, Any], keep: int = 2) -> str:
+def save_checkpoint(ckpt_root: str, step: int, model, state: Dict[str, Any], keep: int = 2,
+                    model_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Write checkpoint ``step`` under ``ckpt_root`` atomically and update ``latest``.
 
-    ``keep``: number of newest checkpoints kept (0 keeps all)."""
+    ``keep``: number of newest checkpoints kept (0 keeps all); ``model_state``: the weights to
+    write instead of ``model.state_dict()`` (the gathered full tensors of a sharded model)."""
     os.makedirs(ckpt_root, exist_ok=True)
     clean_stale(ckpt_root)
     name = f"step_{step:08d}"
@@ -92,7 +94,7 @@ def save_checkpoint(ckpt_root: str, step: int, model, state: Dict[str, Any], kee
     tmp = tempfile.mkdtemp(prefix=name + ".tmp", dir=ckpt_root)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         torch.save(state, os.path.join(tmp, STATE_FILE))
         fsync_path(os.path.join(tmp, STATE_FILE))
         fsync_path(tmp)

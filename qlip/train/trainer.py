@@ -97,9 +97,18 @@ class Trainer:
             for tower in (self.model.visual, self.model.decoder, self.model.text):
                 if tower is not None:
                     tower.transformer.grad_checkpointing = True
+        self.fsdp = bool(t.fsdp) and self.dist.enabled
+        self.fsdp_blocks = 0
+        if t.fsdp and not self.dist.enabled:
+            log.warning("train.fsdp is ignored in a single process (launch with torchrun to shard)")
+        if self.fsdp:
+            self.fsdp_blocks = D.shard_blocks(self.model)
+            log.info("FSDP: %d transformer blocks sharded over %d ranks", self.fsdp_blocks, self.dist.world_size)
         self.groups = param_groups(self.model, recipe.optim)
-        self.optimizer = build_optimizer(self.groups, recipe.optim)
+        self.optimizer = build_optimizer(self.groups, recipe.optim, foreach=False if self.fsdp else None)
         self.params = [p for g in self.groups for p in g["params"]]
+        # FSDP reduce-scatters the blocks' gradients itself; the rest is averaged by all_reduce_gradients_
+        self.replicated = [p for p in self.params if not D.is_sharded(p)] if self.fsdp else self.params
         self._build_losses()
         self.loader = loader if loader is not None else self._build_loader()
         self.step, self.elapsed = 0, 0.0
@@ -290,8 +299,8 @@ class Trainer:
                     raise DataError("the training data yielded no batch (too few samples for one batch?)") from None
                 self._micro_step(batch, 1.0 / t.grad_accum, logs)
                 n_img += batch["images"].shape[0]
-            all_reduce_gradients_(self.params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf"))
+            all_reduce_gradients_(self.replicated)
+            grad_norm = D.clip_grad_norm_(self.params, r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf"))
             if torch.isfinite(grad_norm):  # the same on every rank (gradients are all-reduced)
                 self.optimizer.step()
             else:  # a NaN/inf would poison the weights and the optimizer state: skip the update
@@ -331,13 +340,14 @@ class Trainer:
             bar.close()
         self.save()
         final = os.path.join(self.out, "final")
+        full = D.full_state_dict(self.model) if self.fsdp else None  # collective: every rank
         if self.dist.is_main:
-            self.model.save_pretrained(final)
+            self.model.save_pretrained(final, state_dict=full)
         D.barrier(self.dist)
         skipped = self._skipped()
         summary = {"steps": self.step, "stopped_by": stop_reason, "elapsed_s": round(self.elapsed, 1),
                    "steps_this_run": self.step - start_step, "skipped_samples": skipped,
-                   "nonfinite_steps": self.nonfinite_steps,
+                   "nonfinite_steps": self.nonfinite_steps, "fsdp_sharded_blocks": self.fsdp_blocks,
                    "final_model": final, "last_log": last}
         if self.dist.is_main:
             with open(os.path.join(self.out, "summary.json"), "w", encoding="utf-8") as f:
@@ -391,7 +401,7 @@ class Trainer:
         if self.dist.enabled:
             data_states, rngs = _gather_objects(data_states[0]), _gather_objects(rngs[0])
         st = {"step": self.step, "elapsed": self.elapsed, "nonfinite_steps": self.nonfinite_steps,
-              "optimizer": self.optimizer.state_dict(),
+              "optimizer": D.full_optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict(),
               "rng": rngs, "data": data_states, "recipe": json.dumps(self.r.to_dict())}
         if self.adv is not None:
             st["discriminator"] = self.adv.discriminator.state_dict()
@@ -402,8 +412,9 @@ class Trainer:
         if self._saved_step == self.step:  # e.g. the final save right after a periodic one
             return
         st = self.state()
+        full = D.full_state_dict(self.model) if self.fsdp else None  # collective: every rank
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_root, self.step, self.model, st, keep=self.r.train.keep_ckpts)
+            save_checkpoint(self.ckpt_root, self.step, self.model, st, keep=self.r.train.keep_ckpts, model_state=full)
         self._saved_step = self.step
         D.barrier(self.dist)
 
@@ -413,10 +424,13 @@ class Trainer:
             log.info("no checkpoint in %s: starting from scratch", self.ckpt_root)
             return
         from ..io import load_state_dict_strict, read_state_dict
-        load_state_dict_strict(self.model, read_state_dict(path), path)
+        sd = read_state_dict(path)
+        load_state_dict_strict(self.model, D.shard_state_like(self.model, sd) if self.fsdp else sd, path)
         st = load_train_state(path)
         try:
             self.optimizer.load_state_dict(st["optimizer"])
+            if self.fsdp:
+                D.shard_optimizer_state_(self.optimizer)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: optimizer state does not fit this recipe's parameter groups "
                                   f"(optimizer, lr_* = 0 or frozen modules changed?): {e}") from None

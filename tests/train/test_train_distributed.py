@@ -1,7 +1,9 @@
 """torchrun with 2 CPU processes (gloo) == 1 process with the same global batch."""
+import json
 import socket
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from _train_testutils import max_abs_diff, read_log, run, tiny_recipe, weights, write_recipe
@@ -44,3 +46,78 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(shapes_dir, tmp_
         for k in ("loss", "mse", "contrastive", "quant", "bsq_persample_entropy", "bsq_codebook_entropy", "grad_norm"):
             assert abs(ra[k] - rb[k]) <= 1e-4 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
     assert max_abs_diff(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")) < 1e-4
+
+
+_CRASH_AT_3 = '''
+import sys
+from qlip.train.recipe import load_recipe
+from qlip.train.trainer import train
+
+
+class Crash(Exception):
+    pass
+
+
+def on_log(rec):  # called on rank 0 only; torchrun then stops the other rank
+    if rec["step"] == 3:
+        raise Crash()
+
+
+try:
+    train(load_recipe(sys.argv[1]), sys.argv[2], on_log=on_log)
+except Crash:
+    sys.exit(3)
+'''
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_fsdp_two_ranks_match_one_process_and_resume(shapes_dir, tmp_path):
+    # train.fsdp: every transformer block sharded over the 2 ranks (FSDP2). A run killed after
+    # step 3 (checkpoint at 2) and resumed under FSDP == 1 process, unsharded, same global batch.
+    import subprocess
+    import sys
+
+    from _train_testutils import env
+
+    import qlip
+    from qlip.train.recipe import load_recipe
+    from qlip.train.state import latest_checkpoint, load_train_state
+    from qlip.train.trainer import train
+
+    common = dict(model={"preset": "qlip-tiny"}, optim={"steps": STEPS, "warmup_steps": 1, "optimizer": "adamw"})
+    one = write_recipe(tmp_path / "one.yaml", tiny_recipe(shapes_dir, **common, train={"ckpt_every": 0}))
+    d2 = tiny_recipe(shapes_dir, **common)
+    d2["data"].update(batch_size=4, global_batches=True)
+    d2["train"].update(fsdp=True, ckpt_every=2)
+    two = write_recipe(tmp_path / "two.yaml", d2)
+    train(load_recipe(one), str(tmp_path / "one"))
+
+    script = tmp_path / "crash_at_3.py"
+    script.write_text(_CRASH_AT_3)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1"]
+    out = tmp_path / "two"
+    p = subprocess.run(torchrun + ["--master_port", str(_free_port()), str(script), two, str(out)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0, "the run was meant to stop after step 3"
+    ckpt = latest_checkpoint(str(out / "checkpoints"))
+    assert ckpt is not None and ckpt.endswith("step_00000002")
+    # the sharded run's checkpoint is in the unsharded format: full weights and full Adam moments
+    model = qlip.load(ckpt)
+    shapes = {n: tuple(t.shape) for n, t in model.named_parameters()}
+    st = load_train_state(ckpt)
+    moments = [s["exp_avg"] for s in st["optimizer"]["state"].values()]
+    assert moments and all(type(m) is torch.Tensor for m in moments)  # plain tensors, not shards
+    # one full-size moment per parameter (every parameter trains in this recipe), not half of it
+    assert sorted(tuple(m.shape) for m in moments) == sorted(shapes.values())
+
+    run(torchrun + ["--master_port", str(_free_port()), "-m", "qlip", "train", two, "--out", str(out), "--resume"],
+        timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fsdp_sharded_blocks"] == 6 and summary["steps_this_run"] == STEPS - 2  # 2+2+2 blocks
+    a, b = read_log(tmp_path / "one"), read_log(out)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "mse", "contrastive", "quant", "grad_norm"):
+            assert abs(ra[k] - rb[k]) <= 1e-4 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
+    assert max_abs_diff(weights(tmp_path / "one" / "final"), weights(out / "final")) < 1e-4

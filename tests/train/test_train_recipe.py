@@ -68,6 +68,7 @@ def test_overrides(tmp_path):
     ("", ["loss.alpha_s=0.1"], "stage-2 term"),
     ("", ["loss.alpha_s=-1"], "loss.alpha_s must be >= 0"),
     ("", ["loss.semantic_features=pixels"], "embedding or tokens"),
+    ("", ["train.fsdp=true", "optim.optimizer=lamb"], "train.fsdp needs optim.optimizer=adamw"),
     ("", ["loss.alpha_r=0", "loss.alpha_q=0", "loss.alpha_a=0"], "nothing to train"),
     ("", ["train.contrastive_chunk=4", "loss.alpha_p=0.1"], "gradient caching"),
     ("", ["gan.kind=wgan"], "hinge or non_saturating"),
