@@ -28,8 +28,9 @@ and the batch's code usage uniform (the loss is negative when usage is spread: t
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -171,20 +172,57 @@ class BinarySphericalQuantizer(nn.Module):
             hard = u + (hard - u).detach()
         return hard * self.scale
 
-    def entropy_terms(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Soft per-sample and codebook entropies (nats, summed over groups) of ``u`` ``(..., L)``."""
+    def _soft_codes(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(u as (n, G, g) in fp32+, p(c | u) as (n, G, 2^g))``."""
         u = u.reshape(-1, self.num_groups, self.group_size)
         if u.dtype not in (torch.float32, torch.float64):
             u = u.float()  # entropies in reduced precision are too coarse
         cb = self.group_codebook.to(u) * self.scale                          # (2^g, g)
         logits = 2 * self.inv_temperature * torch.einsum("ngc,kc->ngk", u, cb)
-        prob = logits.softmax(-1)                                           # (n, G, 2^g)
+        return u, logits.softmax(-1)
+
+    def code_distribution_sum(self, u: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """``(sum over the tokens of p(c | u), (G, 2^g); number of tokens)``: the pieces of the
+        batch's soft code distribution, to be summed over chunks (and ranks) by the caller."""
+        _, prob = self._soft_codes(u)
+        return prob.sum(0), prob.shape[0]
+
+    @contextlib.contextmanager
+    def codebook_reference(self, mean_prob: torch.Tensor, share: float = 1.0) -> Iterator[None]:
+        """Within the block, the codebook entropy is that of ``mean_prob`` (the soft code
+        distribution of a whole batch, (G, 2^g), e.g. summed from :meth:`code_distribution_sum`
+        over the chunks of a gradient-cached step and all ranks) instead of the current input's,
+        and its gradient is the whole batch's gradient restricted to the current tokens:
+
+            H = H(P) + < dH/dP (P), m - sg(m) > * share,    m = mean of the current tokens' p(c | u)
+
+        With each chunk's loss weighted by its fraction of the local batch (as gradient caching
+        does) and ``share = world_size * local_tokens / global_tokens``, the accumulated (and
+        rank-averaged) gradients equal those of the codebook entropy of the whole global batch."""
+        prev = getattr(self, "_reference", None)
+        self._reference = (mean_prob.detach(), float(share))
+        try:
+            yield
+        finally:
+            self._reference = prev
+
+    def entropy_terms(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Soft per-sample and codebook entropies (nats, summed over groups) of ``u`` ``(..., L)``."""
+        u, prob = self._soft_codes(u)                                       # (n, G, 2^g)
         if self.persample_entropy == "group":
             persample = _entr(prob).sum((-2, -1)).mean()
         else:  # closed form per bit: p(bit = 0) = sigmoid(-4 tau u / sqrt(L)) (with l2 scale)
             p0 = torch.sigmoid(-4 * self.inv_temperature * u * self.scale)
             persample = (_entr(p0) + _entr(1 - p0)).sum((-2, -1)).mean()
-        codebook = _entr(self._batch_mean(prob)).sum()
+        ref = getattr(self, "_reference", None)
+        if ref is None:
+            codebook = _entr(self._batch_mean(prob)).sum()
+        else:  # a whole-batch distribution given by codebook_reference (gradient caching)
+            big, share = ref
+            big = big.to(prob)
+            grad = -(torch.log(big + ENTROPY_EPS) + 1)  # d/dP of _entr(P) = -(P + eps) log(P + eps)
+            m = prob.mean(0)
+            codebook = _entr(big).sum() + (grad * (m - m.detach())).sum() * share
         return persample, codebook
 
     def _batch_mean(self, prob: torch.Tensor) -> torch.Tensor:

@@ -257,14 +257,55 @@ class Trainer:
         n = images.shape[0]
         chunk = t.contrastive_chunk if t.contrastive_chunk > 0 else n
 
+        q = self.model.quantizer
+        # the BSQ codebook entropy is a statistic of the whole batch: with chunks, phase 1 (no
+        # graph) also sums the chunks' soft code distributions, and phase 2 evaluates the entropy
+        # of that whole-batch distribution with each chunk's share of its gradient
+        whole = chunk < n and self.need_recon and q.gamma_1 > 0
+        codes = {"sum": None, "n": 0, "ref": None}
+
         def image_fn(x):
-            emb, extra = self._image_terms(x, logs, scale * x.shape[0] / n)
+            if whole and not torch.is_grad_enabled():  # phase 1
+                emb, (psum, cnt) = self._image_embedding_and_codes(x)
+                codes["sum"] = psum if codes["sum"] is None else codes["sum"] + psum
+                codes["n"] += cnt
+                return emb
+            if whole:  # phase 2
+                if codes["ref"] is None:
+                    codes["ref"] = self._global_code_distribution(codes["sum"], codes["n"])
+                with q.codebook_reference(*codes["ref"]):
+                    emb, extra = self._image_terms(x, logs, scale * x.shape[0] / n)
+            else:
+                emb, extra = self._image_terms(x, logs, scale * x.shape[0] / n)
             return emb if extra is None else (emb, extra * scale)
 
         out = grad_cache_step(image_fn, self._text_embed, images, tokens, self.contrastive, chunk,
                               logit_scale=self.model.logit_scale.exp(), align_weight=L.alpha_a * scale,
                               text_negatives=negatives)
         logs["contrastive"] = logs.get("contrastive", 0.0) + float(out.contrastive_loss) * scale
+
+    @torch.no_grad()
+    def _image_embedding_and_codes(self, images: torch.Tensor):
+        """Gradient-cache phase 1 with the codebook entropy on: the normalised image embedding and
+        ``(sum of the tokens' soft code distributions, token count)``."""
+        m = self.model
+        with self._autocast():
+            h = m.visual(images)
+            emb = F.normalize(m.visual.pool(h).float(), dim=-1)
+            u = m.bottleneck.project(h[:, 1:])
+        return emb, m.quantizer.code_distribution_sum(u)
+
+    def _global_code_distribution(self, psum: torch.Tensor, count: int):
+        """(whole-batch mean code distribution over all ranks, this rank's gradient share)."""
+        if not self.dist.enabled:
+            return psum / count, 1.0
+        import torch.distributed as dist
+        total = torch.tensor([float(count)], dtype=torch.float64, device=psum.device)
+        psum = psum.clone()
+        dist.all_reduce(psum)
+        dist.all_reduce(total)
+        n_all = float(total.item())
+        return psum / n_all, self.dist.world_size * count / n_all
 
     def _negative_tokens(self, batch: Dict[str, Any]) -> torch.Tensor:
         if "neg_tokens" not in batch:
