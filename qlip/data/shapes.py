@@ -223,8 +223,19 @@ def _sample_background(rng: np.random.Generator, size: int, shape_rgbs: Sequence
     raise RuntimeError("could not find a background far from the shape colors")  # not reached in practice
 
 
+def _unique_rgb(pixels: np.ndarray) -> np.ndarray:
+    """``np.unique(pixels.reshape(-1, 3), axis=0)`` (same rows, same lexicographic order) for
+    uint8 pixels, via one 24-bit key per pixel: ~10x faster than the row-wise unique, which was
+    three quarters of the data generation time."""
+    flat = pixels.reshape(-1, 3)
+    if flat.dtype != np.uint8:
+        return np.unique(flat, axis=0)
+    key = np.unique((flat[:, 0].astype(np.int32) << 16) | (flat[:, 1].astype(np.int32) << 8) | flat[:, 2])
+    return np.stack([key >> 16, (key >> 8) & 255, key & 255], 1).astype(np.uint8)
+
+
 def _min_distance(pixels: np.ndarray, colors: Sequence[Sequence[int]]) -> float:
-    p = np.unique(pixels.reshape(-1, 3), axis=0).astype(np.float32)
+    p = _unique_rgb(pixels).astype(np.float32)
     c = np.asarray(colors, dtype=np.float32)
     d2 = (p * p).sum(1)[:, None] - 2 * p @ c.T + (c * c).sum(1)[None, :]
     return float(np.sqrt(max(d2.min(), 0.0)))
