@@ -41,3 +41,36 @@ def test_demo_resume_reuses_finished_runs(demo_dir, capfd):
     assert main(["demo", "--fast", "--resume", "--lanes", "1", "--out", str(demo_dir)]) == 0
     out = capfd.readouterr().out
     assert out.count("finished earlier") == 4
+
+
+def test_a_failing_baselines_lane_is_reported(tmp_path):
+    """The spawned baselines process reports its exception to the demo, which raises it."""
+    import multiprocessing
+
+    from qlip.train.demo import _lane_process, _wait_for_lane
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_lane_process, args=([("clip_only", "no-such-recipe.yaml", [])], str(tmp_path), False, 1,
+                                                   results))
+    proc.start()
+    try:
+        with pytest.raises(RuntimeError, match="baselines' training .* failed") as e:
+            _wait_for_lane(proc, results, poll_s=0.5)
+        assert "no-such-recipe.yaml" in str(e.value)
+    finally:
+        proc.join(timeout=60)
+    assert proc.exitcode == 0  # the error travelled as a result, the process ended normally
+
+
+def test_a_dead_baselines_lane_is_reported():
+    import multiprocessing
+    import os
+
+    from qlip.train.demo import _wait_for_lane
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=os._exit, args=(7,))  # dies without putting a result
+    proc.start()
+    with pytest.raises(RuntimeError, match=r"ended without a result \(exit code 7\)"):
+        _wait_for_lane(proc, results, poll_s=0.2)
+    proc.join()
