@@ -296,16 +296,20 @@ class Trainer:
         return emb, m.quantizer.code_distribution_sum(u)
 
     def _global_code_distribution(self, psum: torch.Tensor, count: int):
-        """(whole-batch mean code distribution over all ranks, this rank's gradient share)."""
-        if not self.dist.enabled:
+        """(whole-batch mean code distribution, this rank's gradient share): over all ranks unless
+        the quantizer keeps per-rank statistics (``distributed=False``), as its plain path does."""
+        from ..nn.collectives import resolve_world
+        q = self.model.quantizer
+        world, _ = resolve_world(q.distributed, q.group, type(q).__name__)
+        if world == 1:
             return psum / count, 1.0
         import torch.distributed as dist
         total = torch.tensor([float(count)], dtype=torch.float64, device=psum.device)
         psum = psum.clone()
-        dist.all_reduce(psum)
-        dist.all_reduce(total)
+        dist.all_reduce(psum, group=q.group)
+        dist.all_reduce(total, group=q.group)
         n_all = float(total.item())
-        return psum / n_all, self.dist.world_size * count / n_all
+        return psum / n_all, world * count / n_all
 
     def _negative_tokens(self, batch: Dict[str, Any]) -> torch.Tensor:
         if "neg_tokens" not in batch:
@@ -401,6 +405,7 @@ class Trainer:
         L = self.r.loss
         total = L.alpha_r * rec.get("mse", 0.0) + L.alpha_q * rec.get("quant", 0.0) + L.alpha_a * rec.get("contrastive", 0.0)
         total += L.alpha_z * rec.get("commit_z", 0.0) + L.alpha_p * rec.get("lpips", 0.0) + rec.get("g_gan", 0.0)
+        total += L.alpha_s * rec.get("semantic", 0.0)
         return total
 
     def _progress(self):

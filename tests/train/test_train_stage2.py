@@ -62,6 +62,8 @@ def test_stage2_trains_decoder_with_lpips_and_gan_and_resumes(shapes_dir, stage1
             assert k in rec and rec[k] == rec[k], (k, rec)
         assert "contrastive" not in rec
         assert 0.0 <= rec["semantic"] <= 2.0
+        want = rec["mse"] + rec["quant"] + 0.1 * rec["lpips"] + rec["g_gan"] + 0.5 * rec["semantic"]
+        assert abs(rec["loss"] - want) <= 1e-6 * max(1.0, abs(want)), (rec["loss"], want)  # logged total
     st = load_train_state(latest_checkpoint(str(ref / "checkpoints")))
     assert st["step"] == STEPS and "discriminator" in st and "d_optimizer" in st
     assert st["d_optimizer"]["state"], "discriminator optimizer state not saved"
