@@ -18,9 +18,11 @@ in the same re-forward: an encoder function may return ``(embedding, extra_loss)
 ``extra_loss`` is the **mean over the chunk**; it is weighted by ``n_chunk / N`` so that the
 accumulated gradient equals that of the full-batch mean. This is exact for per-sample means
 (MSE, L1, LPIPS, the BSQ commitment and per-sample entropy). Terms that are statistics of the
-whole batch (the BSQ *codebook* entropy, BatchNorm) are evaluated per chunk instead: their
-gradient is that of the average of the per-chunk values, not of the full-batch value (under data
-parallelism the BSQ codebook entropy of a re-forward is that of chunk ``i`` of every rank).
+whole batch (the BSQ *codebook* entropy, BatchNorm) are evaluated per chunk by this function:
+their gradient is that of the average of the per-chunk values, not of the full-batch value. The
+QLIP trainer makes the codebook entropy exact on top of it: its phase-1 encoder function sums the
+chunks' code distributions and its re-forwards run inside
+``BinarySphericalQuantizer.codebook_reference`` (``qlip/train/trainer.py::_contrastive_step``).
 
 Hard negatives: ``text_negatives`` (token ids, one hard-negative caption per image) are a third
 set of embeddings of the text tower, cached, given their gradient by the full-batch loss

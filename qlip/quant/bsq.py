@@ -128,6 +128,7 @@ class BinarySphericalQuantizer(nn.Module):
         self.beta, self.gamma_0, self.gamma_1 = float(beta), float(gamma_0), float(gamma_1)
         self.persample_entropy = persample_entropy
         self.distributed, self.group = distributed, group
+        self._reference: Optional[Tuple[torch.Tensor, float]] = None  # set by codebook_reference
         self.scale = 1.0 / math.sqrt(embed_dim) if l2_norm else 1.0
         # the 2**g sign patterns of one group, MSB first, as +-1
         patterns = ids_to_bits(torch.arange(2 ** group_size), group_size).float() * 2 - 1
@@ -187,6 +188,22 @@ class BinarySphericalQuantizer(nn.Module):
         _, prob = self._soft_codes(u)
         return prob.sum(0), prob.shape[0]
 
+    def reference_from_sums(self, prob_sum: torch.Tensor, count: int) -> Tuple[torch.Tensor, float]:
+        """``(whole-batch mean code distribution, this rank's gradient share)`` from the local
+        :meth:`code_distribution_sum` pieces summed over chunks: the arguments of
+        :meth:`codebook_reference`. Over all ranks (two all-reduces) unless ``distributed``
+        keeps the statistic local, as :meth:`_batch_mean` does for the plain loss."""
+        world, _ = resolve_world(self.distributed, self.group, type(self).__name__)
+        if world == 1:
+            return prob_sum / count, 1.0
+        import torch.distributed as dist
+        prob_sum = prob_sum.clone()
+        total = torch.tensor([float(count)], dtype=torch.float64, device=prob_sum.device)
+        dist.all_reduce(prob_sum, group=self.group)
+        dist.all_reduce(total, group=self.group)
+        n_all = float(total.item())
+        return prob_sum / n_all, world * count / n_all
+
     @contextlib.contextmanager
     def codebook_reference(self, mean_prob: torch.Tensor, share: float = 1.0) -> Iterator[None]:
         """Within the block, the codebook entropy is that of ``mean_prob`` (the soft code
@@ -199,7 +216,7 @@ class BinarySphericalQuantizer(nn.Module):
         With each chunk's loss weighted by its fraction of the local batch (as gradient caching
         does) and ``share = world_size * local_tokens / global_tokens``, the accumulated (and
         rank-averaged) gradients equal those of the codebook entropy of the whole global batch."""
-        prev = getattr(self, "_reference", None)
+        prev = self._reference
         self._reference = (mean_prob.detach(), float(share))
         try:
             yield
@@ -214,7 +231,7 @@ class BinarySphericalQuantizer(nn.Module):
         else:  # closed form per bit: p(bit = 0) = sigmoid(-4 tau u / sqrt(L)) (with l2 scale)
             p0 = torch.sigmoid(-4 * self.inv_temperature * u * self.scale)
             persample = (_entr(p0) + _entr(1 - p0)).sum((-2, -1)).mean()
-        ref = getattr(self, "_reference", None)
+        ref = self._reference
         if ref is None:
             codebook = _entr(self._batch_mean(prob)).sum()
         else:  # a whole-batch distribution given by codebook_reference (gradient caching)

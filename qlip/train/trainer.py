@@ -272,7 +272,7 @@ class Trainer:
                 return emb
             if whole:  # phase 2
                 if codes["ref"] is None:
-                    codes["ref"] = self._global_code_distribution(codes["sum"], codes["n"])
+                    codes["ref"] = q.reference_from_sums(codes["sum"], codes["n"])
                 with q.codebook_reference(*codes["ref"]):
                     emb, extra = self._image_terms(x, logs, scale * x.shape[0] / n)
             else:
@@ -294,22 +294,6 @@ class Trainer:
             emb = F.normalize(m.visual.pool(h).float(), dim=-1)
             u = m.bottleneck.project(h[:, 1:])
         return emb, m.quantizer.code_distribution_sum(u)
-
-    def _global_code_distribution(self, psum: torch.Tensor, count: int):
-        """(whole-batch mean code distribution, this rank's gradient share): over all ranks unless
-        the quantizer keeps per-rank statistics (``distributed=False``), as its plain path does."""
-        from ..nn.collectives import resolve_world
-        q = self.model.quantizer
-        world, _ = resolve_world(q.distributed, q.group, type(q).__name__)
-        if world == 1:
-            return psum / count, 1.0
-        import torch.distributed as dist
-        total = torch.tensor([float(count)], dtype=torch.float64, device=psum.device)
-        psum = psum.clone()
-        dist.all_reduce(psum, group=q.group)
-        dist.all_reduce(total, group=q.group)
-        n_all = float(total.item())
-        return psum / n_all, world * count / n_all
 
     def _negative_tokens(self, batch: Dict[str, Any]) -> torch.Tensor:
         if "neg_tokens" not in batch:
