@@ -116,24 +116,17 @@ class RankSlice:
 # averaged with the bucketed all-reduce as without FSDP. Checkpoints hold *full* tensors in the
 # same format as unsharded runs, so a run saved under FSDP loads in one process and vice versa.
 
-def _distribute_tensor():
+def _dtensor_api():
+    """``(DTensor, distribute_tensor)`` across torch versions."""
     try:
-        from torch.distributed.tensor import distribute_tensor  # torch >= 2.5
+        from torch.distributed.tensor import DTensor, distribute_tensor  # torch >= 2.5
     except ImportError:  # torch 2.4
-        from torch.distributed._tensor import distribute_tensor
-    return distribute_tensor
-
-
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor  # torch >= 2.5
-    except ImportError:  # torch 2.4
-        from torch.distributed._tensor import DTensor
-    return DTensor
+        from torch.distributed._tensor import DTensor, distribute_tensor
+    return DTensor, distribute_tensor
 
 
 def is_sharded(t) -> bool:
-    return isinstance(t, _dtensor_cls())
+    return isinstance(t, _dtensor_api()[0])
 
 
 def shard_blocks(model) -> int:
@@ -165,7 +158,7 @@ def full_state_dict(module) -> dict:
 
 def shard_state_like(module, state: dict) -> dict:
     """Full tensors of ``state`` turned into shards shaped like ``module``'s sharded entries."""
-    distribute_tensor = _distribute_tensor()
+    distribute_tensor = _dtensor_api()[1]
     own = module.state_dict()
     out = {}
     for k, v in state.items():
@@ -186,7 +179,7 @@ def full_optimizer_state(optimizer) -> dict:
 
 def shard_optimizer_state_(optimizer) -> None:
     """After ``load_state_dict`` of full moments: shard each moment like its parameter."""
-    distribute_tensor = _distribute_tensor()
+    distribute_tensor = _dtensor_api()[1]
     for p, s in optimizer.state.items():
         if not is_sharded(p):
             continue

@@ -329,7 +329,8 @@ class Trainer:
                 self._micro_step(batch, 1.0 / t.grad_accum, logs)
                 n_img += batch["images"].shape[0]
             all_reduce_gradients_(self.replicated)
-            grad_norm = D.clip_grad_norm_(self.params, r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf"))
+            clip = D.clip_grad_norm_ if self.fsdp else torch.nn.utils.clip_grad_norm_  # FSDP: sharded + replicated
+            grad_norm = clip(self.params, r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf"))
             if torch.isfinite(grad_norm):  # the same on every rank (gradients are all-reduced)
                 self.optimizer.step()
             else:  # a NaN/inf would poison the weights and the optimizer state: skip the update
