@@ -233,7 +233,7 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     if lanes == 2:
         # two independent lanes, one process each: QLIP stage 1 -> stage 2 here, the baselines in a
         # spawned process. Small models use few threads badly; on 2 cores two 1-thread lanes train
-        # ~1.3x faster than one 2-thread lane (docs/demo.md, "Third round").
+        # ~1.15x faster than one 2-thread lane (benchmarks/demo_lanes.py, docs/demo.md "Third round").
         import multiprocessing
         print(f"[demo] two lanes of {per_lane} thread(s): QLIP stage 1 -> stage 2 | CLIP-only -> reconstruction-only "
               "(the baselines' progress is logged to their log.jsonl)")
