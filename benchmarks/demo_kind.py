@@ -40,8 +40,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qlip  # noqa: E402
+from qlip.data.evalsets import ShardDataset  # noqa: E402
 from qlip.data.shapes import KINDS, SHAPE_CLASSNAMES, generate_heldout, write_tar  # noqa: E402
-from qlip.eval.data import ShardDataset  # noqa: E402
 
 
 def _heldout(spec: str | None, cache: str) -> str:
@@ -159,7 +159,7 @@ def cmd_single(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from qlip.train.demo import evaluate
+    from qlip.demo.qlip import evaluate
     heldout = _heldout(a.heldout, a.cache)
     ck = os.path.join(a.run, "checkpoints")
     paths = [os.path.join(ck, n) for n in sorted(os.listdir(ck))] if os.path.isdir(ck) else []

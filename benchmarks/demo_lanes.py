@@ -31,7 +31,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 from importlib import resources  # noqa: E402
 
-RUNS = {  # the demo's stage-1 runs (qlip/train/demo.py): recipe overrides
+RUNS = {  # the demo's stage-1 runs (qlip/demo/qlip.py): recipe overrides
     "qlip": [],
     "clip_only": ["loss.alpha_r=0", "loss.alpha_q=0", "loss.alpha_z=0"],
     "recon_only": ["loss.alpha_a=0", "model.drop_text=true"],

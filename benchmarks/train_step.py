@@ -104,9 +104,7 @@ def worker(spec: dict) -> dict:
     import torch
     torch.set_num_threads(spec["threads"])
     from qlip.model import get_preset
-    from qlip.train.optim import set_lr
-    from qlip.train.recipe import Recipe
-    from qlip.train.trainer import Trainer
+    from qlip.train import Engine, Recipe
 
     dev = spec["device"]
     cfg = get_preset(spec["preset"])
@@ -119,9 +117,9 @@ def worker(spec: dict) -> dict:
     })
     batch = make_batch(cfg, spec["batch"])
     with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(recipe, tmp, loader=SyntheticBatches(batch))
-        tr.model.train()
-        batch = {k: v.to(tr.device) for k, v in batch.items()}
+        tr = Engine(recipe, tmp, loader=SyntheticBatches(batch))
+        tr.task.train_mode(tr.model)
+        batches = iter(SyntheticBatches({k: v.to(tr.device) for k, v in batch.items()}))  # no copies in the timing
         cuda = tr.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -131,13 +129,8 @@ def worker(spec: dict) -> dict:
             _reset_peak_rss()
             base = _rss_mb()
 
-        def step():
-            set_lr(tr.optimizer, tr.step, tr.r.optim)
-            tr.optimizer.zero_grad(set_to_none=True)
-            tr._micro_step(batch, 1.0, {})
-            torch.nn.utils.clip_grad_norm_(tr.params, tr.r.optim.grad_clip)
-            tr.optimizer.step()
-            tr.step += 1
+        def step():  # one optimizer step of the engine: schedule, forward/backward, clip, update
+            tr.run_step(batches)
             if cuda:
                 torch.cuda.synchronize()
 

@@ -6,40 +6,16 @@ User errors (unreadable images, bad id arrays, checkpoints that do not match) pr
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 from typing import List, Optional
 
+from .data.images import expand_images
 from .errors import DataError, QLIPError
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def expand_images(items: List[str]) -> List[str]:
-    """Files, folders (sorted, recursive) and globs -> image paths, in argument order."""
-    paths: List[str] = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(item) for f in fs
-                           if f.lower().endswith(IMAGE_EXTS))
-            if not found:
-                raise DataError(f"{item}: folder contains no images ({', '.join(IMAGE_EXTS)})")
-            paths += found
-        elif os.path.exists(item):
-            paths.append(item)
-        elif glob.has_magic(item):
-            found = sorted(glob.glob(item, recursive=True))
-            if not found:
-                raise DataError(f"{item}: pattern matches no files")
-            paths += found
-        else:
-            raise DataError(f"{item}: no such file or folder")
-    return paths
-
-
 def _device(name: Optional[str]):
     import torch
     if name:
@@ -61,6 +37,23 @@ def _autocast(args):
     if getattr(args, "bf16", False):
         return torch.autocast(device_type=_device(args.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _plural(n: int, word: str) -> str:
+    """``1 PNG image``, ``2 PNG images``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _check_output_file(path: str, what: str) -> None:
+    """Fail before any work when ``-o`` names a folder instead of a file."""
+    if os.path.isdir(path):
+        raise QLIPError(f"{path}: is a folder; {what} names the file to write (e.g. {os.path.join(path, 'ids.npy')})")
+
+
+def _check_output_folder(path: str) -> None:
+    """Fail before any work when ``-o`` names an existing file instead of a folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise QLIPError(f"{path}: exists and is not a folder; -o names the folder to write the PNGs into")
 
 
 def _batches(seq, n):
@@ -94,6 +87,9 @@ def _add_run_args(p, output_help):
 def cmd_tokenize(args) -> int:
     import numpy as np
     import torch
+    _check_output_file(args.output, "-o")
+    if args.list:
+        _check_output_file(args.list, "--list")
     paths = expand_images(args.images)
     model = load_model(args)
     out = np.zeros((len(paths), model.grid, model.grid), dtype=np.int64)
@@ -104,9 +100,9 @@ def cmd_tokenize(args) -> int:
             bar.update(len(chunk))
     _save_npy(args.output, out)
     if args.list:
-        with open(args.list, "w", encoding="utf-8") as f:
-            f.write("\n".join(paths) + "\n")
-    print(f"wrote {args.output}: {out.shape[0]} images x {out.shape[1]}x{out.shape[2]} tokens of "
+        from .io import atomic_write_text
+        atomic_write_text(args.list, "\n".join(paths) + "\n")
+    print(f"wrote {args.output}: {_plural(out.shape[0], 'image')} x {out.shape[1]}x{out.shape[2]} tokens of "
           f"{model.num_bits} bits (int64)")
     return 0
 
@@ -114,10 +110,18 @@ def cmd_tokenize(args) -> int:
 def _save_npy(path, arr):
     import numpy as np
     from .io import atomic_write
-    atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), arr))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy" to the name
+            np.save(f, arr)
+    atomic_write(path, write)
 
 
-def load_ids(path: str, model):
+def load_ids(path: str, model, notes: Optional[List[str]] = None):
+    """Read an .npy id array for ``model`` as an int64 (N, grid, grid) tensor.
+
+    Integer arrays of any width are accepted and a (grid, grid) array is one image; each such
+    conversion is described in ``notes`` (when given) so that the caller can say how the file was read.
+    """
     import numpy as np
     import torch
     try:
@@ -128,15 +132,26 @@ def load_ids(path: str, model):
         raise DataError(f"{path}: not a readable .npy array ({e})") from None
     if arr.dtype.kind not in "iu":
         raise DataError(f"{path}: token ids must be integers, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise DataError(f"{path}: the id array is empty (shape {arr.shape}); nothing to decode")
+    read_as = []
     if arr.ndim == 2:
         arr = arr[None]
+        read_as.append(f"shape {arr.shape[1:]} as one image")
     if arr.ndim != 3 or arr.shape[1:] != (model.grid, model.grid):
         raise DataError(f"{path}: expected ids of shape (N, {model.grid}, {model.grid}) for this model, "
                         f"got {arr.shape}")
-    if arr.dtype == np.uint64 and arr.size and arr.max() >= 2 ** 63:
+    if arr.dtype == np.uint64 and arr.max() >= 2 ** 63:
         raise DataError(f"{path}: ids must lie in [0, 2**{model.num_bits}), found {int(arr.max())}")
+    if arr.dtype != np.int64:
+        read_as.append(f"{arr.dtype} ids as int64")
+    if read_as and notes is not None:
+        notes.append(f"{path}: read " + " and ".join(read_as))
     ids = torch.from_numpy(arr.astype(np.int64))
-    model.check_ids(ids)
+    try:
+        model.check_ids(ids)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     return ids
 
 
@@ -149,20 +164,25 @@ def _write_pngs(model, images, folder, names):
 
 def cmd_detokenize(args) -> int:
     import torch
+    _check_output_folder(args.output)
     model = load_model(args)
-    ids = load_ids(args.ids, model)
+    notes: List[str] = []
+    ids = load_ids(args.ids, model, notes)
+    for note in notes:
+        print(f"qlip: {note}", file=sys.stderr)
     with _progress(len(ids), "detokenize", args.quiet) as bar, torch.inference_mode(), _autocast(args):
         for start in range(0, len(ids), args.batch_size):
             chunk = ids[start: start + args.batch_size]
             y = model.detokenize(chunk.to(model.device))
             _write_pngs(model, y, args.output, [f"{start + j:06d}.png" for j in range(len(chunk))])
             bar.update(len(chunk))
-    print(f"wrote {len(ids)} PNG images to {args.output}")
+    print(f"wrote {_plural(len(ids), 'PNG image')} to {args.output}")
     return 0
 
 
 def cmd_reconstruct(args) -> int:
     import torch
+    _check_output_folder(args.output)
     paths = expand_images(args.images)
     model = load_model(args)
     with _progress(len(paths), "reconstruct", args.quiet) as bar, torch.inference_mode(), _autocast(args):
@@ -172,18 +192,20 @@ def cmd_reconstruct(args) -> int:
             names = [f"{start + j:06d}_{os.path.splitext(os.path.basename(p))[0]}.png" for j, p in enumerate(chunk)]
             _write_pngs(model, y, args.output, names)
             bar.update(len(chunk))
-    print(f"wrote {len(paths)} reconstructions to {args.output}")
+    print(f"wrote {_plural(len(paths), 'reconstruction')} to {args.output}")
     return 0
 
 
 def cmd_zero_shot(args) -> int:
     import torch
+    from .eval.zeroshot import check_template, format_prompt
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if len(labels) < 2:
         raise QLIPError("--labels needs at least two comma-separated labels")
+    template = check_template(args.template)
     paths = expand_images(args.images)
     model = load_model(args)
-    prompts = [args.template.format(lbl) for lbl in labels]
+    prompts = [format_prompt(template, lbl) for lbl in labels]
     with torch.inference_mode():
         probs = model.zero_shot(model.preprocess(paths), prompts)
     for path, row in zip(paths, probs.tolist()):
@@ -223,7 +245,7 @@ def cmd_info(args) -> int:
     print(f"  decoder {d.width}w x {d.depth} blocks, {d.heads} heads, mlp {d.mlp_dim}")
     print(f"  BSQ     L={cfg.quantizer.bits}, group {cfg.quantizer.group_size}, "
           f"inv_temperature {cfg.quantizer.inv_temperature}")
-    print(f"  text    " + (f"{t.width}w x {t.depth} blocks, vocab {t.vocab_size}" if t else "none"))
+    print("  text    " + (f"{t.width}w x {t.depth} blocks, vocab {t.vocab_size}" if t else "none"))
     return 0
 
 
@@ -239,8 +261,31 @@ def cmd_convert(args) -> int:
 
 
 # ---- parser --------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose leaf commands accept options between and after positional lists.
+
+    Plain argparse stops filling a ``nargs="*"``/``"+"`` positional at the first option, so
+    ``qlip train RECIPE --out DIR optim.steps=2000`` would leave ``optim.steps=2000`` unrecognised.
+    Leaf parsers (those without subcommands) therefore parse "intermixed": options first, then
+    every remaining word fills the positionals in order. Parsers with subcommands cannot parse
+    that way (argparse refuses), so they keep the plain behaviour; ``add_subparsers`` creates
+    every sub-parser with this class, so registered areas get it too.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._subparsers is not None or self._intermixing or not self._get_positional_actions():
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args itself (Python < 3.13)
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlip", description="QLIP: text-aligned visual tokenizer (tokenize, "
+    p = Parser(prog="qlip", description="QLIP: text-aligned visual tokenizer (tokenize, "
                                 "detokenize, zero-shot, train, evaluate).")
     from . import __version__
     p.add_argument("--version", action="version", version=f"qlip {__version__}")
@@ -268,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zero-shot", help="classify images against text labels")
     z.add_argument("images", nargs="+")
     z.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a dog,a cat"')
-    z.add_argument("--template", default="{}", help='prompt template, e.g. "a photo of {}" (default: label as is)')
+    z.add_argument("--template", default="{}", help='prompt template with {} or {c} for the label, e.g. '
+                   '"a photo of {}" (default: label as is)')
     _add_model_args(z)
     z.add_argument("-v", "--verbose", action="store_true", help="print every label's probability")
     z.set_defaults(func=cmd_zero_shot)
@@ -286,15 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(func=cmd_convert)
 
-    for area in ("data", "train", "eval"):
-        try:
-            mod = __import__(f"qlip.{area}.cli", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("qlip"):
-                continue  # area not built yet
-            raise
-        mod.register(sub)
+    # Each area adds its own commands. Imported eagerly and plainly: a broken import of our own code
+    # fails loudly here instead of silently removing commands; the area modules import optional
+    # third-party packages only inside their handlers, so a missing extra fails that command alone.
+    from .data import cli as data_cli
+    from .demo import cli as demo_cli
+    from .eval import cli as eval_cli
+    from .train import cli as train_cli
+    for area in (data_cli, train_cli, eval_cli, demo_cli):
+        area.register(sub)
     return p
+
+
+def _cli_message(e: QLIPError, args) -> str:
+    """The error line; a hub download failure names the command-line way to pass a local folder."""
+    from .io.checkpoint import HubUnavailableError
+    if isinstance(e, HubUnavailableError):
+        hint = "it to `qlip info DIR`" if args.command == "info" else (
+            "--model DIR" if hasattr(args, "model") else e.folder_hint)
+        e = e.with_folder_hint(hint)
+    return str(e)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -306,7 +363,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except QLIPError as e:
-        print(f"qlip: error: {e}", file=sys.stderr)
+        print(f"qlip: error: {_cli_message(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qlip: interrupted", file=sys.stderr)

@@ -8,9 +8,9 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny"
-if not FIXTURES.is_dir():  # CI clones the repo next to a copy of shared/
-    FIXTURES = pathlib.Path(os.environ.get("QLIP_FIXTURES", "/work/shared/fixtures/official-tiny"))
+# Outputs of the official code on its own tiny checkpoints (see the README there); inside the
+# repository, so that a plain clone runs every test.
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "official-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,12 @@ def tiny_model():
     torch.manual_seed(0)
     import qlip
     return qlip.load("qlip-tiny", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    """32 captioned 32x32 shapes in one training shard, and 32 labelled held-out ones (one per class)."""
+    from qlip.data.shapes import generate_shapes
+    out = tmp_path_factory.mktemp("tiny_shapes")
+    generate_shapes(str(out), n=32, size=32, shard_size=32, heldout_n=32, progress=False)
+    return out

@@ -138,7 +138,7 @@ def _bsq_step(proj, q, x):
 
 def _bsq_ddp_worker(rank, world, init_file):
     import torch.distributed as dist
-    from qlip.losses import all_reduce_gradients_
+    from qlip.nn.collectives import all_reduce_gradients_
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -5,7 +5,8 @@ import argparse
 
 
 def register(subparsers) -> None:
-    """Add ``qlip data shapes OUT --n N --size S --seed K [--heldout N] [--shard-size M]``."""
+    """Add ``qlip data shapes OUT --n N --size S --seed K [--heldout N] [--shard-size M]`` and
+    ``qlip data tokenize SHARDS --model M --out DIR`` (see qlip/data/tokens.py)."""
     data = subparsers.add_parser("data", help="prepare datasets")
     sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
@@ -24,6 +25,15 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_shapes)
 
+    from .tokens import add_arguments
+    p = sub.add_parser("tokenize", help="tokenize image-text shards once into memory-mapped token shards",
+                       description="qlip data tokenize SHARDS --model M --out DIR: run a QLIP over webdataset "
+                                   "shards and write int32 id arrays + captions + index.json (docs/data.md, "
+                                   "'Token shards'). Resumable; splits over RANK/WORLD_SIZE.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=_tokenize)
+
 
 def _shapes(args) -> int:
     from .shapes import generate_shapes
@@ -34,3 +44,9 @@ def _shapes(args) -> int:
     print(f"{args.out}: {m['n']} training images in {len(m['train_shards'])} shards, "
           f"{m['heldout_n']} held-out images in {len(m['heldout_shards'])} shards ({m['size']}px, seed {m['seed']})")
     return 0
+
+
+def _tokenize(args) -> int:
+    from .tokens import run_cli
+
+    return run_cli(args)

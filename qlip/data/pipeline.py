@@ -35,7 +35,6 @@ import collections
 import copy
 import csv
 import glob
-import io
 import itertools
 import logging
 import os
@@ -51,10 +50,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
 from ..model.preprocess import normalize, pil_to_tensor, resize_center_crop, to_rgb
+from .images import IMAGE_EXTS, decode_image, read_image_folder
+from .loader_state import check_loader_state, rank_state
 
 log = logging.getLogger("qlip.data")
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 TEXT_EXTS = ("txt", "text", "caption")
 NEG_TEXT_EXT = "neg.txt"  # optional hard-negative caption ({key}.neg.txt), as in NegCLIP
 STAT_KEYS = ("samples", "skipped", "decode_errors", "incomplete", "shard_errors")
@@ -90,13 +90,6 @@ def image_transform(size: int, mean: Optional[Sequence[float]] = None, std: Opti
     if (mean is None) != (std is None):
         raise DataError("image_transform needs both mean and std, or neither")
     return ImageTransform(size, mean, std, resize, interpolation)
-
-
-def decode_image(data: Union[bytes, str]) -> Image.Image:
-    """Fully decode image bytes (or a file path) into an RGB PIL image; raises on any defect."""
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im.load()  # decode now: truncated data fails here, not later in the transform
-        return to_rgb(im)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +154,31 @@ def _open_shard(url: str):
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
 
 
+def read_tar_samples(url: str, stats: collections.Counter, warn: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
+    """``(key, {extension: bytes})`` for each sample of one shard, streamed in tar order.
+
+    The one tar reader of the package (training loaders and evaluation sets). A shard that
+    cannot be opened or is truncated counts one ``stats["shard_errors"]``, is reported through
+    ``warn`` and ends early; the samples read before the defect are kept."""
+    key, fields = None, {}
+    try:
+        with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                m = _KEY_EXT.match(member.name) if member.isfile() else None
+                if m is None:
+                    continue
+                if m.group(1) != key:
+                    if fields:
+                        yield key, fields
+                    key, fields = m.group(1), {}
+                fields[m.group(2).lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        stats["shard_errors"] += 1
+        warn(f"shard {url} is unreadable or truncated after key {key}: {e.__class__.__name__}: {e}")
+    if fields:
+        yield key, fields
+
+
 class TarSource:
     """Webdataset tar shards: files sharing a key (``{key}.png``, ``{key}.txt``, ...) form a sample.
 
@@ -173,22 +191,7 @@ class TarSource:
         self.has_labels = label_key is not None
 
     def read(self, url: str, stats: collections.Counter, warn: Callable[[str], None]) -> Iterator[dict]:
-        key, fields = None, {}
-        try:
-            with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    m = _KEY_EXT.match(member.name) if member.isfile() else None
-                    if m is None:
-                        continue
-                    if m.group(1) != key:
-                        if fields:
-                            yield self._sample(key, url, fields)
-                        key, fields = m.group(1), {}
-                    fields[m.group(2).lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            stats["shard_errors"] += 1
-            warn(f"shard {url} is unreadable or truncated after key {key}: {e.__class__.__name__}: {e}")
-        if fields:
+        for key, fields in read_tar_samples(url, stats, warn):
             yield self._sample(key, url, fields)
 
     def _sample(self, key: str, url: str, fields: dict) -> dict:
@@ -259,22 +262,6 @@ def read_csv_pairs(csv_path: str, image_root: Optional[str] = None, path_column:
             raise DataError(f"{csv_path}: row {n + 1} has {len(r)} columns, expected a path and a caption")
         out.append((os.path.join(root, r[pi].strip()), r[ti].strip()))
     return out
-
-
-def read_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """((image path, label) pairs, class names) of ``root/<class>/**/<image>``; classes sorted by name."""
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: not a directory")
-    classnames = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    items = []
-    for label, name in enumerate(classnames):
-        for dirpath, dirnames, files in sorted(os.walk(os.path.join(root, name))):
-            dirnames.sort()
-            items += [(os.path.join(dirpath, f), label) for f in sorted(files)
-                      if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and not f.startswith(".")]
-    if not items:
-        raise DataError(f"{root}: no images in class sub-folders")
-    return items, classnames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,16 +480,8 @@ class PairLoader:
         The loader must be built with the same data, seed, batch size, world size, rank and number
         of workers; otherwise the batches would differ, and this raises DataError.
         """
-        if not isinstance(state, dict):
-            mine = [s for s in state if isinstance(s, dict) and s.get("rank") == self.rank]
-            if len(mine) != 1:
-                raise DataError(f"loader states hold no single entry for rank {self.rank}")
-            state = mine[0]
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        diff = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in self._settings().items() if state.get(k) != v]
-        if diff:
-            raise DataError("loader state was saved with other settings: " + ", ".join(diff))
+        state = rank_state(state, self.rank, "loader")
+        check_loader_state(state, STATE_VERSION, self._settings(), "loader")
         self._workers = copy.deepcopy(state["workers"])
         self._next_worker, self.batches = state["next_worker"], state["batches"]
         self.stats = {k: state["stats"].get(k, 0) for k in STAT_KEYS}

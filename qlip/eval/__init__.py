@@ -4,7 +4,6 @@ LPIPS, rFID), code statistics and reports. Protocols: docs/evaluation.md.
     from qlip.eval import zero_shot_classifier, evaluate_zero_shot, write_report
 """
 from .codes import CodeStats, bits_per_image, code_stats, compression_ratio
-from .data import EvalDataset, ImageFolderDataset, ShardDataset, open_dataset
 from .linear_probe import evaluate_linear_probe, fit_probe, run_linear_probe
 from .recon import FeatureStats, ReconMetrics, evaluate_reconstruction, frechet_distance, run_recon
 from .report import compare_runs, write_comparison, write_report
@@ -12,7 +11,6 @@ from .zeroshot import evaluate_zero_shot, run_zero_shot, zero_shot_classifier
 
 __all__ = [
     "CodeStats", "bits_per_image", "code_stats", "compression_ratio",
-    "EvalDataset", "ImageFolderDataset", "ShardDataset", "open_dataset",
     "evaluate_linear_probe", "fit_probe", "run_linear_probe",
     "FeatureStats", "ReconMetrics", "evaluate_reconstruction", "frechet_distance", "run_recon",
     "compare_runs", "write_comparison", "write_report",

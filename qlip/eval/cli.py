@@ -91,7 +91,7 @@ def _parse_positions(text: str):
 
 # --------------------------------------------------------------------------- commands
 def cmd_zero_shot(args) -> int:
-    from qlip.eval.data import open_dataset
+    from qlip.data.evalsets import open_dataset
     from qlip.eval.zeroshot import require_text_tower, run_zero_shot
 
     dataset = open_dataset(args.data)
@@ -104,7 +104,7 @@ def cmd_zero_shot(args) -> int:
 
 
 def _probe(args, model) -> dict:
-    from qlip.eval.data import open_dataset
+    from qlip.data.evalsets import open_dataset
     from qlip.eval.linear_probe import run_linear_probe
 
     train, test = _split_dirs(args)
@@ -121,11 +121,26 @@ def cmd_linear_probe(args) -> int:
     return _finish(args, metrics, title="Linear probe")
 
 
-def _fid_extractor(args):
-    """Build the rFID network first, so that a missing dependency fails before any evaluation."""
+def _fid_extractor(args, skipped: Optional[list] = None):
+    """Build the rFID network first, so that a missing dependency fails before any evaluation.
+
+    ``--fid inception`` fails when the network cannot be built; ``--fid auto`` (the default)
+    then skips rFID with one line saying what to install (recorded in ``skipped``), so that the
+    other metrics of a fresh ``pip install -e ".[all]"`` still run."""
     from qlip.eval.recon import inception_extractor
 
-    return inception_extractor(args.fid_weights) if args.fid == "inception" else None
+    if args.fid == "none":
+        return None
+    try:
+        return inception_extractor(args.fid_weights)
+    except QLIPError as exc:
+        if args.fid != "auto":
+            raise
+        print(f"qlip: rFID skipped: {exc}", file=sys.stderr)
+        if skipped is not None:
+            skipped.append("rFID (torch-fidelity not installed)" if "torch-fidelity" in str(exc)
+                           else "rFID (Inception weights unavailable)")
+        return None
 
 
 def _recon(args, model, dataset, extractor, codes=None):
@@ -139,21 +154,24 @@ def _recon(args, model, dataset, extractor, codes=None):
 
 def cmd_recon(args) -> int:
     from qlip.eval.codes import CodeStats
-    from qlip.eval.data import open_dataset
+    from qlip.data.evalsets import open_dataset
 
     dataset = open_dataset(args.data)
-    extractor = _fid_extractor(args)
+    skipped: list = []
+    extractor = _fid_extractor(args, skipped)
     model = _load_model(args)
     metrics = _base_metrics(args, model)
     codes = CodeStats(model.num_bits)
     metrics["recon"], samples = _recon(args, model, dataset, extractor, codes=codes)
     metrics["codes"] = codes.compute()
+    if skipped:
+        metrics["skipped"] = skipped
     return _finish(args, metrics, samples, bit_usage=metrics["codes"], title="Reconstruction")
 
 
 def cmd_codes(args) -> int:
     from qlip.eval.codes import run_codes
-    from qlip.eval.data import open_dataset
+    from qlip.data.evalsets import open_dataset
 
     dataset = open_dataset(args.data)
     model = _load_model(args)
@@ -165,16 +183,16 @@ def cmd_codes(args) -> int:
 
 def cmd_all(args) -> int:
     from qlip.eval.codes import CodeStats
-    from qlip.eval.data import open_dataset
+    from qlip.data.evalsets import open_dataset
     from qlip.eval.zeroshot import run_zero_shot
 
     dataset = open_dataset(args.data)
     if args.train:
         _split_dirs(args)
-    extractor = _fid_extractor(args)
+    skipped: list = []
+    extractor = _fid_extractor(args, skipped)
     model = _load_model(args)
     metrics = _base_metrics(args, model)
-    skipped = []
     if model.text is None:
         skipped.append("zero-shot (no text tower)")
     elif not dataset.labelled:
@@ -195,12 +213,14 @@ def cmd_all(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from qlip.eval.report import compare_runs, format_table, write_comparison
+    from qlip.eval.report import compare_runs, format_table, tradeoff_skip_reason, write_comparison
 
     if args.output:
         paths = write_comparison(args.runs, args.output, y=args.y)
         print(paths["md"].read_text(encoding="utf-8"), end="")
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        if "png" not in paths:
+            print(f"trade-off plot skipped: {tradeoff_skip_reason(compare_runs(args.runs), args.y)}")
     else:
         print(format_table(compare_runs(args.runs)))
     return 0
@@ -232,8 +252,9 @@ def _zs_args(p: argparse.ArgumentParser) -> None:
 
 
 def _recon_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fid", default="inception", choices=["inception", "none"],
-                   help="rFID features: Inception-v3 (needs torch-fidelity and its weights) or none")
+    p.add_argument("--fid", default="auto", choices=["auto", "inception", "none"],
+                   help="rFID features: Inception-v3 (needs torch-fidelity and its weights); 'auto' (default) "
+                        "skips rFID with a note when those are missing, 'inception' fails then; none: no rFID")
     p.add_argument("--fid-weights", default=None, metavar="PATH",
                    help="local Inception weights (pt_inception-2015-12-05-6726825d.pth) for offline rFID")
     p.add_argument("--fid-cache", default=None, metavar="DIR",
@@ -294,8 +315,3 @@ def register(subparsers) -> None:
                       help="y axis of the scatter (x is zero-shot accuracy)")
     cmp_.set_defaults(func=cmd_compare)
 
-
-def main(argv=None) -> int:  # pragma: no cover - convenience for `python -m qlip.eval.cli`
-    from qlip.cli import main as qlip_main
-
-    return qlip_main(["eval", *(sys.argv[1:] if argv is None else argv)])

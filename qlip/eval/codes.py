@@ -181,7 +181,7 @@ def run_codes(model, dataset, *, batch_size: int = 32, limit: Optional[int] = No
     """Code statistics of ``model.tokenize`` over a dataset, plus the paper's bit budget."""
     from tqdm.auto import tqdm
 
-    from qlip.eval.data import model_device
+    from qlip.eval.common import model_device
 
     device = model_device(model)
     stats = CodeStats(int(model.num_bits), group_size)

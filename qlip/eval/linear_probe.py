@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from qlip.errors import DataError, QLIPError
-from qlip.eval.data import Batch, iter_limited, model_device
+from qlip.data.evalsets import Batch
+from qlip.eval.common import iter_limited, model_device
 
 POSITIONS = ("cls", "avg", "cls+avg")
 DEFAULT_L2_GRID = tuple(10.0**k for k in range(-6, 1))  # 1e-6 ... 1

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from qlip.errors import QLIPError
-from qlip.eval.data import Batch, iter_limited, model_device, unnormalize
+from qlip.data.evalsets import Batch
+from qlip.eval.common import iter_limited, model_device
+from qlip.model.preprocess import denormalize
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -306,8 +308,8 @@ def evaluate_reconstruction(
         images = images.to(device)
         ids = model.tokenize(images)
         recon = model.detokenize(ids)
-        x01 = unnormalize(images.float(), model.image_mean, model.image_std)
-        y01 = unnormalize(recon.float(), model.image_mean, model.image_std)
+        x01 = denormalize(images.float(), model.image_mean, model.image_std).clamp(0.0, 1.0)
+        y01 = denormalize(recon.float(), model.image_mean, model.image_std).clamp(0.0, 1.0)
         metrics.update(x01, y01)
         if codes is not None:
             codes.update(ids)

@@ -36,10 +36,37 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from qlip.errors import QLIPError
-from qlip.eval.data import dumps, to_jsonable
 
 Curves = Mapping[str, Sequence[Sequence[float]]]
 PathLike = Union[str, os.PathLike]
+
+
+
+def to_jsonable(obj):
+    """Convert tensors / numpy scalars / paths inside nested containers to JSON types."""
+    import torch
+
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN / Infinity
+    return obj
+
+
+def dumps(obj) -> str:
+    """``obj`` as indented JSON, through :func:`to_jsonable`."""
+    return json.dumps(to_jsonable(obj), indent=2, sort_keys=False)
+
 
 COLUMNS = ("model", "#bits", "CR", "zero-shot", "rFID", "PSNR", "SSIM", "LPIPS")
 _ALIASES = {
@@ -443,6 +470,24 @@ def tradeoff_figure(rows: Sequence[Mapping[str, Any]], path: PathLike, y: str = 
     path = Path(path)
     _save_fig(fig, path)
     return path
+
+
+def tradeoff_skip_reason(rows: Sequence[Mapping[str, Any]], y: str = "rFID") -> Optional[str]:
+    """Why :func:`tradeoff_figure` draws nothing for ``rows`` (``None`` when it draws a plot)."""
+    def has(r, key):
+        return isinstance(r.get(key), (int, float))
+
+    if any(has(r, "zero-shot") and has(r, y) for r in rows):
+        return None
+    missing = []
+    if not any(has(r, "zero-shot") for r in rows):
+        missing.append("a zero-shot accuracy")
+    if not any(has(r, y) for r in rows):
+        missing.append(y + (" (rFID is skipped with --fid none or without torch-fidelity; try --y PSNR)"
+                            if y == "rFID" else ""))
+    if missing:
+        return "no run has " + " or ".join(missing)
+    return f"no run has both a zero-shot accuracy and {y}"
 
 
 def write_comparison(run_dirs: Sequence[PathLike], out_dir: PathLike, y: str = "rFID") -> dict[str, Path]:

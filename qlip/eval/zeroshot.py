@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from qlip.errors import DataError, QLIPError
-from qlip.eval.data import Batch, EvalDataset, iter_limited, model_device
+from qlip.data.evalsets import Batch, EvalDataset
+from qlip.eval.common import iter_limited, model_device
 
 Template = Union[str, Callable[[str], str]]
 
@@ -121,15 +122,24 @@ def load_templates(spec: Optional[str] = None) -> list[Template]:
         return list(SIMPLE_IMAGENET_TEMPLATES)
     if "{}" in spec or "{c}" in spec:
         templates: list = [spec]
+    elif not Path(spec).is_file():
+        raise QLIPError(f"--templates {spec!r}: neither a file nor a template with a '{{}}' or '{{c}}' "
+                        f"placeholder for the class name")
     else:
         data = _read_list_file(Path(spec))
         if not isinstance(data, list) or not data or not all(isinstance(t, str) for t in data):
             raise QLIPError(f"{spec}: expected a non-empty list of template strings")
         templates = data
-    for t in templates:
-        if "{}" not in t and "{c}" not in t:
-            raise QLIPError(f"template {t!r} has no '{{}}' or '{{c}}' placeholder for the class name")
-    return templates
+    return [check_template(t) for t in templates]
+
+
+def check_template(template: str) -> str:
+    """Return ``template`` if it holds a class-name placeholder (``{}`` or ``{c}``), else raise:
+    without one every class would get the same prompt and the same probability."""
+    if "{}" not in template and "{c}" not in template:
+        raise QLIPError(f"template {template!r} has no '{{}}' or '{{c}}' placeholder for the class name "
+                        f"(e.g. \"a photo of {{}}\")")
+    return template
 
 
 def format_prompt(template: Template, classname: str) -> str:

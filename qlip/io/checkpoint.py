@@ -16,7 +16,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, QLIPError
 from ..model import QLIP, QLIPConfig, get_preset, list_presets, preset_hub_id
 from . import official
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_folder, atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -82,29 +82,35 @@ def _few(items, n=4):
 
 # ---- our format --------------------------------------------------------------------------
 def save_pretrained(model: QLIP, folder: str, safe_serialization: bool = True, state_dict=None) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (each atomically). ``state_dict``: the
-    weights to write instead of ``model.state_dict()`` (e.g. gathered from a sharded model)."""
-    os.makedirs(folder, exist_ok=True)
-    write_safetensors(model.state_dict() if state_dict is None else state_dict, os.path.join(folder, "model.safetensors"))
+    """Write ``config.json`` + ``model.safetensors`` into ``folder``, all files at once: they are
+    written into a temporary folder next to it and renamed into place, so an interrupted or failed
+    save leaves no partial checkpoint. ``state_dict``: the weights to write instead of
+    ``model.state_dict()`` (e.g. gathered from a sharded model)."""
     meta = {"format": "qlip", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
-    atomic_write_text(os.path.join(folder, "config.json"), json.dumps(meta, indent=2) + "\n")
     src = getattr(model, "_source_folder", None)
-    if src:
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(folder):
-                shutil.copyfile(os.path.join(src, name), os.path.join(folder, name))
+    copies = [name for name in TOKENIZER_FILES if src and os.path.isfile(os.path.join(src, name))
+              and os.path.abspath(src) != os.path.abspath(folder)]
+    with atomic_folder(folder) as tmp:
+        write_safetensors(model.state_dict() if state_dict is None else state_dict,
+                          os.path.join(tmp, "model.safetensors"))
+        atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(meta, indent=2) + "\n")
+        for name in copies:
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
 
 
 def export_official(model: QLIP, folder: str) -> None:
     """Write the model in the official NVIDIA format (config.json, model.safetensors,
-    preprocessor_config.json), loadable by the official ``QLIPModel.from_pretrained``."""
-    os.makedirs(folder, exist_ok=True)
+    preprocessor_config.json), loadable by the official ``QLIPModel.from_pretrained``.
+
+    Everything the format cannot express (e.g. a conv stem) is refused before anything is
+    written, and the files appear together (see :func:`save_pretrained`)."""
+    config = official.config_to_official(model.config)  # ConfigError for unsupported models
+    preprocessor = official.preprocessor_to_official(model.config)
     sd = official.state_dict_to_official(model.state_dict(), model.config)
-    write_safetensors(sd, os.path.join(folder, "model.safetensors"))
-    atomic_write_text(os.path.join(folder, "config.json"),
-                      json.dumps(official.config_to_official(model.config), indent=2) + "\n")
-    atomic_write_text(os.path.join(folder, "preprocessor_config.json"),
-                      json.dumps(official.preprocessor_to_official(model.config), indent=2) + "\n")
+    with atomic_folder(folder) as tmp:
+        write_safetensors(sd, os.path.join(tmp, "model.safetensors"))
+        atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2) + "\n")
+        atomic_write_text(os.path.join(tmp, "preprocessor_config.json"), json.dumps(preprocessor, indent=2) + "\n")
 
 
 def load_folder(folder: str) -> QLIP:
@@ -144,24 +150,50 @@ def load_folder(folder: str) -> QLIP:
 HUB_PATTERNS = ["config.json", "model.safetensors", "preprocessor_config.json", *TOKENIZER_FILES]
 
 
+def hub_cli() -> str:
+    """The download command of the installed huggingface_hub: ``hf`` (>= 0.34) or ``huggingface-cli``."""
+    try:
+        from importlib.metadata import entry_points
+        scripts = {ep.name for ep in entry_points(group="console_scripts")
+                   if ep.value.startswith("huggingface_hub")}
+    except Exception:  # noqa: BLE001 - broken metadata: fall back to the current name
+        scripts = set()
+    return "huggingface-cli" if scripts and "hf" not in scripts else "hf"
+
+
+class HubUnavailableError(CheckpointError):
+    """A hub id could not be fetched (offline, no network, unknown repo). The message gives the
+    exact download command of the installed huggingface_hub and the local-folder alternative;
+    ``folder_hint`` says how to pass a folder (``qlip.load(DIR)`` in Python, ``--model DIR`` on
+    the command line: see :meth:`with_folder_hint`)."""
+
+    def __init__(self, repo_id: str, cause: str,
+                 folder_hint: str = "DIR instead of the hub id (qlip.load(DIR))") -> None:
+        self.repo_id, self.cause, self.folder_hint = repo_id, cause, folder_hint
+        cli = hub_cli()
+        super().__init__(
+            f"cannot download {repo_id} ({cause}; offline or no network). On a machine with internet run "
+            f"`{cli} download {repo_id} --local-dir DIR`, copy DIR here and pass {folder_hint}; "
+            f"or run `{cli} download {repo_id}` on this machine while online, which fills the hub cache "
+            f"that offline loading reads")
+
+    def with_folder_hint(self, folder_hint: str) -> "HubUnavailableError":
+        return HubUnavailableError(self.repo_id, self.cause, folder_hint)
+
+
 def download(repo_id: str, revision: Optional[str] = None) -> str:
     """Fetch a hub repo into the local Hugging Face cache and return its folder.
 
-    Offline (``HF_HUB_OFFLINE=1`` or no network) it uses the cache, or fails with one line that
-    names the cache folder to fill."""
+    Offline (``HF_HUB_OFFLINE=1`` or no network) it uses the cache, or raises
+    :class:`HubUnavailableError`, whose one line gives the download command."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError:
         raise QLIPError("loading from the hub needs `pip install huggingface_hub`") from None
-    cache = os.path.join(HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, etag_timeout=10)
     except Exception as e:  # noqa: BLE001 - hub errors: offline mode, HTTP, DNS, ...
-        raise CheckpointError(
-            f"cannot download {repo_id} ({e.__class__.__name__}); offline: put the repo files (config.json, "
-            f"model.safetensors, ...) in {cache} with `huggingface-cli download {repo_id}` on a machine "
-            f"with internet, or pass a local folder to qlip.load") from None
+        raise HubUnavailableError(repo_id, e.__class__.__name__) from None
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
         # older repos ship only pytorch_model.bin
         try:

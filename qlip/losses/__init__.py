@@ -8,7 +8,7 @@ The BSQ loss itself lives with the quantiser (``qlip.quant``).
 from qlip.losses.balancing import balanced_loss_weights, compute_loss_weights_ratio
 from qlip.losses.contrastive import ContrastiveLoss, clamp_logit_scale_, gather_with_grad
 from qlip.losses.gan import AdversarialLoss, PatchDiscriminator, d_loss, g_loss, r1_penalty
-from qlip.losses.gradcache import GradCacheOutput, all_reduce_gradients_, grad_cache_step
+from qlip.losses.gradcache import GradCacheOutput, grad_cache_step
 from qlip.losses.perceptual import LPIPSRandomBackboneWarning, PerceptualLoss, normalized_to_pm1
 from qlip.losses.reconstruction import ReconstructionLoss, reconstruction_loss
 from qlip.losses.semantic import embedding_consistency_loss
@@ -19,7 +19,6 @@ __all__ = [
     "gather_with_grad",
     "grad_cache_step",
     "GradCacheOutput",
-    "all_reduce_gradients_",
     "PerceptualLoss",
     "LPIPSRandomBackboneWarning",
     "normalized_to_pm1",

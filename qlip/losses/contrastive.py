@@ -13,7 +13,7 @@ The loss for one process holding ``n`` of the ``N`` image/text pairs of a global
 graph: the backward of the gather sums the gradients of all ranks into the owner's rows
 (:func:`qlip.nn.collectives.gather_with_grad`, shared with the BSQ codebook entropy).
 Hence the parameter gradients averaged over ranks (what DDP does, or
-:func:`qlip.losses.gradcache.all_reduce_gradients_`) equal the single-process gradients.
+:func:`qlip.nn.collectives.all_reduce_gradients_`) equal the single-process gradients.
 Memory is ``n x N`` logits per rank, as in open_clip's ``ClipLoss(local_loss=True,
 gather_with_grad=True)``. Ranks may hold different ``n`` (the sizes are exchanged first).
 

@@ -13,16 +13,16 @@ The contrastive loss couples every pair of the batch only through the embeddings
    ``sum(embedding * cached_grad) + extra_loss * n_chunk / N``; parameter gradients accumulate
    chunk by chunk and end up equal to those of the plain full-batch ``loss.backward()``.
 
-Extra per-sample losses (the QLIP trainer's reconstruction and quantiser losses) are computed
+Extra per-sample losses (the QLIP task's reconstruction and quantiser losses) are computed
 in the same re-forward: an encoder function may return ``(embedding, extra_loss)`` where
 ``extra_loss`` is the **mean over the chunk**; it is weighted by ``n_chunk / N`` so that the
 accumulated gradient equals that of the full-batch mean. This is exact for per-sample means
 (MSE, L1, LPIPS, the BSQ commitment and per-sample entropy). Terms that are statistics of the
 whole batch (the BSQ *codebook* entropy, BatchNorm) are evaluated per chunk by this function:
 their gradient is that of the average of the per-chunk values, not of the full-batch value. The
-QLIP trainer makes the codebook entropy exact on top of it: its phase-1 encoder function sums the
+QLIP task makes the codebook entropy exact on top of it: its phase-1 encoder function sums the
 chunks' code distributions and its re-forwards run inside
-``BinarySphericalQuantizer.codebook_reference`` (``qlip/train/trainer.py::_contrastive_step``).
+``BinarySphericalQuantizer.codebook_reference`` (``qlip/train/tasks/qlip.py::QLIPTask._contrastive_step``).
 
 Hard negatives: ``text_negatives`` (token ids, one hard-negative caption per image) are a third
 set of embeddings of the text tower, cached, given their gradient by the full-batch loss
@@ -39,7 +39,7 @@ kernels, BatchNorm running statistics updated twice) are not replayed.
 
 Distributed: pass a :class:`~qlip.losses.ContrastiveLoss` (it gathers with gradients during
 phase 2). Do not wrap the towers in DDP for a gradient-cached step (DDP expects one backward
-per forward); average the gradients afterwards with :func:`all_reduce_gradients_`. All ranks
+per forward); average the gradients afterwards with :func:`qlip.nn.collectives.all_reduce_gradients_`. All ranks
 must call :func:`grad_cache_step` (phase 2 has collectives); they may use different numbers of
 chunks. Extra losses are per-rank means, so keep per-rank batch sizes equal (``drop_last``).
 """
@@ -47,12 +47,11 @@ chunks. Extra losses are per-rank means, so keep per-rank batch sizes equal (``d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
-__all__ = ["GradCacheOutput", "grad_cache_step", "all_reduce_gradients_"]
+__all__ = ["GradCacheOutput", "grad_cache_step"]
 
 EncoderOutput = Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]
 EncoderFn = Callable[[torch.Tensor], EncoderOutput]
@@ -292,32 +291,3 @@ def grad_cache_step(
         text_embeds=embeds[1].detach(),
         negative_embeds=embeds[2].detach() if len(embeds) > 2 else None,
     )
-
-
-@torch.no_grad()
-def all_reduce_gradients_(parameters: Iterable[torch.Tensor], group=None, average: bool = True) -> None:
-    """All-reduce (mean by default) the ``.grad`` of ``parameters`` across ranks, in place.
-
-    The manual replacement for DDP's gradient averaging after :func:`grad_cache_step`.
-    Parameters whose ``.grad`` is None are skipped: every rank must have gradients for the same
-    parameters (in the same order). No-op when torch.distributed is not initialised.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    world = dist.get_world_size(group=group)
-    if world == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    # one flat buffer per (device, dtype): one collective each instead of one per parameter
-    buckets: dict = {}
-    for g in grads:
-        buckets.setdefault((g.device, g.dtype), []).append(g)
-    for bucket in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        if average:
-            flat.div_(world)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()

@@ -11,9 +11,8 @@ Data flow (paper Fig. 2, official release):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,17 @@ from ..nn import RoPE2D, Transformer
 from ..quant import BinarySphericalQuantizer, check_ids
 from .config import QLIPConfig
 from .preprocess import denormalize, normalize, pil_to_tensor, resize_center_crop, tensor_to_pil, to_rgb
+
+
+# The writer of our checkpoint format (qlip.io.save_pretrained). The model layer sits below qlip.io
+# and may not import it; qlip.io hands its writer down with register_checkpoint_writer instead.
+_checkpoint_writer: Optional[Callable[..., None]] = None
+
+
+def register_checkpoint_writer(writer: Callable[..., None]) -> None:
+    """Set the function behind ``QLIP.save_pretrained``: ``writer(model, folder, **kwargs)``."""
+    global _checkpoint_writer
+    _checkpoint_writer = writer
 
 
 class ConvStem(nn.Module):
@@ -206,6 +216,31 @@ class TextEncoder(nn.Module):
         return self.proj(h[torch.arange(h.shape[0], device=h.device), self.eos_positions(tokens)])
 
 
+_PASS_STAGES = ("encode", "project", "quantize", "decode")
+
+
+@dataclass
+class ImagePass:
+    """What one encode -> quantize -> decode pass computed (fields not asked for are None).
+
+    ``h``: encoder tokens (B, 1 + N, D), cls first; ``image_embeds``: the normalised pooled
+    embedding (at least float32); ``u``: the pre-quantisation vectors (B, N, L) whose signs are the
+    token bits; ``z_hat``: the up-projected codes the decoder reads; ``ids``: (B, N) int64."""
+    h: torch.Tensor
+    image_embeds: Optional[torch.Tensor] = None
+    u: Optional[torch.Tensor] = None
+    ids: Optional[torch.Tensor] = None
+    z_hat: Optional[torch.Tensor] = None
+    quant_loss: Optional[torch.Tensor] = None
+    quant_stats: Optional[Dict[str, torch.Tensor]] = None
+    recon: Optional[torch.Tensor] = None
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The encoder's patch tokens (what the bottleneck reads)."""
+        return self.h[:, 1:]
+
+
 @dataclass
 class QLIPOutput:
     recon: torch.Tensor
@@ -297,20 +332,50 @@ class QLIP(nn.Module):
         self.text = None
         self.config.text = None
 
+    # ---- the image pass: the one place where encode -> quantize -> decode is written -------
+    def image_pass(self, x: torch.Tensor, *, embed: bool = True, until: str = "decode",
+                   quant_loss: Optional[bool] = None, encoder_grad: bool = True) -> ImagePass:
+        """Encoder -> bottleneck projection -> BSQ -> decoder, stopping after ``until``.
+
+        ``until``: ``"encode"`` (encoder tokens only), ``"project"`` (+ the pre-quantisation
+        vectors ``u``), ``"quantize"`` (+ ids, up-projected codes, BSQ loss), ``"decode"`` (+ the
+        reconstruction). ``embed``: also pool the normalised image embedding. ``quant_loss``:
+        compute the BSQ loss terms (default: in training mode). ``encoder_grad=False`` runs the
+        encoder without a graph (stage 2 trains the bottleneck and decoder behind a frozen
+        encoder). ``forward``, ``reconstruct``, the training task and the demo's evaluation all
+        go through here.
+        """
+        if until not in _PASS_STAGES:
+            raise ValueError(f"until must be one of {', '.join(_PASS_STAGES)}, got {until!r}")
+        if encoder_grad:
+            h = self.visual(x)
+        else:
+            with torch.no_grad():
+                h = self.visual(x)
+        out = ImagePass(h=h)
+        if embed:
+            e = self.visual.pool(h)
+            out.image_embeds = F.normalize(e.to(torch.promote_types(e.dtype, torch.float32)), dim=-1)
+        if until == "encode":
+            return out
+        if until == "project":
+            out.u = self.bottleneck.project(h[:, 1:])
+            return out
+        out.z_hat, out.ids, out.quant_loss, out.quant_stats = self.bottleneck(h[:, 1:], compute_loss=quant_loss)
+        if until == "decode":
+            out.recon = self.decoder(out.z_hat)
+        return out
+
     # ---- training forward ------------------------------------------------------------------
     def forward(self, images: torch.Tensor, text_tokens: Optional[torch.Tensor] = None,
                 compute_quant_loss: Optional[bool] = None) -> QLIPOutput:
-        h = self.visual(images)
-        image_embeds = F.normalize(self.visual.pool(h), dim=-1)
-        z = h[:, 1:]
-        z_hat, ids, qloss, qstats = self.bottleneck(z, compute_loss=compute_quant_loss)
-        recon = self.decoder(z_hat)
+        p = self.image_pass(images, quant_loss=compute_quant_loss)
         text_embeds = None
         if text_tokens is not None:
             text_embeds = self.encode_text(text_tokens, normalize=True)
-        return QLIPOutput(recon=recon, image_embeds=image_embeds, text_embeds=text_embeds,
-                          logit_scale=self.logit_scale.exp(), quant_loss=qloss, quant_stats=qstats,
-                          ids=ids.view(-1, self.grid, self.grid), z=z, z_hat=z_hat)
+        return QLIPOutput(recon=p.recon, image_embeds=p.image_embeds, text_embeds=text_embeds,
+                          logit_scale=self.logit_scale.exp(), quant_loss=p.quant_loss, quant_stats=p.quant_stats,
+                          ids=p.ids.view(-1, self.grid, self.grid), z=p.z, z_hat=p.z_hat)
 
     # ---- images <-> tokens -----------------------------------------------------------------
     def preprocess(self, images) -> torch.Tensor:
@@ -334,7 +399,7 @@ class QLIP(nn.Module):
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> token ids (B, H/p, W/p), int64 in [0, 2**L)."""
-        u = self.bottleneck.project(self.visual(x)[:, 1:])
+        u = self.image_pass(x, embed=False, until="project").u
         return self.quantizer.codes_to_ids(u).view(-1, self.grid, self.grid)
 
     def check_ids(self, ids: torch.Tensor) -> None:
@@ -354,9 +419,7 @@ class QLIP(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Tokenize and detokenize in one pass."""
-        z = self.visual(x)[:, 1:]
-        codes = self.quantizer.quantize(self.bottleneck.project(z))
-        return self.decoder(self.bottleneck.up(codes.to(z.dtype)))
+        return self.image_pass(x, embed=False, quant_loss=False).recon
 
     # ---- CLIP side -------------------------------------------------------------------------
     def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -411,8 +474,12 @@ class QLIP(nn.Module):
 
     # ---- persistence -----------------------------------------------------------------------
     def save_pretrained(self, folder, **kwargs) -> None:
-        from ..io import save_pretrained
-        save_pretrained(self, folder, **kwargs)
+        """Write our checkpoint format (``config.json`` + ``model.safetensors``) into ``folder``;
+        ``qlip.load(folder)`` reads it back exactly. The format is written by ``qlip.io``, a layer
+        above this one, which registers its writer here when imported (``import qlip`` does)."""
+        if _checkpoint_writer is None:
+            raise QLIPError("no checkpoint writer registered: import qlip (or qlip.io) first")
+        _checkpoint_writer(self, folder, **kwargs)
 
     def num_params(self) -> Dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731

@@ -3,7 +3,7 @@
 Data-parallel training runs one process per device; every rank computes its loss from global
 quantities (the contrastive logits against every rank's features, the BSQ codebook entropy of the
 code distribution averaged over every rank's tokens) and the parameter gradients are then averaged
-over the ranks (DDP, or :func:`qlip.losses.all_reduce_gradients_`). For that average to equal the
+over the ranks (DDP, or :func:`all_reduce_gradients_`). For that average to equal the
 gradient of a single process on the concatenated batch, a collective's backward must send every
 rank's share of the gradient back to the rows that produced it:
 
@@ -17,13 +17,14 @@ number of times in the same order.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["distributed_world", "resolve_world", "exchange_sizes", "gather_with_grad",
-           "all_reduce_sum_with_grad", "global_mean_with_grad"]
+           "all_reduce_sum_with_grad", "global_mean_with_grad", "all_reduce_gradients_", "comm_device",
+           "all_reduce_floats"]
 
 
 def distributed_world(group=None) -> Tuple[int, int]:
@@ -136,3 +137,76 @@ def global_mean_with_grad(rows: torch.Tensor, group=None) -> torch.Tensor:
     count = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)
     dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     return all_reduce_sum_with_grad(rows.sum(0), group) / count.to(rows.dtype)
+
+
+def comm_device(group=None, fallback: Optional[torch.device] = None) -> torch.device:
+    """The device whose tensors the collectives of ``group`` accept.
+
+    NCCL takes CUDA tensors only, gloo CPU tensors; a group made of several backends
+    (``"cpu:gloo,cuda:nccl"``) takes both, and the CPU is then preferred for host-side scalars.
+    A scalar a training loop reduces (a logged loss, a sample count) must be created on this
+    device, or the first such collective under NCCL alone fails ("No backend type associated
+    with device type cpu"). ``fallback`` (default CPU) without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return fallback if fallback is not None else torch.device("cpu")
+    config = _backend_config(group)
+    devices = {part.split(":", 1)[0] for part in config.split(",") if ":" in part}
+    if not devices or "cpu" in devices:  # a plain backend name (gloo, mpi) serves the CPU
+        return torch.device("cpu")
+    if "cuda" in devices:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device(sorted(devices)[0])
+
+
+def _backend_config(group=None) -> str:
+    """``"cpu:gloo,cuda:nccl"``-style description of ``group``'s backends (torch >= 2.2), else
+    the backend's name (``"nccl"``: CUDA only; ``"gloo"``: CPU)."""
+    get_config = getattr(dist, "get_backend_config", None)
+    if get_config is not None:
+        return str(get_config(group)).lower()
+    name = str(dist.get_backend(group)).lower()
+    return "cuda:nccl" if name == "nccl" else name
+
+
+def all_reduce_floats(values: Sequence[float], group=None, average: bool = False,
+                      device: Optional[torch.device] = None) -> List[float]:
+    """Sum (or mean) of each of ``values`` over the ranks, in one float64 collective on the
+    group's communication device (:func:`comm_device`). Identity without a process group."""
+    world, _ = distributed_world(group)
+    if world == 1 or not values:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    if average:
+        t /= world
+    return [float(v) for v in t.cpu()]
+
+
+@torch.no_grad()
+def all_reduce_gradients_(parameters: Iterable[torch.Tensor], group=None, average: bool = True) -> None:
+    """All-reduce (mean by default) the ``.grad`` of ``parameters`` across ranks, in place.
+
+    The manual replacement for DDP's gradient averaging after :func:`grad_cache_step`.
+    Parameters whose ``.grad`` is None are skipped: every rank must have gradients for the same
+    parameters (in the same order). No-op when torch.distributed is not initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size(group=group)
+    if world == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    # one flat buffer per (device, dtype): one collective each instead of one per parameter
+    buckets: dict = {}
+    for g in grads:
+        buckets.setdefault((g.device, g.dtype), []).append(g)
+    for bucket in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if average:
+            flat.div_(world)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

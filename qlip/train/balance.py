@@ -6,8 +6,9 @@
 3. ``L(inf)`` = mean of the last ``tail`` fraction of the logged ``mse`` / ``contrastive`` values
    (both probes log every step),
 4. ``alpha_r / alpha_a = L_align(inf) / L_mse(inf)`` (:func:`qlip.losses.balanced_loss_weights`),
-   keeping the recipe's ``alpha_a``; the balanced recipe is written as ``RECIPE.balanced.yaml``
-   (the recipe with the overrides applied and the new ``loss.alpha_r``).
+   keeping the recipe's ``alpha_a``; the balanced recipe is written as ``OUT/NAME.balanced.yaml``
+   for a recipe ``NAME.yaml`` (the recipe with the overrides applied and the new ``loss.alpha_r``),
+   beside the probe runs: never next to the recipe, which may lie inside the installed package.
 
 Both probes use the recipe's model, data and optimiser (``--steps`` replaces ``optim.steps``; the
 warm-up is then capped at a fifth of the steps). They live in ``OUT/recon`` and ``OUT/align``,
@@ -25,7 +26,7 @@ import yaml
 from ..errors import ConfigError
 from .recipe import Recipe, apply_overrides, load_recipe
 
-__all__ = ["balance", "tail_mean"]
+__all__ = ["balance", "default_output", "tail_mean"]
 
 
 def tail_mean(log_path: str, key: str, tail: float) -> float:
@@ -46,6 +47,16 @@ def tail_mean(log_path: str, key: str, tail: float) -> float:
         raise ConfigError(f"{log_path}: no {key!r} values logged")
     n = max(1, int(round(len(values) * tail)))
     return sum(values[-n:]) / n
+
+
+def default_output(recipe_path: str, out_dir: str) -> str:
+    """``OUT/NAME.balanced.yaml`` for the recipe ``.../NAME.yaml`` (or ``.yml``)."""
+    name = os.path.basename(recipe_path)
+    for ext in (".yaml", ".yml"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return os.path.join(out_dir, name + ".balanced.yaml")
 
 
 def _plain(x):
@@ -77,7 +88,7 @@ def _probe(recipe: Recipe, kind: str, steps: Optional[int]) -> Recipe:
 
 def _run(recipe: Recipe, out: str) -> str:
     """Train a probe unless a finished one with the same number of steps is there; returns its log."""
-    from .trainer import train
+    from .engine import train
     summary_path = os.path.join(out, "summary.json")
     log_path = os.path.join(out, "log.jsonl")
     if os.path.isfile(summary_path) and os.path.isfile(log_path):
@@ -92,7 +103,7 @@ def _run(recipe: Recipe, out: str) -> str:
 def balance(recipe_path: str, overrides: Sequence[str], out_dir: str, steps: Optional[int] = None,
             tail: float = 0.2, output: Optional[str] = None) -> Dict[str, Any]:
     """Run the two probe runs of ``recipe_path`` (+ ``overrides``) under ``out_dir`` and write the
-    balanced recipe (default ``RECIPE.balanced.yaml``). Returns the numbers (see module docstring)."""
+    balanced recipe (default ``out_dir/NAME.balanced.yaml``). Returns the numbers (see module docstring)."""
     if not 0 < tail <= 1:
         raise ConfigError(f"tail must be in (0, 1], got {tail}")
     if steps is not None and steps < 1:
@@ -116,9 +127,7 @@ def balance(recipe_path: str, overrides: Sequence[str], out_dir: str, steps: Opt
     raw["loss"]["alpha_a"] = float(alpha_a)
     Recipe.from_dict(raw)  # still a valid recipe
     if output is None:
-        base = recipe_path[:-5] if recipe_path.endswith(".yaml") else (
-            recipe_path[:-4] if recipe_path.endswith(".yml") else recipe_path)
-        output = base + ".balanced.yaml"
+        output = default_output(recipe_path, out_dir)
     header = (f"# balanced by `qlip balance` (paper section 4): alpha_r / alpha_a = L_align(inf) / L_mse(inf)\n"
               f"#   = {l_align:.6g} / {l_mse:.6g} = {l_align / l_mse:.6g}  (probe runs in {out_dir}, "
               f"{recipe.optim.steps if steps is None else steps} steps, tail {tail})\n")

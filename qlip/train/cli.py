@@ -1,4 +1,4 @@
-"""``qlip train``, ``qlip balance`` and ``qlip demo``."""
+"""``qlip train`` and ``qlip balance`` (``qlip demo`` is registered by ``qlip.demo.cli``)."""
 from __future__ import annotations
 
 import json
@@ -19,23 +19,13 @@ def register(sub) -> None:
     b.add_argument("--out", required=True, help="folder for the two probe runs")
     b.add_argument("--steps", type=int, default=None, help="steps of each probe run (default: recipe's optim.steps)")
     b.add_argument("--tail", type=float, default=0.2, help="fraction of the final log used as L(inf) (default 0.2)")
-    b.add_argument("-o", "--output", help="write the balanced recipe here (default: RECIPE with .balanced.yaml)")
+    b.add_argument("-o", "--output", help="write the balanced recipe here (default: OUT/RECIPE_NAME.balanced.yaml)")
     b.set_defaults(func=_balance)
-
-    d = sub.add_parser("demo", help="the tiny end-to-end QLIP run on generated shapes (README main job)")
-    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--fast", action="store_true", help="a much shorter smoke run (minutes -> seconds)")
-    d.add_argument("--resume", action="store_true", help="reuse finished stages and resume interrupted ones")
-    d.add_argument("--threads", type=int, default=None, help="torch threads in all (default: all cores)")
-    d.add_argument("--lanes", type=int, choices=(1, 2), default=None,
-                   help="2: train QLIP and the baselines in two processes at once (default with >= 2 cores); "
-                        "1: one after the other")
-    d.set_defaults(func=_demo)
 
 
 def _train(args) -> int:
     from .recipe import load_recipe
-    from .trainer import train
+    from .engine import train
     recipe = load_recipe(args.recipe, args.overrides)
     summary = train(recipe, args.out, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "last_log"}))
@@ -48,8 +38,3 @@ def _balance(args) -> int:
     print(json.dumps(out, indent=2))
     return 0
 
-
-def _demo(args) -> int:
-    from .demo import run_demo
-    run_demo(args.out, fast=args.fast, resume=args.resume, threads=args.threads, lanes=args.lanes)
-    return 0

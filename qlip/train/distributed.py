@@ -2,8 +2,13 @@
 
 A plain ``python``/``qlip train`` call runs as a single process without any distributed setup.
 Gradients are averaged across ranks after the backward passes of a step (one bucketed
-all-reduce, see ``qlip.losses.all_reduce_gradients_``) instead of wrapping the model in DDP:
-this serves the plain step, gradient accumulation and gradient caching with one code path.
+all-reduce, see ``qlip.nn.collectives.all_reduce_gradients_``) instead of wrapping the model in
+DDP: this serves the plain step, gradient accumulation and gradient caching with one code path.
+
+On GPUs the process group is ``cpu:gloo,cuda:nccl`` (NCCL for the gradients and features, gloo
+for the few host-side scalars and objects), and every scalar collective is created on the
+group's communication device (:func:`qlip.nn.collectives.comm_device`): NCCL alone rejects CPU
+tensors, which once made every distributed GPU run die at its first logged step.
 """
 from __future__ import annotations
 
@@ -11,8 +16,13 @@ import datetime
 import os
 from dataclasses import dataclass
 
+from typing import Dict, List
+
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from ..nn.collectives import all_reduce_floats, comm_device
 
 
 @dataclass
@@ -21,6 +31,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    comm_device: torch.device = torch.device("cpu")  # where scalar collectives put their tensors
 
     @property
     def is_main(self) -> bool:
@@ -44,9 +55,16 @@ def setup(device: str = None) -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+        dist.init_process_group(backend_for(dev), timeout=datetime.timedelta(minutes=30))
+    comm = comm_device(fallback=dev) if world > 1 else dev
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, comm_device=comm)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backends for training on ``device``: on GPUs NCCL for CUDA tensors and
+    gloo beside it for CPU ones (scalars, objects), so a CPU tensor in a collective cannot kill
+    the run; gloo on CPUs."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def barrier(info: DistInfo) -> None:
@@ -62,12 +80,17 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
-def mean_scalar(x: float, info: DistInfo) -> float:
+def mean_scalars(values: Dict[str, float], info: DistInfo) -> Dict[str, float]:
+    """Mean over the ranks of each value, in one collective (every rank passes the same keys)."""
     if not info.enabled:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+        return dict(values)
+    keys = sorted(values)
+    means = all_reduce_floats([values[k] for k in keys], average=True, device=info.comm_device)
+    return dict(zip(keys, means))
+
+
+def mean_scalar(x: float, info: DistInfo) -> float:
+    return mean_scalars({"x": x}, info)["x"]
 
 
 def teardown(info: DistInfo) -> None:
@@ -110,9 +133,9 @@ class RankSlice:
             yield {k: (v[lo:hi] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
 
 
-# ---- FSDP (train.fsdp): every transformer block sharded with FSDP2 ------------------------------
-# Everything outside the blocks (patch / token embeddings, norms, projections, the bottleneck,
-# the logit scale: a few percent of an L-size model) stays replicated, and its gradients are
+# ---- FSDP (train.fsdp): the task's units (transformer blocks) sharded with FSDP2 ----------------
+# Everything outside the units (patch / token embeddings, norms, projections, QLIP's bottleneck
+# and logit scale: a few percent of an L-size model) stays replicated, and its gradients are
 # averaged with the bucketed all-reduce as without FSDP. Checkpoints hold *full* tensors in the
 # same format as unsharded runs, so a run saved under FSDP loads in one process and vice versa.
 
@@ -129,21 +152,16 @@ def is_sharded(t) -> bool:
     return isinstance(t, _dtensor_api()[0])
 
 
-def shard_blocks(model) -> int:
-    """``fully_shard`` (FSDP2) every transformer block of the vision encoder, the text tower and
-    the decoder, over all ranks. Returns the number of sharded blocks."""
+def shard_units(units: List[nn.Module]) -> int:
+    """``fully_shard`` (FSDP2) each module of ``units`` over all ranks (a task's
+    :meth:`~qlip.train.task.Task.fsdp_units`, e.g. every transformer block). Returns their number."""
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
     except ImportError:  # torch 2.4 / 2.5
         from torch.distributed._composable.fsdp import fully_shard
-    n = 0
-    for tower in (model.visual, model.text, model.decoder):
-        if tower is None:
-            continue
-        for block in tower.transformer.blocks:
-            fully_shard(block)
-            n += 1
-    return n
+    for unit in units:
+        fully_shard(unit)
+    return len(units)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -194,8 +212,9 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not any(is_sharded(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    sq_sharded = torch.zeros((), dtype=torch.float64)
-    sq_repl = torch.zeros((), dtype=torch.float64)
+    dev = (grads[0].to_local() if is_sharded(grads[0]) else grads[0]).device  # NCCL: the GPU, never the CPU
+    sq_sharded = torch.zeros((), dtype=torch.float64, device=dev)
+    sq_repl = torch.zeros((), dtype=torch.float64, device=dev)
     for g in grads:
         if is_sharded(g):
             sq_sharded += g.to_local().double().pow(2).sum()

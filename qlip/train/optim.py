@@ -1,8 +1,8 @@
-"""Optimizers, per-module learning rates (paper Table 8) and the warm-up + cosine schedule."""
+"""Optimizers (timm's LAMB, AdamW), parameter groups with per-group learning rates, and the warm-up + cosine schedule."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,23 +16,23 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
 
 
-def param_groups(model: nn.Module, o: OptimSection) -> List[Dict]:
-    """Groups by module (visual -> lr_visual, text -> lr_text, bottleneck+decoder -> lr_generator,
-    the rest -> lr) x (decay, no decay). Frozen parameters and those with learning rate 0 (the
-    paper's Table 8 writes frozen modules that way) are left out."""
-    lrs = {"visual": o.lr_visual, "text": o.lr_text, "bottleneck": o.lr_generator, "decoder": o.lr_generator}
+def param_groups(model: nn.Module, assign: Callable[[str], Tuple[str, Optional[float]]],
+                 weight_decay: float) -> List[Dict]:
+    """Optimizer groups of ``model``'s trainable parameters: (``assign(name)``'s group name) x
+    (decay, no decay). ``assign`` maps a parameter name to ``(group, lr)``; parameters that are
+    frozen or whose lr is 0 (the paper's Table 8 writes frozen modules that way) are left out.
+    Each group carries ``names`` (for checks and logs) and ``initial_lr`` (for the schedule)."""
     groups: Dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        module = name.split(".", 1)[0]
-        lr = lrs.get(module) if lrs.get(module) is not None else o.lr
+        group, lr = assign(name)
         if lr == 0:
             continue
-        key = ({"visual": "visual", "text": "text", "bottleneck": "generator", "decoder": "generator"}.get(module, "other"),
-               _no_decay(name, p))
+        key = (group, _no_decay(name, p))
         g = groups.setdefault(key, {"params": [], "names": [], "lr": lr,
-                                    "weight_decay": 0.0 if key[1] else o.weight_decay, "name": f"{key[0]}{'_nd' if key[1] else ''}"})
+                                    "weight_decay": 0.0 if key[1] else weight_decay,
+                                    "name": f"{group}{'_nd' if key[1] else ''}"})
         g["params"].append(p)
         g["names"].append(name)
     out = [groups[k] for k in sorted(groups)]

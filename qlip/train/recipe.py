@@ -7,8 +7,9 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -16,36 +17,38 @@ import yaml
 from ..errors import ConfigError
 
 
-@dataclass
-class ModelSection:
-    preset: Optional[str] = "qlip-demo"      # preset name for random init
-    overrides: Dict[str, Any] = field(default_factory=dict)   # dotted config keys, e.g. vision.depth
-    init: Optional[str] = None               # qlip.load-able checkpoint to start from (stage 2: stage 1 output)
-    init_open_clip: Optional[str] = None     # "ARCH:PRETRAINED" open_clip weights for the text tower
-    init_eva_clip: Optional[str] = None      # EVA-CLIP vision tower: "EVA02-B-16:TAG" (open_clip) or "timm:NAME"
-    drop_text: bool = False                  # drop the text tower (reconstruction-only runs, stage 2)
-    grad_checkpointing: bool = False
+def check(name: str, value: Any, want: str, ok: bool) -> None:
+    """One ConfigError naming the key when ``ok`` is false or a number in ``value`` is not finite."""
+    finite = all(math.isfinite(x) for x in (value if isinstance(value, (list, tuple)) else [value])
+                 if isinstance(x, (int, float)) and not isinstance(x, bool))
+    if not (ok and finite):
+        raise ConfigError(f"{name} must be {want}, got {value!r}")
 
 
+# ---- the engine's sections (every task has them; a task may extend them by subclassing) -------
 @dataclass
 class DataSection:
-    train: Optional[str] = None              # shards (glob / brace pattern / list) or a .csv
+    train: Optional[Any] = None              # the task's training data: shards (glob / brace pattern / list), a .csv, ...
     batch_size: int = 128                    # per rank, per optimizer step (before accumulation)
     workers: int = 0
     shuffle_buffer: int = 2000
-    image_root: Optional[str] = None         # for CSV files with relative paths
     global_batches: bool = False             # every rank reads the 1-process stream of global batches
                                              # (batch_size * world_size) and keeps its slice: batches
                                              # independent of the number of ranks (costs world_size x decoding)
 
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
+        check("data.workers", self.workers, ">= 0", self.workers >= 0)
+        check("data.shuffle_buffer", self.shuffle_buffer, ">= 0", self.shuffle_buffer >= 0)
+        if self.train is not None and not isinstance(self.train, (str, list)):
+            raise ConfigError(f"data.train must be a path, a pattern or a list of them, got {self.train!r}")
+
 
 @dataclass
 class OptimSection:
-    optimizer: str = "lamb"                  # lamb (timm-equivalent, qlip.train.optim.Lamb) | adamw
-    lr: float = 5e-4                         # peak lr of parameters not in a group below
-    lr_visual: Optional[float] = None        # vision encoder (E_v); None -> lr
-    lr_text: Optional[float] = None          # text encoder (E_t)
-    lr_generator: Optional[float] = None     # bottleneck + decoder (G)
+    optimizer: str = "lamb"                  # lamb (timm's, without its own clipping) | adamw
+    lr: float = 5e-4                         # peak lr (of parameters the task puts in no group of its own)
     betas: Tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-6
     weight_decay: float = 0.05
@@ -55,167 +58,133 @@ class OptimSection:
     schedule: str = "cosine"                 # cosine | constant
     min_lr_ratio: float = 0.0
 
-
-@dataclass
-class LossSection:
-    alpha_r: float = 1.0      # MSE reconstruction
-    alpha_q: float = 1.0      # BSQ entropy/commitment loss
-    alpha_a: float = 1.0      # contrastive alignment
-    alpha_z: float = 0.0      # paper's commitment ||sg(Z_hat) - Z||^2 (needs decoder width == vision width)
-    alpha_p: float = 0.0      # LPIPS
-    alpha_g: float = 0.0      # GAN (generator side)
-    alpha_s: float = 0.0      # stage 2: 1 - cos(E(x_hat), E(x)) with the frozen encoder (qlip/losses/semantic.py)
-    semantic_features: str = "embedding"  # alpha_s on: embedding (pooled image embedding) | tokens (every token)
-    lpips_net: str = "vgg"    # LPIPS trunk: vgg (paper) | alex | squeeze
-    hard_negatives: bool = False  # score each image against a hard-negative caption ({key}.neg.txt) too
-    logit_scale_max: float = 4.6052   # ln(100), clamp as CLIP does
-
-
-@dataclass
-class GANSection:
-    kind: str = "hinge"        # hinge | non_saturating
-    disc_lr: float = 1e-4
-    disc_betas: Tuple[float, float] = (0.5, 0.9)
-    disc_start: int = 0        # step at which the discriminator (and alpha_g) switch on
-    disc_channels: int = 64
-    disc_layers: int = 3
-    r1_gamma: float = 0.0
-    r1_every: int = 16
+    def validate(self) -> None:
+        if self.optimizer not in ("lamb", "adamw"):
+            raise ConfigError(f"optim.optimizer must be lamb or adamw, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.steps < 1:
+            raise ConfigError("optim.steps must be >= 1")
+        check("optim.lr", self.lr, ">= 0", self.lr >= 0)
+        check("optim.eps", self.eps, "> 0", self.eps > 0)
+        check("optim.weight_decay", self.weight_decay, ">= 0", self.weight_decay >= 0)
+        check("optim.grad_clip", self.grad_clip, ">= 0 (0 = off)", self.grad_clip >= 0)
+        check("optim.warmup_steps", self.warmup_steps, ">= 0", self.warmup_steps >= 0)
+        check("optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]", 0 <= self.min_lr_ratio <= 1)
+        check("optim.betas", list(self.betas), "two values in [0, 1)",
+              len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))
 
 
 @dataclass
 class TrainSection:
-    stage: int = 1
-    precision: str = "fp32"    # fp32 | bf16
+    precision: str = "fp32"    # fp32 | bf16 (autocast)
     grad_accum: int = 1
-    fsdp: bool = False         # shard every transformer block across ranks (FSDP2; AdamW only)
-    contrastive_chunk: int = 0 # >0: gradient caching with chunks of this many samples
+    fsdp: bool = False         # shard the task's FSDP units across ranks (FSDP2; AdamW only)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500
     keep_ckpts: int = 2
+    eval_every: int = 0        # > 0: run the task's evaluation hook every this many steps (and at the end)
     max_time_s: Optional[float] = None   # stop (and checkpoint) after this wall time
     device: Optional[str] = None
     progress: bool = True
     tensorboard: bool = True
 
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.grad_accum < 1:
+            raise ConfigError("train.grad_accum must be >= 1")
+        check("train.log_every", self.log_every, ">= 1", self.log_every >= 1)
+        check("train.ckpt_every", self.ckpt_every, ">= 0 (0 = only at the end)", self.ckpt_every >= 0)
+        check("train.keep_ckpts", self.keep_ckpts, ">= 0 (0 = keep all)", self.keep_ckpts >= 0)
+        check("train.eval_every", self.eval_every, ">= 0 (0 = off)", self.eval_every >= 0)
+        if self.max_time_s is not None:
+            check("train.max_time_s", self.max_time_s, "> 0 or empty", self.max_time_s > 0)
+        if self.device is not None and not isinstance(self.device, str):
+            raise ConfigError(f"train.device must be a string, got {self.device!r}")
 
-@dataclass
+
+ENGINE_SECTIONS: Dict[str, type] = {"data": DataSection, "optim": OptimSection, "train": TrainSection}
+DEFAULT_TASK = "qlip"
+
+
 class Recipe:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    loss: LossSection = field(default_factory=LossSection)
-    gan: GANSection = field(default_factory=GANSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    """A task name plus its sections: the engine's ``data``, ``optim`` and ``train`` (possibly
+    extended by the task) and the task's own (QLIP: ``model``, ``loss``, ``gan``). Sections are
+    attributes: ``recipe.optim.lr``. Build with :meth:`from_dict` / :func:`load_recipe`."""
+
+    def __init__(self, task: str, sections: Dict[str, Any]):
+        self.__dict__["task"] = task
+        self.__dict__["sections"] = dict(sections)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["sections"][name]
+        except KeyError:
+            raise AttributeError(f"recipe of task {self.task!r} has no section {name!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipe) and self.task == other.task and self.sections == other.sections
+
+    def __repr__(self) -> str:
+        return f"Recipe(task={self.task!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.sections.items()) + ")"
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"task": self.task, **{k: dataclasses.asdict(v) for k, v in self.sections.items()}}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Recipe":
+        from .tasks import get_task
         d = dict(d or {})
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(sections))
+        task_name = d.pop("task", None) or DEFAULT_TASK
+        if not isinstance(task_name, str):
+            raise ConfigError(f"recipe key 'task' must be a task name, got {task_name!r}")
+        task_cls = get_task(task_name)
+        types = section_types(task_cls)
+        unknown = sorted(set(d) - set(types))
         if unknown:
-            raise ConfigError(f"unknown recipe sections: {', '.join(unknown)} (valid: {', '.join(sections)})")
-        kw = {}
-        for f in dataclasses.fields(cls):
-            sub = f.default_factory().__class__
-            val = d.get(f.name) or {}
+            raise ConfigError(f"unknown recipe sections: {', '.join(unknown)} (valid for task {task_name!r}: "
+                              f"task, {', '.join(types)})")
+        secs = {}
+        for name, sub in types.items():
+            val = d.get(name) or {}
             if not isinstance(val, dict):
-                raise ConfigError(f"recipe section {f.name!r} must be a mapping")
-            names = {g.name for g in dataclasses.fields(sub)}
-            bad = sorted(set(val) - names)
+                raise ConfigError(f"recipe section {name!r} must be a mapping")
+            fields = {g.name: str(g.type) for g in dataclasses.fields(sub)}
+            bad = sorted(set(val) - set(fields))
             if bad:
-                raise ConfigError(f"unknown keys in recipe section {f.name!r}: {', '.join(bad)}")
-            types = {g.name: str(g.type) for g in dataclasses.fields(sub)}
-            val = {k: _coerce(v, types[k], f"{f.name}.{k}") for k, v in val.items()}
-            kw[f.name] = sub(**val)
-        return cls(**kw).validate()
+                raise ConfigError(f"unknown keys in recipe section {name!r}: "
+                                  + ", ".join(_suggest(k, fields, name) for k in bad))
+            secs[name] = sub(**{k: _coerce(v, fields[k], f"{name}.{k}") for k, v in val.items()})
+        return cls(task_name, secs).validate()
 
     def validate(self) -> "Recipe":
-        o, l, t = self.optim, self.loss, self.train
-        if o.optimizer not in ("lamb", "adamw"):
-            raise ConfigError(f"optim.optimizer must be lamb or adamw, got {o.optimizer!r}")
-        if o.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"optim.schedule must be cosine or constant, got {o.schedule!r}")
-        if t.stage not in (1, 2):
-            raise ConfigError(f"train.stage must be 1 or 2, got {t.stage}")
-        if t.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
-        if l.lpips_net not in ("vgg", "alex", "squeeze"):
-            raise ConfigError(f"loss.lpips_net must be vgg, alex or squeeze, got {l.lpips_net!r}")
-        if l.semantic_features not in ("embedding", "tokens"):
-            raise ConfigError(f"loss.semantic_features must be embedding or tokens, got {l.semantic_features!r}")
-        if self.gan.kind not in ("hinge", "non_saturating"):
-            raise ConfigError(f"gan.kind must be hinge or non_saturating, got {self.gan.kind!r}")
-        for name in ("alpha_r", "alpha_q", "alpha_a", "alpha_z", "alpha_p", "alpha_g", "alpha_s"):
-            if getattr(l, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0")
-        if t.stage == 2 and l.alpha_a > 0:
-            raise ConfigError("stage 2 drops the text tower: set loss.alpha_a to 0")
-        if l.alpha_s > 0 and t.stage != 2:
-            raise ConfigError("loss.alpha_s (embedding consistency through the frozen encoder) is a stage-2 term: "
-                              "in stage 1 the encoder is being trained; set train.stage=2 or loss.alpha_s=0")
-        if l.alpha_a == 0 and l.alpha_r == l.alpha_q == l.alpha_z == l.alpha_p == l.alpha_g == 0:
-            raise ConfigError("every loss weight is 0: nothing to train")
-        if t.grad_accum < 1 or o.steps < 1 or self.data.batch_size < 1:
-            raise ConfigError("train.grad_accum, optim.steps and data.batch_size must be >= 1")
-        _check_ranges(self)
-        if t.fsdp and o.optimizer != "adamw":
+        from .tasks import get_task
+        for sec in self.sections.values():
+            if hasattr(sec, "validate"):
+                sec.validate()
+        if self.train.fsdp and self.optim.optimizer != "adamw":
             raise ConfigError("train.fsdp needs optim.optimizer=adamw: timm's LAMB computes its per-parameter "
                               "trust ratio on the local shard of each weight, which would differ from unsharded LAMB")
-        if t.contrastive_chunk and (l.alpha_p > 0 or l.alpha_g > 0):
-            raise ConfigError("gradient caching (train.contrastive_chunk) is for stage 1 (no LPIPS/GAN)")
+        get_task(self.task).validate_recipe(self)
         return self
 
 
-def _check_ranges(r: "Recipe") -> None:
-    """Value ranges of every numeric key (one ConfigError naming the first bad key)."""
-    o, l, g, t, d = r.optim, r.loss, r.gan, r.train, r.data
-    checks = [
-        ("optim.lr", o.lr, ">= 0", o.lr >= 0),
-        ("optim.eps", o.eps, "> 0", o.eps > 0),
-        ("optim.weight_decay", o.weight_decay, ">= 0", o.weight_decay >= 0),
-        ("optim.grad_clip", o.grad_clip, ">= 0 (0 = off)", o.grad_clip >= 0),
-        ("optim.warmup_steps", o.warmup_steps, ">= 0", o.warmup_steps >= 0),
-        ("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]", 0 <= o.min_lr_ratio <= 1),
-        ("optim.betas", list(o.betas), "two values in [0, 1)", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)),
-        ("loss.logit_scale_max", l.logit_scale_max, "> 0", l.logit_scale_max > 0),
-        ("gan.disc_lr", g.disc_lr, "> 0", g.disc_lr > 0),
-        ("gan.disc_betas", list(g.disc_betas), "two values in [0, 1)",
-         len(g.disc_betas) == 2 and all(0 <= b < 1 for b in g.disc_betas)),
-        ("gan.disc_start", g.disc_start, ">= 0", g.disc_start >= 0),
-        ("gan.disc_channels", g.disc_channels, ">= 1", g.disc_channels >= 1),
-        ("gan.disc_layers", g.disc_layers, ">= 1", g.disc_layers >= 1),
-        ("gan.r1_gamma", g.r1_gamma, ">= 0", g.r1_gamma >= 0),
-        ("gan.r1_every", g.r1_every, ">= 1", g.r1_every >= 1),
-        ("train.contrastive_chunk", t.contrastive_chunk, ">= 0 (0 = off)", t.contrastive_chunk >= 0),
-        ("train.log_every", t.log_every, ">= 1", t.log_every >= 1),
-        ("train.ckpt_every", t.ckpt_every, ">= 0 (0 = only at the end)", t.ckpt_every >= 0),
-        ("train.keep_ckpts", t.keep_ckpts, ">= 0 (0 = keep all)", t.keep_ckpts >= 0),
-        ("data.workers", d.workers, ">= 0", d.workers >= 0),
-        ("data.shuffle_buffer", d.shuffle_buffer, ">= 0", d.shuffle_buffer >= 0),
-    ]
-    for name in ("lr_visual", "lr_text", "lr_generator"):
-        v = getattr(o, name)
-        checks.append((f"optim.{name}", v, ">= 0 (0 = frozen) or empty (= optim.lr)", v is None or v >= 0))
-    if t.max_time_s is not None:
-        checks.append(("train.max_time_s", t.max_time_s, "> 0 or empty", t.max_time_s > 0))
-    for name, value, want, ok in checks:
-        finite = all(math.isfinite(x) for x in (value if isinstance(value, list) else [value]) if x is not None)
-        if not (ok and finite):
-            raise ConfigError(f"{name} must be {want}, got {value!r}")
-    if d.train is not None and not isinstance(d.train, (str, list)):
-        raise ConfigError(f"data.train must be a path, a pattern or a list of them, got {d.train!r}")
-    for name, v in (("model.preset", r.model.preset), ("model.init", r.model.init),
-                    ("model.init_open_clip", r.model.init_open_clip),
-                    ("model.init_eva_clip", r.model.init_eva_clip), ("train.device", t.device),
-                    ("data.image_root", d.image_root)):
-        if v is not None and not isinstance(v, str):
-            raise ConfigError(f"{name} must be a string, got {v!r}")
-    r.model.overrides = _flatten(r.model.overrides, "model.overrides")
+def section_types(task_cls) -> Dict[str, type]:
+    """The engine's sections, overridden / extended by the task's ``sections``."""
+    types = dict(ENGINE_SECTIONS)
+    for name, sub in getattr(task_cls, "sections", {}).items():
+        base = ENGINE_SECTIONS.get(name)
+        if base is not None and not issubclass(sub, base):
+            raise TypeError(f"task {task_cls.__name__}: section {name!r} must extend {base.__name__}")
+        types[name] = sub
+    return types
+
+
+def _suggest(key: str, fields, section: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1)
+    return f"{key} (did you mean {section}.{close[0]}?)" if close else key
 
 
 def _flatten(d: Dict[str, Any], name: str, prefix: str = "") -> Dict[str, Any]:
@@ -326,12 +295,15 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> Recipe:
 def recipe_to_yaml(recipe: Recipe) -> str:
     d = recipe.to_dict()
     for sec in d.values():
-        for k, v in sec.items():
-            if isinstance(v, tuple):
-                sec[k] = list(v)
+        if isinstance(sec, dict):
+            for k, v in sec.items():
+                if isinstance(v, tuple):
+                    sec[k] = list(v)
     return yaml.safe_dump(d, sort_keys=False)
 
 
-def list_fields() -> List[str]:
-    return [f"{s.name}.{g.name}" for s in dataclasses.fields(Recipe)
-            for g in dataclasses.fields(s.default_factory().__class__)]
+def list_fields(task: str = DEFAULT_TASK) -> List[str]:
+    """Every ``section.key`` a recipe of ``task`` accepts."""
+    from .tasks import get_task
+    return [f"{name}.{g.name}" for name, sub in section_types(get_task(task)).items()
+            for g in dataclasses.fields(sub)]

@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -82,11 +82,14 @@ def clean_stale(ckpt_root: str) -> None:
 
 
 def save_checkpoint(ckpt_root: str, step: int, model, state: Dict[str, Any], keep: int = 2,
-                    model_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
+                    model_state: Optional[Dict[str, torch.Tensor]] = None,
+                    save_model: Optional[Callable[..., None]] = None) -> str:
     """Write checkpoint ``step`` under ``ckpt_root`` atomically and update ``latest``.
 
     ``keep``: number of newest checkpoints kept (0 keeps all); ``model_state``: the weights to
-    write instead of ``model.state_dict()`` (the gathered full tensors of a sharded model)."""
+    write instead of ``model.state_dict()`` (the gathered full tensors of a sharded model);
+    ``save_model(model, folder, state_dict=...)``: writes the model's ``config.json`` +
+    ``model.safetensors`` (default: ``model.save_pretrained``, a training task's ``save_model``)."""
     os.makedirs(ckpt_root, exist_ok=True)
     clean_stale(ckpt_root)
     name = f"step_{step:08d}"
@@ -94,7 +97,10 @@ def save_checkpoint(ckpt_root: str, step: int, model, state: Dict[str, Any], kee
     tmp = tempfile.mkdtemp(prefix=name + ".tmp", dir=ckpt_root)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        model.save_pretrained(tmp, state_dict=model_state)
+        if save_model is None:
+            model.save_pretrained(tmp, state_dict=model_state)
+        else:
+            save_model(model, tmp, state_dict=model_state)
         torch.save(state, os.path.join(tmp, STATE_FILE))
         fsync_path(os.path.join(tmp, STATE_FILE))
         fsync_path(tmp)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from qlip.errors import QLIPError
 from qlip.eval.codes import CodeStats, run_codes
-from qlip.eval.data import open_dataset
+from qlip.data.evalsets import open_dataset
 from qlip.eval.linear_probe import run_linear_probe
 from qlip.eval.zeroshot import evaluate_zero_shot, run_zero_shot, zero_shot_classifier
 
@@ -130,3 +130,28 @@ def test_inception_unavailable_is_one_line_error(monkeypatch):
     with pytest.raises(QLIPError, match="--fid-weights") as e:
         recon.inception_extractor()
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore:LPIPS is using a RANDOMLY")
+def test_cli_eval_all_skips_rfid_when_torch_fidelity_is_missing(folder, tmp_path, capsys, monkeypatch):
+    """Right after `pip install -e ".[all]"` (no torch-fidelity) the default `qlip eval all` runs
+    everything else and says in one line what to install; `--fid inception` insists."""
+    from qlip.cli import main
+    from qlip.eval import recon
+
+    def missing(weights_path=None):
+        raise ModuleNotFoundError("No module named 'torch_fidelity'")
+
+    monkeypatch.setattr(recon, "InceptionFeatures", missing)
+    base = ["eval", "all", "--model", "qlip-tiny", "--random-init", "--data", str(folder), "--batch-size", "9",
+            "-q", "--lpips", "none"]
+    rc = main(base + ["--report", str(tmp_path / "r")])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "recon.psnr" in out and "zero_shot.top1" in out
+    assert err.count("\n") == 1 and err.startswith("qlip: rFID skipped: ") and "pip install torch-fidelity" in err
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["skipped"] == ["rFID (torch-fidelity not installed)", "linear probe (no --train)"]
+    assert "rfid" not in metrics["recon"]
+    rc = main(base + ["--fid", "inception"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("qlip: error: rFID needs torch-fidelity") and err.count("\n") == 1

@@ -76,3 +76,20 @@ def test_compare_runs_table_and_scatter(tmp_path):
     assert paths["csv"].read_text().startswith("model,#bits,CR")
     with pytest.raises(QLIPError):
         compare_runs([tmp_path / "missing"])
+
+
+def test_cli_compare_says_why_the_plot_is_skipped(tmp_path, capsys):
+    from qlip.cli import main
+
+    for name in ("a", "b"):
+        m = _metrics(50.0, None)
+        del m["model"]
+        write_report(tmp_path / name, m)
+    assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "cmp" / "tradeoff.png").exists()
+    assert out.splitlines()[-1] == ("trade-off plot skipped: no run has rFID (rFID is skipped with --fid none "
+                                    "or without torch-fidelity; try --y PSNR)")
+    assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "cmp"),
+                 "--y", "PSNR"]) == 0
+    assert "skipped" not in capsys.readouterr().out and (tmp_path / "cmp" / "tradeoff.png").is_file()

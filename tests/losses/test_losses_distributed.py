@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _qlip_losses_testutils import TinyCLIP, assert_grads_close, grads, make_batch
-from qlip.losses import ContrastiveLoss, all_reduce_gradients_, grad_cache_step
+from qlip.losses import ContrastiveLoss, grad_cache_step
+from qlip.nn.collectives import all_reduce_gradients_
 
 ATOL = 1e-6
 

@@ -92,7 +92,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_eva_tower_matches_timm(variant):
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     eva_kw, overrides = VARIANTS[variant]
     eva, model = _eva(**eva_kw), _qlip(**overrides)
     report = init_visual_from_eva_clip(model, eva)
@@ -104,7 +104,7 @@ def test_eva_tower_matches_timm(variant):
 def test_pos_embed_resampled_like_timm():
     """A 24 px EVA (3x3 grid) into the 32 px model (4x4): bicubic pos-embed resampling and the
     16x16 RoPE reference agree with timm's own set_input_size."""
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     eva, model = _eva(img_size=24), _qlip()
     report = init_visual_from_eva_clip(model, eva)
     assert report["pos_embed"] == "resampled 3x3 -> 4x4 (bicubic)"
@@ -114,7 +114,7 @@ def test_pos_embed_resampled_like_timm():
 
 
 def test_projection_without_a_match_is_left_as_is():
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     for num_classes, note in ((0, "the source has no projection"), (48, "projects 64 -> 48, the model 64 -> 32")):
         model = _qlip()
         before = model.visual.proj.weight.clone()
@@ -127,7 +127,7 @@ def test_projection_without_a_match_is_left_as_is():
 
 
 def test_mismatches_are_named_in_one_error():
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     from timm.layers import LayerNorm
     from functools import partial
     eva = _eva(embed_dim=96, depth=3, num_heads=6, mlp_ratio=2.0, patch_size=4, swiglu_mlp=False,
@@ -147,7 +147,7 @@ def test_mismatches_are_named_in_one_error():
 
 
 def test_unsupported_rope_and_bias_layouts_are_named():
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     eva = _eva(rope_rotate_half=True, rope_grid_indexing="xy", ref_feat_shape=(8, 8), rope_temperature=100.0)
     with pytest.raises(ConfigError) as e:
         init_visual_from_eva_clip(_qlip(**{"vision.q_bias": False, "vision.v_bias": False}), eva)
@@ -183,7 +183,7 @@ def tiny_sources(tmp_path_factory):
 
 def test_open_clip_and_timm_sources(tiny_sources, tmp_path):
     from safetensors.torch import save_file
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     # an open_clip model (timm_proj null: the projection is the trunk's head), as a module
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def test_open_clip_and_timm_sources(tiny_sources, tmp_path):
 
 
 def test_bad_specs(tiny_sources):
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     model = _qlip()
     with pytest.raises(ConfigError, match="model.init_eva_clip is empty"):
         init_visual_from_eva_clip(model, " ")
@@ -244,7 +244,7 @@ def test_bad_specs(tiny_sources):
 
 @pytest.mark.parametrize("spec", ["EVA02-B-16:merged2b_s8b_b131k", "timm:eva02_base_patch16_clip_224.merged2b"])
 def test_offline_pretrained_spec_is_one_line_checkpoint_error(spec, monkeypatch):
-    from qlip.train.init import init_visual_from_eva_clip
+    from qlip.io.init_weights import init_visual_from_eva_clip
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
     with pytest.raises(CheckpointError) as e:
@@ -260,7 +260,8 @@ def test_recipe_init_eva_clip_end_to_end(tiny_sources, tmp_path):
     from safetensors.torch import save_file
     from _train_testutils import ListLoader, tiny_recipe, weights
     from qlip.train.recipe import Recipe
-    from qlip.train.trainer import build_model, train
+    from qlip.train import train
+    from qlip.train.tasks.qlip import build_model
     torch.manual_seed(0)
     oc = open_clip.create_model(OC_ARCH)
     oc.visual.trunk.load_state_dict(_eva().state_dict())

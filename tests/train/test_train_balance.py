@@ -27,7 +27,7 @@ def test_balance_writes_the_balanced_recipe(shapes_dir, tmp_path, capsys):
     assert out["alpha_r"] == pytest.approx(alpha_r) and out["alpha_a"] == 0.5
     assert out["alpha_r"] / out["alpha_a"] == pytest.approx(l_align / l_mse)
 
-    assert out["output"] == str(tmp_path / "stage1.balanced.yaml")
+    assert out["output"] == str(tmp_path / "probes" / "stage1.balanced.yaml")
     balanced = load_recipe(out["output"])
     assert balanced.loss.alpha_r == pytest.approx(alpha_r) and balanced.loss.alpha_a == 0.5
     assert balanced.optim.lr == 1e-3  # overrides are kept

@@ -21,7 +21,7 @@ def _shard(path):
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
     from qlip.train.recipe import Recipe
-    from qlip.train.trainer import train
+    from qlip.train import train
     _shard(tmp_path / "bad-000000.tar")
     d = tiny_recipe(tmp_path, optim={"steps": 2}, train={"ckpt_every": 0})
     d["data"].update(train=str(tmp_path / "bad-000000.tar"), shuffle_buffer=0)

@@ -31,7 +31,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(shapes_dir, tmp_
     two = write_recipe(tmp_path / "two.yaml", d2)
 
     from qlip.train.recipe import load_recipe
-    from qlip.train.trainer import train
+    from qlip.train import train
     train(load_recipe(one), str(tmp_path / "one"))
 
     port = _free_port()
@@ -51,7 +51,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(shapes_dir, tmp_
 _CRASH_AT_3 = '''
 import sys
 from qlip.train.recipe import load_recipe
-from qlip.train.trainer import train
+from qlip.train import train
 
 
 class Crash(Exception):
@@ -84,7 +84,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(shapes_dir, tmp_path):
     import qlip
     from qlip.train.recipe import load_recipe
     from qlip.train.state import latest_checkpoint, load_train_state
-    from qlip.train.trainer import train
+    from qlip.train import train
 
     common = dict(model={"preset": "qlip-tiny"}, optim={"steps": STEPS, "warmup_steps": 1, "optimizer": "adamw"})
     one = write_recipe(tmp_path / "one.yaml", tiny_recipe(shapes_dir, **common, train={"ckpt_every": 0}))
@@ -116,7 +116,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(shapes_dir, tmp_path):
     run(torchrun + ["--master_port", str(_free_port()), "-m", "qlip", "train", two, "--out", str(out), "--resume"],
         timeout=300)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["fsdp_sharded_blocks"] == 6 and summary["steps_this_run"] == STEPS - 2  # 2+2+2 blocks
+    assert summary["fsdp_sharded_units"] == 6 and summary["steps_this_run"] == STEPS - 2  # 2+2+2 blocks
     a, b = read_log(tmp_path / "one"), read_log(out)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):

@@ -7,18 +7,19 @@ from _train_testutils import read_log, tiny_recipe
 
 def _trainer(shapes_dir, out, gamma_1, **loss):
     from qlip.train.recipe import Recipe
-    from qlip.train.trainer import Trainer
+    from qlip.train import Engine
     d = tiny_recipe(shapes_dir, model={"preset": "qlip-tiny", "overrides": {"quantizer.gamma_1": gamma_1}},
                     loss={"alpha_r": 1.0, "alpha_q": 1.0, "alpha_a": 1.0, **loss})
-    return Trainer(Recipe.from_dict(d), str(out))
+    return Engine(Recipe.from_dict(d), str(out))
 
 
 def _grads(tr, batch, chunk):
     tr.r.train.contrastive_chunk = chunk
     tr.optimizer.zero_grad(set_to_none=True)
-    logs = {}
-    tr._micro_step(batch, 1.0, logs)
-    return {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}, logs
+    from qlip.train import StepLog
+    log = StepLog()
+    assert tr.task.micro_step(batch, 1.0, log, tr.step) is None  # the contrastive step runs its own backward
+    return {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}, log.values
 
 
 def test_gradient_caching_matches_plain_step(shapes_dir, tmp_path):
@@ -50,9 +51,10 @@ def test_gradient_caching_with_hard_negatives_matches_plain_step(shapes_dir, tmp
 
     # the plain full-batch step with hard negatives, written out
     tr.optimizer.zero_grad(set_to_none=True)
-    emb, extra = tr._image_terms(batch["images"], {}, 1.0)
-    txt, neg = tr._text_embed(batch["tokens"]), tr._text_embed(batch["neg_tokens"])
-    closs = tr.contrastive(emb, txt, tr.model.logit_scale.exp(), text_negatives=neg)
+    from qlip.train import StepLog
+    emb, extra = tr.task.image_terms(batch["images"], StepLog(), 1.0)
+    txt, neg = tr.task.text_embed(batch["tokens"]), tr.task.text_embed(batch["neg_tokens"])
+    closs = tr.task.contrastive(emb, txt, tr.model.logit_scale.exp(), text_negatives=neg)
     (closs + extra).backward()
     closs = float(closs.detach())
     plain = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
@@ -103,7 +105,7 @@ def test_codebook_entropy_of_the_whole_batch_under_caching(shapes_dir, tmp_path)
 
 def test_training_run_with_gradient_caching(shapes_dir, tmp_path):
     from qlip.train.recipe import Recipe
-    from qlip.train.trainer import train
+    from qlip.train import train
     logs = []
     for chunk in (0, 3):
         d = tiny_recipe(shapes_dir, model={"preset": "qlip-tiny", "overrides": {"quantizer.gamma_1": 0.0}},

@@ -43,7 +43,7 @@ def _close_embeddings(model, oc):
 
 
 def test_text_tower_from_open_clip_random_init(tiny_arch):
-    from qlip.train.init import init_text_from_open_clip
+    from qlip.io.init_weights import init_text_from_open_clip
     model = _tiny()
     before = model.text.token_embed.weight.clone()
     oc = init_text_from_open_clip(model, tiny_arch)
@@ -54,7 +54,7 @@ def test_text_tower_from_open_clip_random_init(tiny_arch):
 def test_text_tower_from_open_clip_weights_in_a_local_folder(tiny_arch, tmp_path):
     """"local-dir:" loads open_clip weights from disk: the pretrained path, offline."""
     from safetensors.torch import save_file
-    from qlip.train.init import init_text_from_open_clip
+    from qlip.io.init_weights import init_text_from_open_clip
     torch.manual_seed(1)
     src = open_clip.create_model(tiny_arch)
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_text_tower_from_open_clip_weights_in_a_local_folder(tiny_arch, tmp_path
 
 
 def test_mismatches_are_named_in_one_line(tiny_arch):
-    from qlip.train.init import init_text_from_open_clip
+    from qlip.io.init_weights import init_text_from_open_clip
     with pytest.raises(ConfigError) as e:
         init_text_from_open_clip(_tiny(), "qlip-test-oc-bad")
     msg = str(e.value)
@@ -89,7 +89,7 @@ def test_mismatches_are_named_in_one_line(tiny_arch):
 
 
 def test_offline_download_failure_is_one_line(monkeypatch):
-    from qlip.train.init import init_text_from_open_clip
+    from qlip.io.init_weights import init_text_from_open_clip
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError) as e:
         init_text_from_open_clip(_tiny(), "ViT-B-32:openai")
@@ -98,7 +98,7 @@ def test_offline_download_failure_is_one_line(monkeypatch):
 
 def test_recipe_init_open_clip(tiny_arch):
     from qlip.train.recipe import Recipe
-    from qlip.train.trainer import build_model
+    from qlip.train.tasks.qlip import build_model
     torch.manual_seed(0)
     model = build_model(Recipe.from_dict({"model": {"preset": "qlip-tiny", "init_open_clip": tiny_arch}}))
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ def _recipe(shapes_dir, steps, **train):
 
 
 def test_nonfinite_step_is_skipped(shapes_dir, tmp_path):
-    from qlip.train.trainer import train
+    from qlip.train import train
     good, other = _batches(shapes_dir, 2)
     bad = {**other, "images": torch.full_like(other["images"], float("nan"))}
     s = train(_recipe(shapes_dir, 2), str(tmp_path / "nan"), loader=ListLoader([good, bad]))
@@ -34,7 +34,7 @@ def test_nonfinite_step_is_skipped(shapes_dir, tmp_path):
 
 
 def test_max_time_stops_with_a_checkpoint_and_resumes(shapes_dir, tmp_path):
-    from qlip.train.trainer import train
+    from qlip.train import train
     batches = _batches(shapes_dir, 3)
     out = str(tmp_path / "run")
     s = train(_recipe(shapes_dir, 3, max_time_s=1e-6), out, loader=ListLoader(batches))

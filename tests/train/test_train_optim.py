@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from qlip.train.optim import build_optimizer, lr_factor, param_groups
-from qlip.train.recipe import OptimSection
+from qlip.train.optim import build_optimizer, lr_factor
+from qlip.train.tasks.qlip import QLIPOptimSection as OptimSection
+from qlip.train.tasks.qlip import qlip_param_groups as param_groups
 
 
 def test_lamb_is_timms_without_its_own_clipping(tiny_model):

@@ -98,7 +98,7 @@ def test_empty_sections_and_overrides_on_empty_model():
 
 
 def test_unknown_model_override_fails_when_the_model_is_built(shapes_dir, tmp_path):
-    from qlip.train.trainer import build_model
+    from qlip.train.tasks.qlip import build_model
     r = Recipe.from_dict({"model": {"preset": "qlip-tiny", "overrides": {"vision.dpth": 3}}})
     with pytest.raises(ConfigError, match="vision.dpth"):
         build_model(r)

@@ -24,7 +24,7 @@ def recipe(shapes_dir, tmp_path_factory):
 def reference(recipe, tmp_path_factory):
     """The uninterrupted run, in-process (same code, one thread: bitwise what the CLI computes)."""
     from qlip.train.recipe import load_recipe
-    from qlip.train.trainer import train
+    from qlip.train import train
     out = tmp_path_factory.mktemp("ref") / "run"
     summary = train(load_recipe(recipe), str(out))
     assert summary["steps"] == STEPS
@@ -127,7 +127,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(recipe, referenc
 
     # 3) resume to the end (in-process, to save a start-up): same weights and log as the uninterrupted run
     from qlip.train.recipe import load_recipe
-    from qlip.train.trainer import train
+    from qlip.train import train
     summary = train(load_recipe(recipe), str(out), resume=True)
     assert summary["stopped_by"] == "steps" and summary["steps_this_run"] == STEPS - last
     _same_as_reference(out, reference)

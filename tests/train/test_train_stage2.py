@@ -18,7 +18,7 @@ class _Crash(Exception):
 @pytest.fixture(scope="module")
 def stage1(shapes_dir, tmp_path_factory):
     from qlip.train.recipe import Recipe
-    from qlip.train.trainer import train
+    from qlip.train import train
     out = tmp_path_factory.mktemp("s1") / "run"
     train(Recipe.from_dict(tiny_recipe(shapes_dir, optim={"steps": 2}, train={"ckpt_every": 0})), str(out))
     return out / "final"
@@ -37,7 +37,7 @@ def _stage2(shapes_dir, stage1):
 
 def test_stage2_trains_decoder_with_lpips_and_gan_and_resumes(shapes_dir, stage1, tmp_path):
     from qlip.train.state import latest_checkpoint, load_train_state
-    from qlip.train.trainer import train
+    from qlip.train import train
     recipe = _stage2(shapes_dir, stage1)
     ref = tmp_path / "ref"
     with warnings.catch_warnings():  # LPIPS offline: random VGG trunk (values not comparable to papers)

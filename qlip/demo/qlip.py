@@ -13,6 +13,9 @@
    tower), loadable with ``qlip.load``.
 
 Every stage checkpoints; ``--resume`` skips finished runs and resumes interrupted ones.
+
+It drives training (``qlip.train``) and evaluation (``qlip.eval``), so it lives above both, in
+``qlip.demo`` (the place of the downstream demos to come: ``qlip demo t2i|vlm|um3``).
 """
 from __future__ import annotations
 
@@ -33,15 +36,15 @@ LPIPS_NET = "alex"  # the metric's trunk (also stage 2's loss): VGG-16 costs mor
 
 
 def _recipe(name: str, overrides: List[str]):
-    from .recipe import load_recipe
+    from ..train.recipe import load_recipe
     path = resources.files("qlip") / "configs" / name
     with resources.as_file(path) as p:
         return load_recipe(str(p), overrides)
 
 
 def _run(name: str, recipe, out_dir: str, resume: bool) -> Dict[str, Any]:
-    from .state import latest_checkpoint
-    from .trainer import train
+    from ..train.engine import train
+    from ..train.state import latest_checkpoint
     run_dir = os.path.join(out_dir, name)
     summ = os.path.join(run_dir, "summary.json")
     if resume and os.path.isfile(summ):
@@ -65,15 +68,15 @@ def _run(name: str, recipe, out_dir: str, resume: bool) -> Dict[str, Any]:
 def evaluate(model, heldout: str, lpips_module=None, batch_size: int = 128, keep: int = 8,
              limit: Optional[int] = None) -> Dict[str, Any]:
     """Zero-shot (originals and reconstructions), colour/kind accuracy, PSNR, SSIM, LPIPS, codes."""
+    from ..data.evalsets import open_dataset
     from ..data.shapes import KINDS, SHAPE_CLASSNAMES
     from ..eval.codes import CodeStats
-    from ..eval.data import open_dataset
     from ..eval.recon import psnr_per_image, ssim_per_image
     from ..eval.zeroshot import zero_shot_classifier
     from ..model.preprocess import denormalize
     model.eval()
     ds = open_dataset(heldout)
-    has_text, has_dec = model.text is not None, True
+    has_text = model.text is not None
     clf = zero_shot_classifier(model, list(SHAPE_CLASSNAMES), ["a photo of a {}"]) if has_text else None
     k = len(KINDS)
     acc = {"top1": 0, "recon_top1": 0, "colour": 0, "kind": 0}
@@ -81,10 +84,9 @@ def evaluate(model, heldout: str, lpips_module=None, batch_size: int = 128, keep
     codes = CodeStats(model.num_bits, model.config.quantizer.group_size)
     originals, recons = [], []
     for x, y in ds.batches(model.preprocess, batch_size, limit):
-        h = model.visual(x)  # one encoder pass gives the image embedding, the ids and the reconstruction
-        u = model.bottleneck.project(h[:, 1:])
-        codes.update(model.quantizer.codes_to_ids(u))
-        r = model.decoder(model.bottleneck.up(model.quantizer.quantize(u)))
+        p = model.image_pass(x, embed=True, quant_loss=False)  # one pass: embedding, ids, reconstruction
+        codes.update(p.ids)
+        r = p.recon
         a = denormalize(r, model.image_mean, model.image_std).clamp(0, 1)
         b = denormalize(x, model.image_mean, model.image_std).clamp(0, 1)
         psnr.append(psnr_per_image(a, b))
@@ -92,7 +94,7 @@ def evaluate(model, heldout: str, lpips_module=None, batch_size: int = 128, keep
         if lpips_module is not None:
             lp.append(lpips_module(a * 2 - 1, b * 2 - 1))
         if has_text:
-            pred = (torch.nn.functional.normalize(model.visual.pool(h), dim=-1).float() @ clf).argmax(-1)
+            pred = (p.image_embeds.float() @ clf).argmax(-1)
             pred_r = (model.encode_image(r, normalize=True).float() @ clf).argmax(-1)
             acc["top1"] += int((pred == y).sum())
             acc["recon_top1"] += int((pred_r == y).sum())

@@ -1,5 +1,7 @@
-"""Initialising towers from other models before training (recipe keys ``model.init_open_clip``
-and ``model.init_eva_clip``).
+"""Initialising QLIP's towers from other models' weights: open_clip text towers and EVA-CLIP /
+EVA-02 vision towers (the training recipe's keys ``model.init_open_clip`` and
+``model.init_eva_clip`` call these; like the official-format adapter, weight conversion lives
+in ``qlip.io``, below training).
 
 The paper (section 4) initialises the text tower from a pre-trained CLIP text encoder and the
 vision encoder from EVA-CLIP. Here:

@@ -47,7 +47,7 @@ def test_a_failing_baselines_lane_is_reported(tmp_path):
     """The spawned baselines process reports its exception to the demo, which raises it."""
     import multiprocessing
 
-    from qlip.train.demo import _lane_process, _wait_for_lane
+    from qlip.demo.qlip import _lane_process, _wait_for_lane
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_lane_process, args=([("clip_only", "no-such-recipe.yaml", [])], str(tmp_path), False, 1,
@@ -66,7 +66,7 @@ def test_a_dead_baselines_lane_is_reported():
     import multiprocessing
     import os
 
-    from qlip.train.demo import _wait_for_lane
+    from qlip.demo.qlip import _wait_for_lane
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=os._exit, args=(7,))  # dies without putting a result

@@ -1,0 +1,323 @@
+"""Every command line in README.md and docs/*.md runs, in a cheap form (issue 10: no drift).
+
+A documented command line is any line (``\\``-continuations joined, comments dropped, split at
+``&&`` / ``;``) of a non-Python code block that starts with ``qlip``, ``python -m qlip``,
+``python -m torch.distributed.run``, ``torchrun``, ``python -c`` or ``python benchmarks/``.
+CHEAP maps each one to the command this test runs: the same subcommand, arguments and order, on
+tiny generated data (``TINY`` overrides: two steps, batch 4), with the random-init ``qlip-tiny``
+preset in place of hub ids and released presets, and ``--help`` only where nothing cheaper exists:
+
+* ``qlip demo`` (every variant): the full demo takes ~14 min and ``--fast`` still trains four
+  models for ~2 min and writes 278 MB; the demo's own tests run its pipeline.
+* ``torchrun`` on 8 GPUs / 2 nodes and the gloo launch: ``qlip train --help``; the distributed
+  path is run by tests/train/test_train_distributed.py.
+* ``python benchmarks/*.py``: ``--help`` (they time ViT-B models for minutes by design).
+* ``torchrun ... qlip data tokenize``: ``qlip data tokenize --help`` (the single-process run is
+  one of the other lines).
+
+The test fails when a documented line has no CHEAP entry (new docs cannot drift unnoticed), when
+an entry no longer matches any documented line, and when a cheap form exits non-zero, raises or
+prints a traceback. Commands run in-process (``qlip.cli.main``; ``python -c`` and scripts with
+``exec`` / ``runpy``) in one shared workspace holding what the docs assume: ``qlip/configs/`` (a
+copy), a few images, the tiny shapes data made by the documented ``qlip data shapes`` line, and
+``runs/demo/qlip`` (a tiny random model standing in for the demo's output).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import runpy
+import shlex
+import shutil
+import sys
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+NON_SHELL_BLOCKS = {"python", "py", "yaml", "yml", "json", "toml", "text", "txt"}
+COMMAND = re.compile(r"^(qlip( |$)|torchrun |python -m (qlip|torch\.distributed\.run)( |$)|python -c |python benchmarks/)")
+
+
+# ---- extraction ---------------------------------------------------------------------------------
+def _logical_lines(text: str):
+    """(line number, line) of the shell-like code blocks, continuations joined."""
+    block: Optional[str] = None
+    pending, start = "", 0
+    for no, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if stripped.startswith("```"):
+            block = stripped[3:].strip().lower() if block is None else None
+            continue
+        if block is None or block in NON_SHELL_BLOCKS:
+            continue
+        if not pending:
+            start = no
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        yield start, pending + stripped
+        pending = ""
+
+
+def _segments(line: str) -> List[List[str]]:
+    """A shell line -> its simple commands (split at && || ; |), leading VAR=value dropped."""
+    words = shlex.split(line, comments=True)
+    out, cur = [], []
+    for w in words + ["&&"]:
+        if w in ("&&", "||", ";", "|"):
+            while cur and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", cur[0]):
+                cur = cur[1:]
+            if cur:
+                out.append(cur)
+            cur = []
+        else:
+            cur.append(w)
+    return out
+
+
+def documented_commands() -> Dict[str, str]:
+    """Every documented command line (key: shlex.join of its words) -> where it is documented."""
+    found: Dict[str, str] = {}
+    for path in DOC_FILES:
+        for no, line in _logical_lines(path.read_text(encoding="utf-8")):
+            for words in _segments(line):
+                key = shlex.join(words)
+                if COMMAND.match(key):
+                    found.setdefault(key, f"{path.relative_to(REPO)}:{no}")
+    return found
+
+
+# ---- the cheap forms ----------------------------------------------------------------------------
+class Cheap(NamedTuple):
+    cmd: str                                  # what runs (shell words), in the workspace
+    needs: Sequence[str] = ()                 # documented lines to run first (their cheap forms)
+    setup: Optional[Callable[[pathlib.Path], None]] = None
+    check: Optional[Callable[[pathlib.Path, str], None]] = None
+
+
+TINY = ("data.train='data/shapes/shapes-train-*.tar' data.batch_size=4 data.shuffle_buffer=4 "
+        "optim.warmup_steps=1 train.log_every=1 train.progress=false train.tensorboard=false")
+RAND = "--model qlip-tiny --random-init"  # for hub ids and released presets
+SHAPES_DATA = "qlip data shapes data/shapes --n 20000 --size 64"
+ASTRONAUT = shlex.join(["python", "-c", "from skimage import data; from PIL import Image; "
+                                      "Image.fromarray(data.astronaut()).save('astronaut.png')"])
+TOKENIZE = "qlip tokenize astronaut.png photos/ 'more/*.jpg' --model qlip-b-16-256 --random-init -o ids.npy"
+TRAIN_S1 = "qlip train qlip/configs/demo-stage1.yaml --out runs/s1 optim.steps=2000 '[--resume]'"
+EVAL_ALL = ("qlip eval all --model runs/demo/qlip --data data/shapes/shapes-heldout-000000.tar "
+            "--classnames shapes --report runs/eval")
+CONVERT_OURS = "qlip convert --model nvidia/QLIP-B-16-256 -o qlip-b-16-256/"
+BALANCE = "qlip balance qlip/configs/demo-stage1.yaml --out runs/balance"
+DATA_TOKENIZE = ("qlip data tokenize 'data/shapes/shapes-train-*.tar' --model qlip-demo --random-init --out "
+                 "data/shapes-tokens '[--batch-size' '64]' '[--workers' '2]' '[--device' 'cuda]' '[--preprocess' "
+                 "'train|model]' '[--overwrite]' '[-q]'")
+
+
+def _steps(run: str, n: int):
+    def check(ws, out):
+        assert json.loads((ws / run / "summary.json").read_text())["steps"] == n  # overrides after --out applied
+    return check
+
+
+def _balanced(ws, out):
+    assert (ws / "runs/balance/demo-stage1.balanced.yaml").is_file()
+    assert sorted(p.name for p in (ws / "qlip/configs").iterdir()) == sorted(
+        p.name for p in (REPO / "qlip/configs").iterdir())  # nothing written beside the recipes
+
+
+def _two_eval_runs(ws):
+    for name in ("eval-a", "eval-b"):
+        if not (ws / "runs" / name).exists():
+            shutil.copytree(ws / "runs/eval", ws / "runs" / name)
+
+
+HELP_TRAIN = Cheap("qlip train --help")
+CHEAP: Dict[str, Cheap] = {
+    # README.md
+    "qlip demo": Cheap("qlip demo --help"),
+    ASTRONAUT: Cheap(ASTRONAUT),
+    TOKENIZE: Cheap(f"qlip tokenize astronaut.png photos/ 'more/*.jpg' {RAND} -o ids.npy", needs=[ASTRONAUT]),
+    "qlip detokenize ids.npy --model qlip-b-16-256 --random-init -o recon/": Cheap(
+        f"qlip detokenize ids.npy {RAND} -o recon/", needs=[TOKENIZE]),
+    "qlip reconstruct astronaut.png --model nvidia/QLIP-B-16-256 -o recon/": Cheap(
+        f"qlip reconstruct astronaut.png {RAND} -o recon/", needs=[ASTRONAUT]),
+    "qlip zero-shot astronaut.png --labels 'an astronaut,a dog,a cat' --template 'a photo of {}' "
+    "--model nvidia/QLIP-B-16-256": Cheap(
+        f"qlip zero-shot astronaut.png --labels 'an astronaut,a dog,a cat' --template 'a photo of {{}}' {RAND}",
+        needs=[ASTRONAUT]),
+    "qlip info qlip-l-14-392 --random-init": Cheap("qlip info qlip-tiny --random-init"),
+    CONVERT_OURS: Cheap(f"qlip convert {RAND} -o qlip-b-16-256/"),
+    "qlip convert --model qlip-b-16-256/ --to official -o exported/": Cheap(
+        "qlip convert --model qlip-b-16-256/ --to official -o exported/", needs=[CONVERT_OURS]),
+    SHAPES_DATA: Cheap("qlip data shapes data/shapes --n 32 --size 32 --heldout 32 --shard-size 32 --quiet"),
+    TRAIN_S1: Cheap(f"qlip train qlip/configs/demo-stage1.yaml --out runs/s1 optim.steps=2 {TINY}",
+                    needs=[SHAPES_DATA], check=_steps("runs/s1", 2)),
+    "torchrun --nproc_per_node 8 -m qlip train qlip/configs/qlip-b-8-256-stage1.yaml --out runs/b8": HELP_TRAIN,
+    BALANCE: Cheap(f"qlip balance qlip/configs/demo-stage1.yaml --out runs/balance --steps 2 {TINY}",
+                   needs=[SHAPES_DATA], check=_balanced),
+    EVAL_ALL: Cheap(EVAL_ALL + " --lpips alex -q", needs=[SHAPES_DATA]),  # a random VGG trunk takes ~10 s
+    "qlip eval compare runs/eval-a runs/eval-b -o runs/compare": Cheap(
+        "qlip eval compare runs/eval-a runs/eval-b -o runs/compare", needs=[EVAL_ALL], setup=_two_eval_runs),
+    # docs/data.md
+    "qlip data shapes data/shapes --n 20000 --size 64 --seed 0 '[--heldout' '320]' '[--shard-size' '1000]' "
+    "'[--overwrite]'": Cheap("qlip data shapes data/shapes-b --n 16 --size 32 --seed 0 --heldout 32 "
+                             "--shard-size 16 --overwrite --quiet"),
+    DATA_TOKENIZE: Cheap("qlip data tokenize 'data/shapes/shapes-train-*.tar' --model qlip-demo --random-init "
+                         "--out data/shapes-tokens --batch-size 64 --preprocess train --overwrite -q",
+                         needs=[SHAPES_DATA]),
+    "torchrun --nproc-per-node 8 -m qlip data tokenize '<same' 'arguments>'": Cheap("qlip data tokenize --help"),
+    "qlip data tokenize --out data/shapes-tokens --merge-index": Cheap(
+        "qlip data tokenize --out data/shapes-tokens --merge-index", needs=[DATA_TOKENIZE]),
+    # docs/demo.md
+    "qlip demo --lanes 1": Cheap("qlip demo --help"),
+    "qlip demo --fast": Cheap("qlip demo --help"),
+    "qlip demo --resume": Cheap("qlip demo --help"),
+    # docs/evaluation.md
+    "qlip eval zero-shot --model M --data PATH '[--classnames' 'imagenet|shapes|FILE]' "
+    "'[--templates' 'openai|simple|FILE|a photo of a {}.]'": Cheap(
+        "qlip eval zero-shot --model runs/demo/qlip --data data/shapes/shapes-heldout-000000.tar "
+        "--classnames shapes --templates 'a photo of a {}.' -q", needs=[SHAPES_DATA]),
+    "qlip eval linear-probe --model M --data TEST --train TRAIN": Cheap(
+        "qlip eval linear-probe --model runs/demo/qlip --data imagenet/val --train imagenet/train -q"),
+    "qlip eval recon --model M --data PATH '[--fid' 'auto|inception|none]' '[--fid-weights' 'PT]' "
+    "'[--lpips' 'vgg|alex|none]'": Cheap(
+        "qlip eval recon --model runs/demo/qlip --data data/shapes/shapes-heldout-000000.tar --lpips alex -q",
+        needs=[SHAPES_DATA]),
+    "qlip eval codes --model M --data PATH '[--group-size' '14]'": Cheap(
+        "qlip eval codes --model runs/demo/qlip --data data/shapes/shapes-heldout-000000.tar --group-size 14 -q",
+        needs=[SHAPES_DATA]),
+    "qlip eval all --model M --data PATH '[--train' 'TRAIN]' --report runs/eval": Cheap(
+        "qlip eval all --model runs/demo/qlip --data imagenet/val --train imagenet/train --report runs/eval-probe -q"),
+    "qlip eval compare RUN... -o runs/compare '[--y' 'rFID|PSNR]'": Cheap(
+        "qlip eval compare runs/eval-a runs/eval-b -o runs/compare-psnr --y PSNR", needs=[EVAL_ALL],
+        setup=_two_eval_runs),
+    "qlip eval zero-shot --model nvidia/QLIP-B-16-256 --data /data/imagenet/val --classnames imagenet "
+    "--templates openai --batch-size 256 --report runs/in1k-zs": Cheap(
+        f"qlip eval zero-shot {RAND} --data imagenet/val --templates openai --batch-size 256 "
+        "--report runs/in1k-zs -q"),  # the folder names stand in for the 1000 ImageNet class names
+    "qlip eval recon --model nvidia/QLIP-B-16-256 --data /data/imagenet/val --batch-size 128 --report "
+    "runs/in1k-rec": Cheap(f"qlip eval recon {RAND} --data imagenet/val --batch-size 128 --report runs/in1k-rec "
+                           "--lpips alex -q"),
+    "qlip eval linear-probe --model nvidia/QLIP-B-16-256 --data /data/imagenet --batch-size 256": Cheap(
+        f"qlip eval linear-probe {RAND} --data imagenet --batch-size 256 -q"),
+    # docs/performance.md
+    "python benchmarks/tokenize.py": Cheap("python benchmarks/tokenize.py --help"),
+    "python benchmarks/tokenize.py --threads 1 --repeats 5 --json out.json": Cheap(
+        "python benchmarks/tokenize.py --help"),
+    # docs/training.md
+    "qlip train qlip/configs/demo-stage1.yaml --out runs/s1 optim.steps=2000 train.precision=bf16": Cheap(
+        f"qlip train qlip/configs/demo-stage1.yaml --out runs/s1-bf16 optim.steps=2 train.precision=bf16 {TINY}",
+        needs=[SHAPES_DATA], check=_steps("runs/s1-bf16", 2)),
+    "qlip train qlip/configs/demo-stage1.yaml --out runs/s1 --resume": Cheap(
+        f"qlip train qlip/configs/demo-stage1.yaml --out runs/s1 --resume optim.steps=3 {TINY}",
+        needs=[TRAIN_S1], check=_steps("runs/s1", 3)),
+    "qlip train qlip/configs/demo-stage2.yaml --out runs/s2 model.init=runs/s1/final": Cheap(
+        f"qlip train qlip/configs/demo-stage2.yaml --out runs/s2 model.init=runs/s1/final optim.steps=2 {TINY}",
+        needs=[TRAIN_S1], check=_steps("runs/s2", 2)),
+    "qlip balance qlip/configs/demo-stage1.yaml --out runs/balance --steps 500": Cheap(
+        f"qlip balance qlip/configs/demo-stage1.yaml --out runs/balance --steps 2 {TINY}", needs=[BALANCE],
+        check=_balanced),
+    "torchrun --nproc_per_node 8 -m qlip train RECIPE --out runs/x '[overrides]'": HELP_TRAIN,
+    "torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST0 --master_port 29500 -m qlip "
+    "train RECIPE --out /shared/runs/x": HELP_TRAIN,
+    "python -m torch.distributed.run --nproc_per_node 2 --master_port 29511 -m qlip train RECIPE "
+    "--out runs/x": HELP_TRAIN,
+    "qlip balance RECIPE '[overrides]' --out runs/balance '[--steps' 'N]' '[--tail' '0.2]' '[-o' "
+    "'balanced.yaml]'": Cheap(f"qlip balance qlip/configs/demo-stage1.yaml {TINY} --out runs/balance --steps 2 "
+                              "--tail 0.2 -o balanced.yaml", needs=[BALANCE]),
+    "python benchmarks/train_step.py '[--presets' 'qlip-tiny,qlip-b-16-256]' '[--threads' 'N]' "
+    "'[--mem-cap-mb' '256]' '[--chunk' '32]'": Cheap("python benchmarks/train_step.py --help"),
+}
+
+
+# ---- the workspace --------------------------------------------------------------------------------
+def _image(path: pathlib.Path, seed: int, size=(40, 36)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """What the documented commands assume exists (see the module docstring), on one thread."""
+    import qlip
+    ws = tmp_path_factory.mktemp("docs-workspace")
+    shutil.copytree(REPO / "qlip" / "configs", ws / "qlip" / "configs")
+    _image(ws / "photos" / "p.jpg", 1)
+    _image(ws / "more" / "m.jpg", 2)
+    for split, n in (("train", 4), ("val", 2)):  # an ImageNet-like folder: class sub-folders
+        for c, name in enumerate(("n01440764", "n01443537", "n01484850")):
+            for i in range(n):
+                _image(ws / "imagenet" / split / name / f"{i}.png", 100 * c + 10 * i + (split == "val"))
+    torch.manual_seed(0)
+    qlip.load("qlip-tiny", pretrained=False).save_pretrained(str(ws / "runs" / "demo" / "qlip"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"path": ws, "done": set()}
+    torch.set_num_threads(threads)
+
+
+def _run_words(words: List[str]) -> int:
+    """Run one command in-process; returns its exit code."""
+    if words[0] == "qlip" or words[:3] == ["python", "-m", "qlip"]:
+        from qlip.cli import main
+        try:
+            return main(words[1:] if words[0] == "qlip" else words[3:])
+        except SystemExit as e:  # argparse: --help, usage errors
+            return int(e.code or 0)
+    if words[:2] == ["python", "-c"]:
+        exec(compile(words[2], "<python -c>", "exec"), {"__name__": "__main__"})
+        return 0
+    if words[0] == "python" and words[1].startswith("benchmarks/"):
+        argv, path, env = sys.argv, list(sys.path), dict(os.environ)
+        sys.argv = [str(REPO / words[1]), *words[2:]]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            return 0
+        except SystemExit as e:
+            return int(e.code or 0)
+        finally:
+            sys.argv, sys.path[:] = argv, path
+            os.environ.clear()
+            os.environ.update(env)
+    raise AssertionError(f"no in-process runner for {words}")
+
+
+def _run_documented(key: str, ws: dict, capsys) -> None:
+    if key in ws["done"]:
+        return
+    cheap = CHEAP[key]
+    for dep in cheap.needs:
+        _run_documented(dep, ws, capsys)
+    if cheap.setup:
+        cheap.setup(ws["path"])
+    capsys.readouterr()
+    code = _run_words(shlex.split(cheap.cmd))
+    out, err = capsys.readouterr()
+    assert code == 0, f"{key}\n  ran as: {cheap.cmd}\n  exit {code}\n{out[-2000:]}\n{err[-2000:]}"
+    assert "Traceback" not in out + err, f"{cheap.cmd} printed a traceback:\n{err[-3000:]}"
+    if cheap.check:
+        cheap.check(ws["path"], out)
+    ws["done"].add(key)
+
+
+# ---- the tests ------------------------------------------------------------------------------------
+def test_every_documented_command_has_a_cheap_form():
+    documented = documented_commands()
+    missing = [f"{where}: {cmd}" for cmd, where in documented.items() if cmd not in CHEAP]
+    assert not missing, ("documented command lines without an entry in CHEAP (add their cheap form):\n  "
+                         + "\n  ".join(missing))
+    stale = sorted(set(CHEAP) - set(documented))
+    assert not stale, "CHEAP entries that match no documented line (docs changed?):\n  " + "\n  ".join(stale)
+
+
+@pytest.mark.parametrize("key", list(CHEAP))
+def test_documented_command_runs(key, workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace["path"])
+    _run_documented(key, workspace, capsys)
