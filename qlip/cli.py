@@ -6,6 +6,8 @@ User errors (unreadable images, bad id arrays, checkpoints that do not match) pr
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -13,6 +15,8 @@ from typing import List, Optional
 
 from .data.images import expand_images
 from .errors import DataError, QLIPError
+
+DOWNSTREAM_AREAS = ("gen", "vlm", "um3")  # qlip/<area>/cli.py register(sub), when the package exists
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -335,11 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Each area adds its own commands. Imported eagerly and plainly: a broken import of our own code
     # fails loudly here instead of silently removing commands; the area modules import optional
     # third-party packages only inside their handlers, so a missing extra fails that command alone.
+    # The downstream areas (gen, vlm, um3) register when their package is present; present and
+    # broken still fails loudly.
     from .data import cli as data_cli
     from .demo import cli as demo_cli
     from .eval import cli as eval_cli
     from .train import cli as train_cli
-    for area in (data_cli, train_cli, eval_cli, demo_cli):
+    areas = [data_cli, train_cli, eval_cli]
+    for name in DOWNSTREAM_AREAS:
+        if importlib.util.find_spec(f"qlip.{name}") is not None:
+            areas.append(importlib.import_module(f"qlip.{name}.cli"))
+    for area in areas + [demo_cli]:
         area.register(sub)
     return p
 

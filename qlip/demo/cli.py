@@ -1,5 +1,14 @@
-"""``qlip demo``: the tiny end-to-end QLIP run on generated shapes (the README's main job)."""
+"""``qlip demo``: the tiny end-to-end QLIP run on generated shapes (the README's main job), and
+``qlip demo t2i|vlm|um3``: the downstream demos, each a module ``qlip/demo/<name>.py`` with
+``add_arguments(parser)`` and ``run(args) -> int`` (registered when the module exists)."""
 from __future__ import annotations
+
+import importlib
+import importlib.util
+
+DOWNSTREAM = {"t2i": "text-to-image on QLIP tokens vs reconstruction-only tokens (paper Table 7 in miniature)",
+              "vlm": "a LLaVA-style VLM on QLIP's encoder layers (paper Table 6 in miniature)",
+              "um3": "one model for text, captioning and drawing (paper Table 5 in miniature)"}
 
 
 def register(sub) -> None:
@@ -12,6 +21,15 @@ def register(sub) -> None:
                    help="2: train QLIP and the baselines in two processes at once (default with >= 2 cores); "
                         "1: one after the other")
     d.set_defaults(func=_demo)
+    names = [n for n in DOWNSTREAM if importlib.util.find_spec(f"qlip.demo.{n}") is not None]
+    if names:
+        which = d.add_subparsers(dest="demo", metavar="{" + ",".join(names) + "}",
+                                 help="a downstream demo (default: the QLIP demo)")
+        for name in names:
+            mod = importlib.import_module(f"qlip.demo.{name}")
+            p = which.add_parser(name, help=DOWNSTREAM[name])
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.run)
 
 
 def _demo(args) -> int:
