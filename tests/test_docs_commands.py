@@ -164,6 +164,9 @@ CHEAP: Dict[str, Cheap] = {
     EVAL_ALL: Cheap(EVAL_ALL + " --lpips alex -q", needs=[SHAPES_DATA]),  # a random VGG trunk takes ~10 s
     "qlip eval compare runs/eval-a runs/eval-b -o runs/compare": Cheap(
         "qlip eval compare runs/eval-a runs/eval-b -o runs/compare", needs=[EVAL_ALL], setup=_two_eval_runs),
+    "qlip data tokenize 'data/shapes/shapes-train-*.tar' --model runs/demo/qlip --out data/shapes-tokens": Cheap(
+        "qlip data tokenize 'data/shapes/shapes-train-*.tar' --model runs/demo/qlip --out data/readme-tokens -q",
+        needs=[SHAPES_DATA]),
     # docs/data.md
     "qlip data shapes data/shapes --n 20000 --size 64 --seed 0 '[--heldout' '320]' '[--shard-size' '1000]' "
     "'[--overwrite]'": Cheap("qlip data shapes data/shapes-b --n 16 --size 32 --seed 0 --heldout 32 "
