@@ -32,7 +32,7 @@ import random
 import sys
 import time
 
-# benchmarks/ holds a tokenize.py that would shadow the standard library's tokenize module
+# keep benchmarks/ off sys.path (its scripts are not modules of this program)
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/ holds a tokenize.py that would shadow the standard library's tokenize module
+# keep benchmarks/ off sys.path (its scripts are not modules of this program)
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402

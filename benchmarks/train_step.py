@@ -18,6 +18,13 @@ random captions tokens ending in eos), so data loading is not timed.
     python benchmarks/train_step.py                              # everything, a few minutes on 2 cores
     python benchmarks/train_step.py --presets qlip-tiny --no-max-batch
     python benchmarks/train_step.py --mem-cap-mb 512 --chunk 32 --json out.json
+    python benchmarks/train_step.py --presets qlip-b-16-256 --precisions bf16 --grad-checkpointing both \
+        --batch-large 64 --no-max-batch                          # a GPU (benchmarks/gpu.sh)
+
+MFU (model FLOPs utilisation) = analytic training FLOPs per image (3 x the forward matmul and attention
+FLOPs of vision encoder, bottleneck, decoder and text tower; gradient-checkpointing recomputation is
+not counted) x images/s / peak. The peak is ``--peak-tflops``, or the dense bf16 peak of a known GPU
+(H100/H200: 989 TFLOP/s); MFU is left out where neither is known (CPUs).
 
 Prints a table and the ratios bf16/fp32 speed and cached/plain max batch.
 """
@@ -26,7 +33,7 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/ holds a tokenize.py that would shadow the standard library's tokenize module
+# keep benchmarks/ off sys.path (its scripts are not modules of this program)
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402
@@ -109,7 +116,7 @@ def worker(spec: dict) -> dict:
     dev = spec["device"]
     cfg = get_preset(spec["preset"])
     recipe = Recipe.from_dict({
-        "model": {"preset": spec["preset"]},
+        "model": {"preset": spec["preset"], "grad_checkpointing": bool(spec.get("ckpt", False))},
         "optim": {"optimizer": "lamb", "lr": 1e-4, "warmup_steps": 0, "steps": 10 ** 6},
         "loss": {"alpha_r": 1.0, "alpha_q": 1.0, "alpha_a": 1.0},
         "train": {"precision": spec["precision"], "contrastive_chunk": spec["chunk"], "progress": False,
@@ -145,12 +152,41 @@ def worker(spec: dict) -> dict:
         else:
             peak = _peak_rss_mb()
     out = {k: spec[k] for k in ("preset", "precision", "batch", "chunk", "threads")}
+    out["ckpt"] = bool(spec.get("ckpt", False))
     out["device"] = str(tr.device)
+    out["device_name"] = torch.cuda.get_device_name(tr.device) if cuda else "cpu"
+    out["train_flops_per_img"] = train_flops_per_image(cfg)
     if times:
         s = statistics.median(times)
         out.update(step_s=s, img_per_s=spec["batch"] / s)
     out.update(step_mem_mb=peak - base, peak_mb=peak)
     return out
+
+
+def train_flops_per_image(cfg) -> float:
+    """3 x the analytic forward FLOPs of one image-text pair (matmuls, convs, attention products)."""
+    def tower(b, n):
+        mlp = (3 if b.swiglu else 2) * b.width * b.mlp_dim
+        return b.depth * (2 * n * (4 * b.width ** 2 + mlp) + 4 * n * n * b.width)
+    v, d, q, t = cfg.vision, cfg.decoder, cfg.quantizer, cfg.text
+    n = cfg.grid ** 2
+    f = tower(v, n + 1) + 2 * n * 3 * v.patch_size ** 2 * v.width + 2 * v.width * cfg.embed_dim
+    if q.embed_type == "mlp":
+        f += 2 * n * (v.width ** 2 + v.width * q.bits + q.bits * d.width + d.width ** 2)
+    hidden = d.head_dim or d.mlp_dim
+    f += tower(d, n) + 2 * n * (d.width * hidden + hidden * 3 * v.patch_size ** 2)
+    if t is not None:
+        f += tower(t, t.context_length) + 2 * t.width * cfg.embed_dim
+    return 3.0 * f
+
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def peak_tflops(device_name: str, given):
+    if given:
+        return given
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 # ---- the driver -------------------------------------------------------------------------------
@@ -199,6 +235,11 @@ def max_batch(base: dict, cap_mb: float, start: int, limit: int, log) -> tuple:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="qlip-tiny,qlip-b-16-256")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)")
+    ap.add_argument("--grad-checkpointing", choices=("off", "on", "both"), default="off",
+                    help="model.grad_checkpointing of the steps (both: a row each)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak of the device for MFU (default: known GPUs' dense bf16 peak; none on CPU)")
     ap.add_argument("--batch-tiny", type=int, default=32)
     ap.add_argument("--batch-large", type=int, default=2, help="batch of the non-tiny presets (default 2)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (tiny: x4)")
@@ -223,23 +264,33 @@ def main(argv=None) -> int:
     t_start = time.time()
     results = {"device": device, "threads": threads, "throughput": [], "max_batch": {}}
     log(f"device {device}, {threads} threads; stage-1 step = MSE + BSQ + InfoNCE, LAMB, grad clip")
-    log(f"{'preset':<15} {'precision':<9} {'batch':>5} {'step s':>8} {'img/s':>8} {'step MB':>9} {'peak MB':>9}")
+    log(f"{'preset':<15} {'precision':<9} {'ckpt':>4} {'batch':>5} {'step s':>8} {'img/s':>8} {'MFU':>6} "
+        f"{'step MB':>9} {'peak MB':>9}")
+    precisions = a.precisions.split(",")
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[a.grad_checkpointing]
     for preset in a.presets.split(","):
         tiny = preset == "qlip-tiny"
         row = {}
-        for precision in ("fp32", "bf16"):
-            spec = {"preset": preset, "precision": precision, "batch": a.batch_tiny if tiny else a.batch_large,
-                    "chunk": 0, "steps": a.steps * (4 if tiny else 1), "warmup": a.warmup, "threads": threads,
-                    "device": device}
-            r = run_config(spec)
-            results["throughput"].append(r)
-            row[precision] = r
-            if "error" in r:
-                log(f"{preset:<15} {precision:<9} {spec['batch']:>5} failed: {r['error']}")
-                continue
-            log(f"{preset:<15} {precision:<9} {r['batch']:>5} {r['step_s']:8.3f} {r['img_per_s']:8.1f} "
-                f"{r['step_mem_mb']:9.0f} {r['peak_mb']:9.0f}")
-        if all("error" not in row[p] for p in ("fp32", "bf16")):
+        for precision in precisions:
+            for ckpt in ckpts:
+                spec = {"preset": preset, "precision": precision, "batch": a.batch_tiny if tiny else a.batch_large,
+                        "chunk": 0, "steps": a.steps * (4 if tiny else 1), "warmup": a.warmup, "threads": threads,
+                        "device": device, "ckpt": ckpt}
+                r = run_config(spec)
+                results["throughput"].append(r)
+                if not ckpt:
+                    row[precision] = r
+                if "error" in r:
+                    log(f"{preset:<15} {precision:<9} {'on' if ckpt else 'off':>4} {spec['batch']:>5} "
+                        f"failed: {r['error']}")
+                    continue
+                peak = peak_tflops(r["device_name"], a.peak_tflops)
+                if peak:
+                    r["mfu"] = r["train_flops_per_img"] * r["img_per_s"] / (peak * 1e12)
+                mfu = f"{r['mfu'] * 100:5.1f}%" if "mfu" in r else f"{'-':>6}"
+                log(f"{preset:<15} {precision:<9} {'on' if ckpt else 'off':>4} {r['batch']:>5} {r['step_s']:8.3f} "
+                    f"{r['img_per_s']:8.1f} {mfu} {r['step_mem_mb']:9.0f} {r['peak_mb']:9.0f}")
+        if all(p in row and "error" not in row[p] for p in ("fp32", "bf16")):
             ratio = row["fp32"]["step_s"] / row["bf16"]["step_s"]
             mem = row["bf16"]["step_mem_mb"] / max(row["fp32"]["step_mem_mb"], 1e-9)
             results.setdefault("ratios", {})[preset] = {"bf16_over_fp32_speed": ratio, "bf16_over_fp32_step_mem": mem}

@@ -28,10 +28,18 @@ def _device(name: Optional[str]):
 
 
 def load_model(args):
+    """The model of ``--model`` on ``--device``, in ``--precision`` where the command has it (the
+    choice of ``auto`` or bf16 is said on stderr unless ``--quiet``)."""
     import torch
     from .io import load
     torch.manual_seed(args.seed)  # random-init presets are reproducible across commands
-    model = load(args.model, pretrained=False if args.random_init else None, device=_device(args.device))
+    precision = getattr(args, "precision", None)
+    if precision not in (None, "fp32") and getattr(args, "bf16", False):
+        raise QLIPError("--bf16 (autocast) and --precision cannot be combined; use --precision bf16")
+    model = load(args.model, pretrained=False if args.random_init else None, device=_device(args.device),
+                 precision=precision)
+    if model.precision_choice is not None and precision != "fp32" and not getattr(args, "quiet", False):
+        print(f"qlip: precision {model.precision_choice}", file=sys.stderr)
     return model.eval()
 
 
@@ -60,9 +68,12 @@ def _check_output_folder(path: str) -> None:
         raise QLIPError(f"{path}: exists and is not a folder; -o names the folder to write the PNGs into")
 
 
-def _batches(seq, n):
-    for i in range(0, len(seq), n):
-        yield seq[i: i + n]
+def _image_batches(paths, model, args):
+    """Normalised batches of ``paths`` (exactly ``model.preprocess``), decoded by ``--workers``
+    processes while the model runs on the previous batch."""
+    from .data.decode import image_batches
+    return image_batches(paths, model.config.preprocess, args.batch_size, workers=args.workers,
+                         pin_memory=model.device.type == "cuda")
 
 
 def _progress(total, desc, quiet):
@@ -81,10 +92,19 @@ def _add_model_args(p, required=True):
 def _add_run_args(p, output_help):
     p.add_argument("-o", "--output", required=True, help=output_help)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32 (default: the same ids on every machine); bf16: weights cast to bfloat16 once, "
+                        "the pre-sign projection kept in fp32 (>= 99%% of id bits agree with fp32); auto: bf16 "
+                        "on a CUDA GPU or an AMX CPU, else fp32 (docs/performance.md)")
     p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast: faster on GPUs and AMX CPUs, slower on plain AVX-512 CPUs; "
-                        "~99.4%% of id bits agree with fp32 (docs/performance.md)")
+                   help="bfloat16 autocast over fp32 weights (re-cast at every call; --precision bf16 is "
+                        "faster): faster on GPUs and AMX CPUs, slower on plain AVX-512 CPUs")
     p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _add_workers_arg(p):
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes decoding images while the model runs (0: in the main process; default 2)")
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -97,11 +117,13 @@ def cmd_tokenize(args) -> int:
     paths = expand_images(args.images)
     model = load_model(args)
     out = np.zeros((len(paths), model.grid, model.grid), dtype=np.int64)
+    start = 0
     with _progress(len(paths), "tokenize", args.quiet) as bar, torch.inference_mode(), _autocast(args):
-        for i, chunk in enumerate(_batches(paths, args.batch_size)):
-            ids = model.tokenize(model.preprocess(chunk))
-            out[i * args.batch_size: i * args.batch_size + len(chunk)] = ids.cpu().numpy()
-            bar.update(len(chunk))
+        for x in _image_batches(paths, model, args):
+            ids = model.tokenize(x.to(model.device, non_blocking=True))
+            out[start: start + len(ids)] = ids.cpu().numpy()
+            start += len(ids)
+            bar.update(len(ids))
     _save_npy(args.output, out)
     if args.list:
         from .io import atomic_write_text
@@ -190,9 +212,9 @@ def cmd_reconstruct(args) -> int:
     paths = expand_images(args.images)
     model = load_model(args)
     with _progress(len(paths), "reconstruct", args.quiet) as bar, torch.inference_mode(), _autocast(args):
-        for start in range(0, len(paths), args.batch_size):
+        for start, x in zip(range(0, len(paths), args.batch_size), _image_batches(paths, model, args)):
             chunk = paths[start: start + args.batch_size]
-            y = model.reconstruct(model.preprocess(chunk))
+            y = model.reconstruct(x.to(model.device, non_blocking=True))
             names = [f"{start + j:06d}_{os.path.splitext(os.path.basename(p))[0]}.png" for j, p in enumerate(chunk)]
             _write_pngs(model, y, args.output, names)
             bar.update(len(chunk))
@@ -300,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     _add_run_args(t, "output .npy file")
     t.add_argument("--list", help="also write the image paths (one per row of the array) to this text file")
+    _add_workers_arg(t)
     t.set_defaults(func=cmd_tokenize)
 
     d = sub.add_parser("detokenize", help="token ids (.npy) -> one PNG per row")
@@ -312,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+")
     _add_model_args(r)
     _add_run_args(r, "output folder")
+    _add_workers_arg(r)
     r.set_defaults(func=cmd_reconstruct)
 
     z = sub.add_parser("zero-shot", help="classify images against text labels")

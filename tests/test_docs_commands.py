@@ -118,6 +118,9 @@ DATA_TOKENIZE = ("qlip data tokenize 'data/shapes/shapes-train-*.tar' --model ql
                  "data/shapes-tokens '[--batch-size' '64]' '[--workers' '2]' '[--device' 'cuda]' '[--preprocess' "
                  "'train|model]' '[--overwrite]' '[-q]'")
 
+GEN_TRAIN = ("qlip gen train t2i-demo data.train=data/shapes-tokens text.model=runs/demo/stage1/final "
+             "data.tokenizer=runs/demo/stage2/final --out runs/t2i")
+
 
 def _steps(run: str, n: int):
     def check(ws, out):
@@ -161,7 +164,7 @@ CHEAP: Dict[str, Cheap] = {
     "torchrun --nproc_per_node 8 -m qlip train qlip/configs/qlip-b-8-256-stage1.yaml --out runs/b8": HELP_TRAIN,
     BALANCE: Cheap(f"qlip balance qlip/configs/demo-stage1.yaml --out runs/balance --steps 2 {TINY}",
                    needs=[SHAPES_DATA], check=_balanced),
-    EVAL_ALL: Cheap(EVAL_ALL + " --lpips alex -q", needs=[SHAPES_DATA]),  # a random VGG trunk takes ~10 s
+    EVAL_ALL: Cheap(EVAL_ALL + " --lpips alex-random --fid none -q", needs=[SHAPES_DATA]),  # a random VGG trunk takes ~10 s
     "qlip eval compare runs/eval-a runs/eval-b -o runs/compare": Cheap(
         "qlip eval compare runs/eval-a runs/eval-b -o runs/compare", needs=[EVAL_ALL], setup=_two_eval_runs),
     "qlip data tokenize 'data/shapes/shapes-train-*.tar' --model runs/demo/qlip --out data/shapes-tokens": Cheap(
@@ -181,6 +184,18 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo --lanes 1": Cheap("qlip demo --help"),
     "qlip demo --fast": Cheap("qlip demo --help"),
     "qlip demo --resume": Cheap("qlip demo --help"),
+    # docs/vlm.md
+    "qlip vlm shapes-qa --out data/shapes-qa --n 2000 --split train --size 64 --multi-turn": Cheap(
+        "qlip vlm shapes-qa --out data/shapes-qa --n 4 --split train --size 32 --multi-turn"),
+    "qlip vlm tiny-llm --out runs/tiny-llama --texts data/shapes-qa/train.json --vocab-size 512": Cheap(
+        "qlip vlm tiny-llm --out runs/tiny-llama --texts data/shapes-qa/train.json --vocab-size 300",
+        needs=["qlip vlm shapes-qa --out data/shapes-qa --n 2000 --split train --size 64 --multi-turn"]),
+    "qlip vlm train vlm-stage1.yaml --out runs/vlm-s1": Cheap("qlip vlm train --help"),
+    "qlip vlm train vlm-stage2.yaml model.init=runs/vlm-s1/final --out runs/vlm-s2 --resume": Cheap(
+        "qlip vlm train --help"),
+    "qlip vlm chat --model runs/vlm-s2/final --image shape.png --prompt 'What color is the shape?'": Cheap(
+        "qlip vlm chat --help"),
+    "qlip demo vlm --demo-dir runs/demo --out runs/demo-vlm": Cheap("qlip demo vlm --help"),
     # docs/evaluation.md
     "qlip eval zero-shot --model M --data PATH '[--classnames' 'imagenet|shapes|FILE]' "
     "'[--templates' 'openai|simple|FILE|a photo of a {}.]'": Cheap(
@@ -190,7 +205,7 @@ CHEAP: Dict[str, Cheap] = {
         "qlip eval linear-probe --model runs/demo/qlip --data imagenet/val --train imagenet/train -q"),
     "qlip eval recon --model M --data PATH '[--fid' 'auto|inception|none]' '[--fid-weights' 'PT]' "
     "'[--lpips' 'vgg|alex|none]'": Cheap(
-        "qlip eval recon --model runs/demo/qlip --data data/shapes/shapes-heldout-000000.tar --lpips alex -q",
+        "qlip eval recon --model runs/demo/qlip --data data/shapes/shapes-heldout-000000.tar --lpips alex-random --fid none -q",
         needs=[SHAPES_DATA]),
     "qlip eval codes --model M --data PATH '[--group-size' '14]'": Cheap(
         "qlip eval codes --model runs/demo/qlip --data data/shapes/shapes-heldout-000000.tar --group-size 14 -q",
@@ -206,13 +221,15 @@ CHEAP: Dict[str, Cheap] = {
         "--report runs/in1k-zs -q"),  # the folder names stand in for the 1000 ImageNet class names
     "qlip eval recon --model nvidia/QLIP-B-16-256 --data /data/imagenet/val --batch-size 128 --report "
     "runs/in1k-rec": Cheap(f"qlip eval recon {RAND} --data imagenet/val --batch-size 128 --report runs/in1k-rec "
-                           "--lpips alex -q"),
+                           "--lpips alex-random --fid none -q"),
     "qlip eval linear-probe --model nvidia/QLIP-B-16-256 --data /data/imagenet --batch-size 256": Cheap(
         f"qlip eval linear-probe {RAND} --data imagenet --batch-size 256 -q"),
     # docs/performance.md
-    "python benchmarks/tokenize.py": Cheap("python benchmarks/tokenize.py --help"),
-    "python benchmarks/tokenize.py --threads 1 --repeats 5 --json out.json": Cheap(
-        "python benchmarks/tokenize.py --help"),
+    "python benchmarks/tokenizer_speed.py": Cheap("python benchmarks/tokenizer_speed.py --help"),
+    "python benchmarks/throughput.py": Cheap("python benchmarks/throughput.py --help"),
+    "python benchmarks/compile_step.py": Cheap("python benchmarks/compile_step.py --help"),
+    "python benchmarks/tokenizer_speed.py --threads 1 --repeats 5 --json out.json": Cheap(
+        "python benchmarks/tokenizer_speed.py --help"),
     # docs/training.md
     "qlip train qlip/configs/demo-stage1.yaml --out runs/s1 optim.steps=2000 train.precision=bf16": Cheap(
         f"qlip train qlip/configs/demo-stage1.yaml --out runs/s1-bf16 optim.steps=2 train.precision=bf16 {TINY}",
@@ -236,6 +253,32 @@ CHEAP: Dict[str, Cheap] = {
                               "--tail 0.2 -o balanced.yaml", needs=[BALANCE]),
     "python benchmarks/train_step.py '[--presets' 'qlip-tiny,qlip-b-16-256]' '[--threads' 'N]' "
     "'[--mem-cap-mb' '256]' '[--chunk' '32]'": Cheap("python benchmarks/train_step.py --help"),
+    # docs/gen.md
+    GEN_TRAIN: Cheap("qlip gen train t2i-demo data.train=data/shapes-tokens text.model=runs/demo/qlip "
+                     "data.tokenizer=qlip-demo data.tokenizer_random_init=true model.preset=gpt-tiny "
+                     "data.batch_size=4 optim.steps=2 optim.warmup_steps=1 train.log_every=1 train.progress=false "
+                     "train.tensorboard=false --out runs/t2i", needs=[DATA_TOKENIZE], check=_steps("runs/t2i", 2)),
+    "qlip gen sample --model runs/t2i/final --prompt 'a photo of a red circle' -n 8 --cfg 4 --seed 0 -o samples/":
+        Cheap("qlip gen sample --model runs/t2i/final --prompt 'a photo of a red circle' -n 2 --cfg 4 --seed 0 "
+              "-o samples/", needs=[GEN_TRAIN]),
+    "python benchmarks/sample.py": Cheap("python benchmarks/sample.py --help"),
+    # docs/um3.md (training and generation are run by tests/um3/test_um3_engine.py)
+    "qlip um3 tiny-llama --out runs/tiny-llama": Cheap("qlip um3 tiny-llama --out runs/tiny-llama"),
+    "qlip um3 train RECIPE --out runs/um3 '[--resume]'": Cheap("qlip um3 train --help"),
+    "qlip um3 generate --model runs/um3/final --prompt 'a red circle is' -o continuation.txt":
+        Cheap("qlip um3 generate --help"),
+    "qlip um3 generate --model runs/um3/final --image shape.png --qlip runs/demo/qlip -o caption.txt":
+        Cheap("qlip um3 generate --help"),
+    "qlip um3 generate --model runs/um3/final --draw 'a red circle' --qlip runs/demo/qlip --cfg 3 -n 4 "
+    "-o drawing.png": Cheap("qlip um3 generate --help"),
+    # docs/scaling.md
+    "qlip train qlip/configs/qlip-l-14-392-stage1.yaml --dry-run --out runs/dry": Cheap(
+        "qlip train qlip/configs/qlip-l-14-392-stage1.yaml --dry-run --out runs/dry"),  # meta device: seconds
+    "qlip plan qlip/configs/qlip-b-16-256-stage1.yaml --gpus 8 --nodes 16 --gpu h100 --json plan.json": Cheap(
+        "qlip plan qlip/configs/demo-stage1.yaml --gpus 8 --nodes 16 --gpu h100 --json plan.json"),
+    "torchrun --nnodes 16 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 --rdzv_id qlip-b16 "
+    "-m qlip train qlip/configs/qlip-b-16-256-stage1.yaml --out /shared/runs/b16-s1": HELP_TRAIN,
+    "python benchmarks/plan_check.py": Cheap("python benchmarks/plan_check.py --help"),
 }
 
 

@@ -159,7 +159,7 @@ def test_bf16_autocast_tokenize(tiny_model):
     assert ids.dtype == torch.int64 and y.shape == x.shape
     bits = tiny_model.quantizer.ids_to_bits
     agree = (bits(ids) == bits(tiny_model.tokenize(x))).float().mean()
-    assert agree > 0.8
+    assert agree > 0.98  # 0.997 measured (stop 17)
 
 
 def test_conv_stem(tmp_path):

@@ -16,7 +16,9 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, default=10000, help="number of training images")
     p.add_argument("--size", type=int, default=64, help="image size in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    p.add_argument("--heldout", type=int, default=320, help="number of labelled held-out images (32 classes)")
+    p.add_argument("--heldout", type=int, default=320, help="number of labelled held-out (test) images (32 classes)")
+    p.add_argument("--val", type=int, default=320,
+                   help="number of labelled validation images (choose recipes here, report the held-out test split)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard")
     p.add_argument("--overwrite", action="store_true", help="replace shapes data generated with other settings")
     p.add_argument("--group", type=int, default=1,
@@ -40,9 +42,10 @@ def _shapes(args) -> int:
 
     m = generate_shapes(args.out, n=args.n, size=args.size, seed=args.seed, shard_size=args.shard_size,
                         heldout_n=args.heldout, overwrite=args.overwrite, progress=not args.quiet,
-                        workers=args.workers, group=args.group)
+                        workers=args.workers, group=args.group, val_n=args.val)
     print(f"{args.out}: {m['n']} training images in {len(m['train_shards'])} shards, "
-          f"{m['heldout_n']} held-out images in {len(m['heldout_shards'])} shards ({m['size']}px, seed {m['seed']})")
+          f"{m['val_n']} validation and {m['heldout_n']} held-out test images in "
+          f"{len(m['val_shards'])} + {len(m['heldout_shards'])} shards ({m['size']}px, seed {m['seed']})")
     return 0
 
 

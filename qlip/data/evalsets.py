@@ -52,7 +52,14 @@ class EvalDataset:
 
     def __init__(self) -> None:
         self.skipped = 0
+        self.skipped_names: List[str] = []  # the first few unreadable images of the last pass
         self.problems: List[str] = []  # unreadable shards of the last pass
+
+    def _skip(self, name: str) -> None:
+        """Count an unreadable sample, keeping the first few names for the warning."""
+        self.skipped += 1
+        if len(self.skipped_names) < 3:
+            self.skipped_names.append(name)
 
     def __len__(self) -> int:  # pragma: no cover - overridden
         raise TypeError(f"{type(self).__name__} has no known length")
@@ -84,7 +91,7 @@ class EvalDataset:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-        self.skipped, self.problems = 0, []
+        self.skipped, self.skipped_names, self.problems = 0, [], []
         pils: List[Image.Image] = []
         labels: List[int] = []
         seen = 0
@@ -105,7 +112,8 @@ class EvalDataset:
         finally:
             bar.close()
         if self.skipped:
-            warnings.warn(f"skipped {self.skipped} unreadable image(s) in {self.describe()}", stacklevel=2)
+            names = ", ".join(self.skipped_names[:3]) + (", ..." if self.skipped > 3 else "")
+            warnings.warn(f"skipped {self.skipped} unreadable image(s) in {self.describe()}: {names}", stacklevel=2)
         for problem in self.problems:
             warnings.warn(problem, stacklevel=2)
         if seen == 0:
@@ -163,7 +171,7 @@ class ImageFolderDataset(EvalDataset):
             try:
                 img = decode_image(path)
             except _UNREADABLE:
-                self.skipped += 1
+                self._skip(str(path))
                 continue
             yield img, label
 
@@ -198,12 +206,12 @@ class ShardDataset(EvalDataset):
             for key, fields in read_tar_samples(url, stats, self.problems.append):
                 data = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
                 if data is None:
-                    self.skipped += 1
+                    self._skip(f"{url}:{key} (no image)")
                     continue
                 try:
                     img = decode_image(data)
                 except _UNREADABLE:
-                    self.skipped += 1
+                    self._skip(f"{url}:{key}")
                     continue
                 label = -1
                 if "cls" in fields:

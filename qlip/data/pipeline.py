@@ -35,12 +35,17 @@ import collections
 import copy
 import csv
 import glob
+import http.client
+import io
 import itertools
 import logging
 import os
 import random
 import re
+import subprocess
 import tarfile
+import time
+import urllib.request
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -58,6 +63,7 @@ log = logging.getLogger("qlip.data")
 TEXT_EXTS = ("txt", "text", "caption")
 NEG_TEXT_EXT = "neg.txt"  # optional hard-negative caption ({key}.neg.txt), as in NegCLIP
 STAT_KEYS = ("samples", "skipped", "decode_errors", "incomplete", "shard_errors")
+# "shard_retries" (remote shards re-opened after a failed read) joins loader.stats once one happened
 STATE_VERSION = 1
 MAX_WARNINGS = 20  # per worker process; later problems are only counted
 
@@ -140,43 +146,178 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
+# Remote shards (http(s)://, pipe: commands, fsspec URLs such as s3://): a failed or dropped read
+# is retried REMOTE_RETRIES times (re-opened, the samples already handed out skipped), then the
+# shard counts as a shard error like a truncated local one: warned about, counted in
+# stats["shard_errors"], the samples read before the failure kept. Override with the environment
+# variables QLIP_SHARD_RETRIES, QLIP_SHARD_TIMEOUT_S, QLIP_SHARD_RETRY_DELAY_S.
+REMOTE_RETRIES = 3
+REMOTE_TIMEOUT_S = 60.0
+REMOTE_RETRY_DELAY_S = 1.0   # doubled after each failed attempt
+
+# fsspec protocols and the package that implements each (for a one-line error when missing)
+_FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                    "abfss": "adlfs", "hf": "huggingface_hub"}
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise DataError(f"{name}={raw!r} is not a number") from None
+
+
+class _CheckedHTTP(io.RawIOBase):
+    """An HTTP response body that raises OSError when the connection ends before Content-Length
+    bytes (http.client returns a short read silently, and a tar cut at a member boundary would
+    then look complete)."""
+
+    def __init__(self, response, url: str):
+        self.response, self.url, self.received = response, url, 0
+        length = response.headers.get("Content-Length")
+        self.length = int(length) if length is not None and length.isdigit() else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        try:
+            n = self.response.readinto(buf)
+        except http.client.HTTPException as e:  # IncompleteRead of a chunked body, ...
+            raise OSError(f"{self.url}: connection broken after {self.received} bytes ({e!r})") from None
+        if n == 0 and len(buf) and self.length is not None and self.received < self.length:
+            raise OSError(f"{self.url}: connection closed after {self.received} of {self.length} bytes")
+        self.received += n
+        return n
+
+    def close(self) -> None:
+        self.response.close()
+        super().close()
+
+
+class _PipeStream(io.RawIOBase):
+    """stdout of a ``pipe:`` shell command; a non-zero exit status is an OSError at the end of the
+    stream (a command that dies half way would otherwise look like a short, complete shard)."""
+
+    def __init__(self, command: str, url: str):
+        self.url = url
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.proc.stdout.readinto(buf)
+        if n == 0 and len(buf):
+            self._check()
+        return n
+
+    def _check(self) -> None:
+        err = self.proc.stderr.read().decode("utf-8", errors="replace").strip()
+        code = self.proc.wait()
+        if code != 0:
+            raise OSError(f"{self.url}: command exited with status {code}" + (f": {err[-300:]}" if err else ""))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        super().close()
+
+
 def _open_shard(url: str):
+    """A binary stream of one shard: a local file, ``pipe:COMMAND`` (its stdout, webdataset's
+    convention, e.g. ``pipe:aws s3 cp s3://bucket/shard.tar -``), ``http(s)://`` (urllib, no extra
+    package) or any other fsspec URL (``s3://`` with s3fs, ``gs://`` with gcsfs, ...)."""
     if not _is_remote(url):
         return open(url, "rb")
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_PipeStream(url[len("pipe:"):], url), 1 << 16)
+    protocol = url.split("://", 1)[0].lower()
+    if protocol in ("http", "https"):
+        timeout = _env_number("QLIP_SHARD_TIMEOUT_S", REMOTE_TIMEOUT_S)
+        response = urllib.request.urlopen(url, timeout=timeout)  # HTTPError / URLError are OSErrors
+        return io.BufferedReader(_CheckedHTTP(response, url), 1 << 16)
+    package = _FSSPEC_PACKAGES.get(protocol)
     try:
-        from webdataset.gopen import gopen
+        import fsspec
     except ImportError:
-        raise DataError(f"{url}: remote shards need the webdataset package") from None
-    return gopen(url, "rb")
+        raise DataError(f"{url}: {protocol}:// shards need fsspec" + (f" and {package}" if package else "")
+                        + f" (pip install fsspec{' ' + package if package else ''})") from None
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError:
+        raise DataError(f"{url}: {protocol}:// shards need the {package or 'fsspec backend'} package"
+                        + (f" (pip install {package})" if package else "")) from None
+    except ValueError as e:  # fsspec: "Protocol not known"
+        raise DataError(f"{url}: fsspec cannot open {protocol}:// ({e})") from None
 
 
 # webdataset's key convention: everything up to the first dot of the file name is the key.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
 
 
+def _tar_samples(url: str, pending: dict) -> Iterator[tuple[str, dict]]:
+    """Complete samples of one shard in tar order; raises on a read error. ``pending`` holds the
+    sample being read (key, fields) so that the caller can keep what was read before a defect."""
+    key, fields = None, {}
+    with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            m = _KEY_EXT.match(member.name) if member.isfile() else None
+            if m is None:
+                continue
+            if m.group(1) != key:
+                if fields:
+                    yield key, fields
+                key, fields = m.group(1), {}
+                pending.update(key=key, fields=fields)
+            fields[m.group(2).lower()] = tar.extractfile(member).read()
+        while stream.read(1 << 16):  # to the end: a remote stream checks its length / exit status there
+            pass
+    pending.clear()
+    if fields:
+        yield key, fields
+
+
 def read_tar_samples(url: str, stats: collections.Counter, warn: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
     """``(key, {extension: bytes})`` for each sample of one shard, streamed in tar order.
 
-    The one tar reader of the package (training loaders and evaluation sets). A shard that
-    cannot be opened or is truncated counts one ``stats["shard_errors"]``, is reported through
-    ``warn`` and ends early; the samples read before the defect are kept."""
-    key, fields = None, {}
-    try:
-        with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                m = _KEY_EXT.match(member.name) if member.isfile() else None
-                if m is None:
-                    continue
-                if m.group(1) != key:
-                    if fields:
-                        yield key, fields
-                    key, fields = m.group(1), {}
-                fields[m.group(2).lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        stats["shard_errors"] += 1
-        warn(f"shard {url} is unreadable or truncated after key {key}: {e.__class__.__name__}: {e}")
-    if fields:
-        yield key, fields
+    The one tar reader of the package (training loaders and evaluation sets). A remote shard whose
+    read fails is re-opened up to ``REMOTE_RETRIES`` times, the samples already handed out skipped
+    (``stats["shard_retries"]`` counts the retries), so a dropped connection loses nothing. A
+    shard that still cannot be read (or a local one that is truncated) counts one
+    ``stats["shard_errors"]``, is reported through ``warn`` and ends early; the samples read
+    before the defect are kept."""
+    remote = _is_remote(url)
+    retries = int(_env_number("QLIP_SHARD_RETRIES", REMOTE_RETRIES)) if remote else 0
+    delay = _env_number("QLIP_SHARD_RETRY_DELAY_S", REMOTE_RETRY_DELAY_S)
+    done = 0
+    for attempt in range(retries + 1):
+        pending: dict = {}
+        try:
+            for i, sample in enumerate(_tar_samples(url, pending)):
+                if i >= done:
+                    done += 1
+                    yield sample
+            return
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            if attempt < retries:
+                stats["shard_retries"] += 1
+                warn(f"shard {url}: read failed after {done} samples ({e.__class__.__name__}: {e}); "
+                     f"retry {attempt + 1} of {retries}")
+                time.sleep(delay * 2 ** attempt)
+                continue
+            stats["shard_errors"] += 1
+            warn(f"shard {url} is unreadable or truncated after key {pending.get('key')}"
+                 + (f" ({retries} retries)" if retries else "") + f": {e.__class__.__name__}: {e}")
+            if pending.get("fields"):
+                yield pending["key"], pending["fields"]
+            return
 
 
 class TarSource:
@@ -485,6 +626,7 @@ class PairLoader:
         self._workers = copy.deepcopy(state["workers"])
         self._next_worker, self.batches = state["next_worker"], state["batches"]
         self.stats = {k: state["stats"].get(k, 0) for k in STAT_KEYS}
+        self.stats.update({k: v for k, v in state["stats"].items() if k not in STAT_KEYS})
 
     def _settings(self) -> dict:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
@@ -509,7 +651,7 @@ class PairLoader:
             self._workers[w] = [msg["epoch"], msg["consumed"], msg["done"]]
             self._next_worker = (w + 1) % len(self._workers)
             for k, v in msg["stats"].items():
-                self.stats[k] += v
+                self.stats[k] = self.stats.get(k, 0) + v
             if msg["batch"] is not None:
                 self.batches += 1
                 yield msg["batch"]

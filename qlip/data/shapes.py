@@ -18,7 +18,10 @@ Every sample is a pure function of (seed, split, index): `make_sample` rebuilds 
 without the others, and the shards are byte-identical for the same settings.
 
     manifest = generate_shapes("data/shapes", n=20000, size=64, seed=0)
-    manifest["train_shards"], manifest["heldout_shards"]   # lists of tar paths
+    manifest["train_shards"], manifest["val_shards"], manifest["heldout_shards"]   # lists of tar paths
+
+Splits: ``train`` (captioned scenes), ``val`` (labelled single shapes, for choosing a recipe) and
+``heldout`` (labelled single shapes, the test split, reported once), each from its own seed stream.
 """
 from __future__ import annotations
 
@@ -83,7 +86,10 @@ SAME_KIND_P = 0.15                          # multi-shape images with one kind, 
 NUM_SHAPES_P = (0.5, 0.3, 0.2)              # one, two, three shapes
 SHORT_CAPTION_P = 0.5                       # captions naming only colours and kinds (no size, position)
 
-_SPLITS = {"train": 0, "heldout": 1}
+# Each split draws from its own seed stream (np.random.default_rng([seed, split id, index])):
+# "val" images never coincide with "heldout" (test) or "train" images.
+_SPLITS = {"train": 0, "heldout": 1, "val": 2}
+LABELLED_SPLITS = ("heldout", "val")  # single-shape images with a (colour, kind) label
 
 
 def shape_label(color: str, kind: str) -> int:
@@ -404,8 +410,9 @@ def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train",
                 group: int = 1) -> tuple[Image.Image, str, dict]:
     """Sample ``index`` of a split: (RGB image, caption, metadata). A pure function of its arguments.
 
-    Held-out samples have one shape whose class cycles through the 32 labels (balanced);
-    their metadata has "label", "color" and "kind" at the top level.
+    Held-out (test) and validation samples have one shape whose class cycles through the 32
+    labels (balanced); their metadata has "label", "color" and "kind" at the top level. The two
+    splits use different seed streams.
 
     ``group`` > 1 (training split): consecutive samples ``g*group .. g*group+group-1`` are *kind
     groups*, the same scene (colours, sizes, positions, background, caption wording) with the
@@ -441,7 +448,7 @@ def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train",
         # differs from the caption only in the kind words (NegCLIP-style negative)
         shift = int(np.random.default_rng([seed, _SPLITS[split], index, 3000017]).integers(1, len(KINDS)))
         meta["negative_caption"] = caption_scene(_kind_variant(scene, shift, rng), wording)
-    if split == "heldout":
+    if split in LABELLED_SPLITS:
         meta.update(label=scene["shapes"][0]["label"], color=scene["shapes"][0]["color"],
                     kind=scene["shapes"][0]["kind"])
     return render_scene(scene), caption, meta
@@ -458,7 +465,7 @@ def _encode_sample(index: int, size: int, seed: int, split: str, group: int = 1)
     fields = {"png": _png_bytes(img), "txt": caption.encode(), "json": json.dumps(meta, sort_keys=True).encode()}
     if "negative_caption" in meta:
         fields["neg.txt"] = meta["negative_caption"].encode()
-    if split == "heldout":
+    if split in LABELLED_SPLITS:
         fields["cls"] = str(meta["label"]).encode()
     return meta["key"], fields
 
@@ -544,37 +551,42 @@ def read_manifest(out_dir: str) -> Optional[dict]:
     root = os.path.abspath(out_dir)
     manifest["train_shards"] = [os.path.join(root, x) for x in manifest.get("train", [])]
     manifest["heldout_shards"] = [os.path.join(root, x) for x in manifest.get("heldout", [])]
+    manifest["val_shards"] = [os.path.join(root, x) for x in manifest.get("val", [])]
     return manifest
 
 
-def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int, group: int = 1) -> dict:
-    return {"format": "qlip-shapes", "version": FORMAT_VERSION, "n": n, "heldout_n": heldout_n,
+def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int, group: int = 1, val_n: int = 0) -> dict:
+    return {"format": "qlip-shapes", "version": FORMAT_VERSION, "n": n, "heldout_n": heldout_n, "val_n": val_n,
             "size": size, "seed": seed, "shard_size": shard_size, "group": group}
 
 
 def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_size: int = 1000,
                     heldout_n: int = 320, overwrite: bool = False, progress: bool = True, workers: int = 1,
-                    group: int = 1) -> dict:
-    """Write ``n`` captioned training images and ``heldout_n`` labelled held-out images as shards.
+                    group: int = 1, val_n: int = 0) -> dict:
+    """Write ``n`` captioned training images, ``val_n`` labelled validation images and
+    ``heldout_n`` labelled held-out (test) images as shards.
 
     Files in ``out_dir``: ``shapes-train-NNNNNN.tar`` (``{key}.png``, ``{key}.txt``, ``{key}.json``),
-    ``shapes-heldout-NNNNNN.tar`` (the same plus ``{key}.cls``) and ``manifest.json`` (written
+    ``shapes-val-NNNNNN.tar`` and ``shapes-heldout-NNNNNN.tar`` (the same plus ``{key}.cls``;
+    validation and test come from different seed streams) and ``manifest.json`` (written
     last: its presence means the data is complete). If a manifest with the same settings and all
     its shards already exist, nothing is written. A manifest with other settings is an error
     unless ``overwrite``. Returns the manifest (see `read_manifest`).
     """
     _check_settings(n, size, shard_size)
     _check_settings(heldout_n, size, shard_size, allow_zero=True)
+    _check_settings(val_n, size, shard_size, allow_zero=True)
     if not 1 <= group <= len(KINDS):
         raise DataError(f"kind group size must be in 1..{len(KINDS)}, got {group}")
     if group > 1 and (shard_size % group or n % group):
         raise DataError(f"with kind groups of {group}, n ({n}) and shard_size ({shard_size}) must be multiples "
                         f"of {group} so that no group is split across shards")
-    want = _settings(n, size, seed, shard_size, heldout_n, group)
+    want = _settings(n, size, seed, shard_size, heldout_n, group, val_n)
     have = read_manifest(out_dir)
     if have is not None:
+        have.setdefault("val_n", 0)  # manifests from before the validation split
         same = all(have.get(k) == v for k, v in want.items())
-        if same and all(os.path.exists(p) for p in have["train_shards"] + have["heldout_shards"]):
+        if same and all(os.path.exists(p) for p in have["train_shards"] + have["heldout_shards"] + have["val_shards"]):
             return have
         if not same and not overwrite:
             diff = ", ".join(f"{k}={have.get(k)} (asked {v})" for k, v in want.items() if have.get(k) != v)
@@ -586,7 +598,8 @@ def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_s
             os.remove(os.path.join(out_dir, name))
     train = _write_split(out_dir, "train", n, size, seed, shard_size, progress, workers, group)
     heldout = _write_split(out_dir, "heldout", heldout_n, size, seed, shard_size, progress, workers)
-    manifest = {**want, "train": train, "heldout": heldout, "classnames": list(SHAPE_CLASSNAMES),
+    val = _write_split(out_dir, "val", val_n, size, seed, shard_size, progress, workers)
+    manifest = {**want, "train": train, "val": val, "heldout": heldout, "classnames": list(SHAPE_CLASSNAMES),
                 "prompt": SHAPE_PROMPT}
     with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:
         json.dump(manifest, f, indent=1)

@@ -377,8 +377,9 @@ def tokenize_shards(shards, model, out_dir: str, *, model_name: str = "", batch_
                "stats": {k: 0 for k in PART_STATS}}
     if todo:
         reader = _PartReader(sources, todo, _transform(config["preprocess"]), batch_size)
-        messages = (DataLoader(reader, batch_size=None, num_workers=min(workers, len(todo))) if workers > 0
-                    else reader)
+        # workers decode the next batches while the model runs; pinned memory for a fast copy to a GPU
+        messages = (DataLoader(reader, batch_size=None, num_workers=min(workers, len(todo)), prefetch_factor=4,
+                               pin_memory=model.device.type == "cuda") if workers > 0 else reader)
         buffers: Dict[int, dict] = {}
         from tqdm import tqdm
         with tqdm(desc=f"tokenize rank {rank}/{world_size}" if world_size > 1 else "tokenize", unit="img",
@@ -386,7 +387,7 @@ def tokenize_shards(shards, model, out_dir: str, *, model_name: str = "", batch_
             for msg in messages:
                 buf = buffers.setdefault(msg["part"], {"ids": [], "keys": [], "captions": []})
                 if msg["images"] is not None:
-                    ids = model.tokenize(msg["images"].to(model.device, model.dtype)).flatten(1)
+                    ids = model.tokenize(msg["images"].to(model.device, model.dtype, non_blocking=True)).flatten(1)
                     buf["ids"].append(ids.cpu().numpy().astype(dtype))
                     buf["keys"] += msg["keys"]
                     buf["captions"] += msg["captions"]
@@ -661,7 +662,12 @@ def add_arguments(p) -> None:
                    help="cpu, cuda, cuda:1 ... (default: cuda:$LOCAL_RANK (modulo the GPU count) if CUDA "
                         "is available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="processes decoding images (0: in the main process)")
+    p.add_argument("--workers", type=int, default=2, help="processes decoding images (0: in the main process); "
+                   "each worker reads whole input shards, so more workers than shards do not help")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32 (default); bf16: weights cast once, pre-sign projection in fp32 (>= 99%% of id "
+                        "bits equal to fp32; its token shards get another encoder fingerprint); auto: bf16 on a "
+                        "CUDA GPU or an AMX CPU, else fp32")
     p.add_argument("--preprocess", choices=("train", "model"), default="train",
                    help="train: image_transform(image_size, mean, std) as the trainer uses; "
                         "model: the model's own resize/crop (model.preprocess)")
@@ -684,7 +690,8 @@ def _load_model(args):
     from ..io import load
     torch.manual_seed(args.seed)  # same random-init weights as the other commands
     try:
-        model = load(args.model, pretrained=False if args.random_init else None, device=_device(args.device))
+        model = load(args.model, pretrained=False if args.random_init else None, device=_device(args.device),
+                     precision=getattr(args, "precision", None))
     except QLIPError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError) as e:
@@ -706,6 +713,8 @@ def run_cli(args, print_fn: Callable[[str], None] = print) -> int:
     sources = expand_shards(args.shards)  # fail on bad input before loading a model
     rank, world = rank_from_env()
     model = _load_model(args)
+    if getattr(args, "precision", "fp32") != "fp32" and not args.quiet:
+        print_fn(f"precision {model.precision_choice}")
     s = tokenize_shards(sources, model, args.out, model_name=args.model, batch_size=args.batch_size,
                         workers=args.workers, rank=rank, world_size=world, preprocess=args.preprocess,
                         overwrite=args.overwrite, progress=not args.quiet)

@@ -5,9 +5,12 @@
    frozen, text dropped: MSE + BSQ + embedding consistency through the frozen encoder, AdamW);
 3. the paper's Figure 1 / Table 3a in miniature: a CLIP-only and a reconstruction-only model
    of the same size and budget;
-4. evaluation on the labelled held-out split (32 classes "a photo of a {colour} {kind}"):
-   zero-shot top-1 on the originals and on the reconstructions, colour and kind accuracy, PSNR,
-   SSIM, LPIPS after stage 1 and after stage 2, code usage;
+4. evaluation on the labelled validation split (320 images, for choosing the recipe) and the
+   held-out test split (640 images, reported once; 32 classes "a photo of a {colour} {kind}"):
+   zero-shot top-1 on the originals and on the (clamped) reconstructions, colour and kind
+   accuracy, PSNR, SSIM, rFID (real FID Inception-v3, first 128 test images) after stage 1 and
+   after stage 2, what an independent non-learned judge (``qlip.eval.shape_judge``) sees in the
+   reconstructions, LPIPS with an explicitly random AlexNet trunk (secondary), code usage;
 5. ``OUT/report.html`` + ``OUT/metrics.json`` (table, loss curves, reconstruction grid) and the
    final model in ``OUT/qlip/`` (stage-2 bottleneck + decoder with the stage-1 encoder and text
    tower), loadable with ``qlip.load``.
@@ -29,10 +32,18 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..errors import DataError, QLIPError
+
 log = logging.getLogger("qlip.demo")
 
-DATA_N, DATA_HELDOUT, IMAGE_SIZE, SHARD = 10240, 640, 64, 512
-LPIPS_NET = "alex"  # the metric's trunk (also stage 2's loss): VGG-16 costs more than the model here
+DATA_N, DATA_HELDOUT, DATA_VAL, IMAGE_SIZE, SHARD = 10240, 640, 320, 64, 512
+FAST_N, FAST_HELDOUT, FAST_VAL = 320, 128, 64
+# LPIPS is a secondary figure here, with an explicitly random AlexNet trunk (the torchvision
+# weights are not available offline): it only compares the demo's runs with each other. The
+# check "stage 2 improves the decoder" uses rFID with the real FID Inception (paper Table 3c).
+LPIPS_NET = "alex-random"
+RFID_N, FAST_RFID_N = 128, 16  # test images whose rFID is computed (Inception-v3 at 299 px is the cost)
+RUN_MARKER = "demo-run.json"  # {"fast": bool}: what kind of run a --out folder holds
 
 
 def _recipe(name: str, overrides: List[str]):
@@ -65,29 +76,40 @@ def _run(name: str, recipe, out_dir: str, resume: bool) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model, heldout: str, lpips_module=None, batch_size: int = 128, keep: int = 8,
-             limit: Optional[int] = None) -> Dict[str, Any]:
-    """Zero-shot (originals and reconstructions), colour/kind accuracy, PSNR, SSIM, LPIPS, codes."""
+def evaluate(model, data: str, lpips_module=None, batch_size: int = 128, keep: int = 8,
+             limit: Optional[int] = None, fid=None, fid_reference=None, rfid_n: Optional[int] = None,
+             judge: bool = False) -> Dict[str, Any]:
+    """Zero-shot (originals and reconstructions), colour/kind accuracy, PSNR, SSIM, LPIPS, codes;
+    with ``fid`` (a feature extractor) the rFID of the first ``rfid_n`` images (the originals'
+    statistics ``fid_reference`` are reused when given and returned as ``_fid_reference``); with
+    ``judge`` the independent shape judge's colour / kind accuracy on the reconstructions.
+
+    Accuracies are fractions. Zero-shot on reconstructions classifies what a user gets: the
+    reconstruction clamped to [0, 1] and normalised again, not the raw decoder output.
+    """
     from ..data.evalsets import open_dataset
     from ..data.shapes import KINDS, SHAPE_CLASSNAMES
     from ..eval.codes import CodeStats
-    from ..eval.recon import psnr_per_image, ssim_per_image
+    from ..eval.recon import FeatureStats, frechet_distance, psnr_per_image, ssim_per_image
+    from ..eval.shape_judge import judge_accuracy
     from ..eval.zeroshot import zero_shot_classifier
-    from ..model.preprocess import denormalize
+    from ..model.preprocess import denormalize, normalize
     model.eval()
-    ds = open_dataset(heldout)
+    ds = open_dataset(data)
     has_text = model.text is not None
     clf = zero_shot_classifier(model, list(SHAPE_CLASSNAMES), ["a photo of a {}"]) if has_text else None
     k = len(KINDS)
     acc = {"top1": 0, "recon_top1": 0, "colour": 0, "kind": 0}
     psnr, ssim, lp, n = [], [], [], 0
     codes = CodeStats(model.num_bits, model.config.quantizer.group_size)
+    real = fid_reference if fid_reference is not None else FeatureStats()
+    fake, n_fid = FeatureStats(), 0
+    judged = {"colour": 0.0, "kind": 0.0}
     originals, recons = [], []
     for x, y in ds.batches(model.preprocess, batch_size, limit):
         p = model.image_pass(x, embed=True, quant_loss=False)  # one pass: embedding, ids, reconstruction
         codes.update(p.ids)
-        r = p.recon
-        a = denormalize(r, model.image_mean, model.image_std).clamp(0, 1)
+        a = denormalize(p.recon, model.image_mean, model.image_std).clamp(0, 1)
         b = denormalize(x, model.image_mean, model.image_std).clamp(0, 1)
         psnr.append(psnr_per_image(a, b))
         ssim.append(ssim_per_image(a, b))
@@ -95,11 +117,22 @@ def evaluate(model, heldout: str, lpips_module=None, batch_size: int = 128, keep
             lp.append(lpips_module(a * 2 - 1, b * 2 - 1))
         if has_text:
             pred = (p.image_embeds.float() @ clf).argmax(-1)
-            pred_r = (model.encode_image(r, normalize=True).float() @ clf).argmax(-1)
+            seen = normalize(a, model.image_mean, model.image_std)  # the clamped images a user gets
+            pred_r = (model.encode_image(seen, normalize=True).float() @ clf).argmax(-1)
             acc["top1"] += int((pred == y).sum())
             acc["recon_top1"] += int((pred_r == y).sum())
             acc["colour"] += int((pred // k == y // k).sum())
             acc["kind"] += int((pred % k == y % k).sum())
+        if fid is not None and (rfid_n is None or n_fid < rfid_n):
+            take = len(y) if rfid_n is None else min(len(y), rfid_n - n_fid)
+            fake.update(fid(a[:take]))
+            if fid_reference is None:
+                real.update(fid(b[:take]))
+            n_fid += take
+        if judge:
+            j = judge_accuracy(a, y)
+            judged["colour"] += j["colour"] * len(y)
+            judged["kind"] += j["kind"] * len(y)
         if len(originals) < keep:
             originals += list(b[: keep - len(originals)])
             recons += list(a[: keep - len(recons)])
@@ -110,9 +143,15 @@ def evaluate(model, heldout: str, lpips_module=None, batch_size: int = 128, keep
     if has_text:
         out.update(zero_shot_top1=acc["top1"] / n, zero_shot_top1_recon=acc["recon_top1"] / n,
                    colour_acc=acc["colour"] / n, kind_acc=acc["kind"] / n)
+    if fid is not None:
+        out["rfid"] = frechet_distance(*real.compute(), *fake.compute())
+        out["rfid_n"] = n_fid
+        out["_fid_reference"] = real
+    if judge:
+        out["judge_colour_acc"], out["judge_kind_acc"] = judged["colour"] / n, judged["kind"] / n
     cs = codes.compute()
-    out["codes"] = {k2: cs[k2] for k2 in ("distinct_ids", "used_code_fraction", "bit_entropy_mean") if k2 in cs}
-    out["_bit_p1"] = cs.get("bit_p1")
+    out["codes"] = {k2: cs[k2] for k2 in ("distinct_codes", "code_usage", "code_entropy", "bit_entropy_mean")}
+    out["_bit_p1"] = cs["bit_p1"]
     out["_images"] = (torch.stack(originals), torch.stack(recons))
     return out
 
@@ -210,15 +249,20 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     t_start = time.time()
     if lanes not in (None, 1, 2):
         raise ValueError(f"lanes must be 1 or 2, got {lanes!r}")
-    os.makedirs(out, exist_ok=True)
-    n_train, n_heldout = (320, 128) if fast else (DATA_N, DATA_HELDOUT)
-    data_dir = os.path.join(out, "data")
-    print(f"[demo] data: {n_train} captioned training images + {n_heldout} labelled held-out images in {data_dir}")
-    generate_shapes(data_dir, n=n_train, size=IMAGE_SIZE, seed=0, heldout_n=n_heldout, shard_size=SHARD,
-                    overwrite=True, progress=True, workers=os.cpu_count() or 1)
+    _claim_out(out, fast, resume)
+    n_train, n_heldout, n_val = (FAST_N, FAST_HELDOUT, FAST_VAL) if fast else (DATA_N, DATA_HELDOUT, DATA_VAL)
+    data_dir = os.path.join(out, "data-fast" if fast else "data")  # a --fast run never touches the full data
+    print(f"[demo] data: {n_train} captioned training images, {n_val} labelled validation and {n_heldout} "
+          f"labelled test (held-out) images in {data_dir}")
+    try:
+        generate_shapes(data_dir, n=n_train, size=IMAGE_SIZE, seed=0, heldout_n=n_heldout, val_n=n_val,
+                        shard_size=SHARD, progress=True, workers=os.cpu_count() or 1)
+    except DataError as exc:
+        raise DataError(f"{exc}; the demo does not overwrite data: delete {data_dir} or use another --out") from None
     t_data = time.time() - t_start
     train_glob = os.path.join(data_dir, "shapes-train-*.tar")
     heldout = os.path.join(data_dir, "shapes-heldout-*.tar")
+    val = os.path.join(data_dir, "shapes-val-*.tar")
     fast_ov = ["data.batch_size=32", "optim.warmup_steps=2", "train.log_every=2", "train.ckpt_every=4",
                "train.progress=false"]
     common = [f"data.train={train_glob}"] + (["optim.steps=8"] + fast_ov if fast else [])
@@ -267,56 +311,106 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     # ---- evaluation ------------------------------------------------------------------------
     from ..io import load
     t0 = time.time()
-    print("[demo] evaluating on the held-out split")
+    print("[demo] evaluating on the validation split (recipe checks) and the held-out test split (reported)")
+    from ..eval.recon import build_lpips, inception_extractor
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the LPIPS random-trunk warning is reported in metrics.json
-        from ..eval.recon import build_lpips
+        warnings.simplefilter("ignore")  # the random-trunk warning: the label in metrics.json says it
         lpips_module, lpips_label = build_lpips(LPIPS_NET)
+    try:
+        fid = inception_extractor()
+    except QLIPError as exc:
+        print(f"[demo] rFID skipped: {exc}")
+        fid = None
     final = merge_stages(s1_final, summaries["qlip_stage2"]["final_model"])
     final.save_pretrained(os.path.join(out, "qlip"))
-    ev = {
-        "qlip_stage1": evaluate(load(s1_final), heldout, lpips_module),
-        "qlip": evaluate(final, heldout, lpips_module),
-        "clip_only": evaluate(load(summaries["clip_only"]["final_model"]), heldout),
-        "recon_only": evaluate(load(summaries["recon_only"]["final_model"]), heldout, lpips_module),
-    }
-    q, c, r, s1 = ev["qlip"], ev["clip_only"], ev["recon_only"], ev["qlip_stage1"]
+    models = {"qlip_stage1": load(s1_final), "qlip": final, "clip_only": load(summaries["clip_only"]["final_model"]),
+              "recon_only": load(summaries["recon_only"]["final_model"])}
+    rfid_n = FAST_RFID_N if fast else RFID_N
+    ev: Dict[str, Dict[str, Any]] = {}
+    for split, path in (("validation", val), ("test", heldout)):
+        ref = None  # the originals' Inception statistics, shared by the models
+        ev[split] = {}
+        for name, model in models.items():
+            recon = name != "clip_only"
+            with_fid = fid if (recon and name != "recon_only" and split == "test") else None
+            ev[split][name] = evaluate(model, path, lpips_module if recon else None, fid=with_fid,
+                                       fid_reference=ref, rfid_n=rfid_n, judge=recon and split == "test")
+            ref = ev[split][name].get("_fid_reference", ref)
     metrics: Dict[str, Any] = {
         # the final QLIP's headline numbers, flat, for the report's Table-2 row and `qlip eval compare`
         "model": "qlip-demo (stage 1 + 2)", "num_bits": final.num_bits, "compression_ratio": final.compression_ratio(),
-        "zero_shot_top1": q["zero_shot_top1"], "psnr": q["psnr"], "ssim": q["ssim"], "lpips": q["lpips"],
-        "qlip": {"zero_shot_top1": q["zero_shot_top1"], "zero_shot_top1_recon": q["zero_shot_top1_recon"],
-                 "colour_acc": q["colour_acc"], "kind_acc": q["kind_acc"], "psnr": q["psnr"], "ssim": q["ssim"],
-                 "psnr_stage1": s1["psnr"], "lpips_stage1": s1["lpips"], "lpips_stage2": q["lpips"],
-                 "codes": q["codes"]},
-        "clip_only": {"zero_shot_top1": c["zero_shot_top1"], "colour_acc": c["colour_acc"], "kind_acc": c["kind_acc"]},
-        "recon_only": {"psnr": r["psnr"], "ssim": r["ssim"], "lpips": r["lpips"]},
-        "model": {"preset": "qlip-demo", "image_size": final.image_size, "patch_size": final.patch_size,
-                  "num_bits": final.num_bits, "compression_ratio": final.compression_ratio(),
-                  "parameters": final.num_params()},
+        **_split_metrics(ev["test"]),
+        "validation": _split_metrics(ev["validation"]),
+        "architecture": {"preset": "qlip-demo", "image_size": final.image_size, "patch_size": final.patch_size,
+                         "num_bits": final.num_bits, "compression_ratio": final.compression_ratio(),
+                         "parameters": final.num_params()},
         "lpips_backbone": lpips_label,
+        "splits": {"validation": ev["validation"]["qlip"]["n_images"], "test": ev["test"]["qlip"]["n_images"],
+                   "rfid_test_images": ev["test"]["qlip"].get("rfid_n")},
         "timings_s": {"data": round(t_data, 1), **{k: round(v, 1) for k, v in timings.items()},
                       "training_wall": round(t_train, 1), "lanes": lanes, "eval": None, "total": None},
         "fast": fast,
     }
     metrics["checks"] = _checks(metrics)
+    metrics["validation"]["checks"] = _checks(metrics["validation"])
     metrics["timings_s"]["eval"] = round(time.time() - t0, 1)
     metrics["timings_s"]["total"] = round(time.time() - t_start, 1)
-    _report(out, metrics, ev, dirs)
+    _report(out, metrics, ev["test"], dirs)
     _print_summary(metrics, out)
     return metrics
 
 
-def _checks(m: Dict[str, Any]) -> Dict[str, bool]:
-    """The issue's acceptance criteria, evaluated on this run."""
+def _claim_out(out: str, fast: bool, resume: bool) -> None:
+    """Record what kind of run ``out`` holds; ``--resume`` of the other kind is refused (a
+    --fast run's checkpoints have other settings than a full run's, and vice versa)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, RUN_MARKER)
+    if resume and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            was_fast = bool(json.load(f).get("fast"))
+        if was_fast != fast:
+            kind = "a --fast (smoke) run" if was_fast else "a full run"
+            raise QLIPError(f"{out} holds {kind}: --resume {'with' if fast else 'without'} --fast cannot continue "
+                            f"it; use another --out (e.g. --out {out.rstrip(os.sep)}-{'fast' if fast else 'full'}) "
+                            "or rerun without --resume")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"fast": fast}, f)
+
+
+def _split_metrics(ev: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The metrics.json block of one split (accuracies as fractions)."""
+    q, c, r, s1 = ev["qlip"], ev["clip_only"], ev["recon_only"], ev["qlip_stage1"]
+    out = {
+        "zero_shot_top1": q["zero_shot_top1"], "psnr": q["psnr"], "ssim": q["ssim"], "lpips": q["lpips"],
+        "rfid": q.get("rfid"),  # stage 2, on the first RFID_N test images (None on validation)
+        "qlip": {"zero_shot_top1": q["zero_shot_top1"], "zero_shot_top1_recon": q["zero_shot_top1_recon"],
+                 "colour_acc": q["colour_acc"], "kind_acc": q["kind_acc"], "psnr": q["psnr"], "ssim": q["ssim"],
+                 "psnr_stage1": s1["psnr"], "lpips_stage1": s1["lpips"], "lpips_stage2": q["lpips"],
+                 "rfid_stage1": s1.get("rfid"), "rfid_stage2": q.get("rfid"), "codes": q["codes"]},
+        "clip_only": {"zero_shot_top1": c["zero_shot_top1"], "colour_acc": c["colour_acc"], "kind_acc": c["kind_acc"]},
+        "recon_only": {"psnr": r["psnr"], "ssim": r["ssim"], "lpips": r["lpips"]},
+    }
+    for key, e in (("qlip", q), ("recon_only", r)):
+        if "judge_colour_acc" in e:
+            out[key]["judge_colour_acc"], out[key]["judge_kind_acc"] = e["judge_colour_acc"], e["judge_kind_acc"]
+    return out
+
+
+def _checks(m: Dict[str, Any]) -> Dict[str, Optional[bool]]:
+    """The acceptance criteria, evaluated on one split's metrics (``_split_metrics``).
+
+    "stage 2 improves the decoder" is the paper's Table 3c measure, rFID with the real FID
+    Inception; it is ``None`` (not measured) when rFID was not computed on that split.
+    """
     q, c, r = m["qlip"], m["clip_only"], m["recon_only"]
+    rfid1, rfid2 = q.get("rfid_stage1"), q.get("rfid_stage2")
     return {
         "zero_shot_top1 >= 0.60": q["zero_shot_top1"] >= 0.60,
         "psnr >= 25 dB": q["psnr"] >= 25.0,
         "recon zero-shot within 10 points": q["zero_shot_top1"] - q["zero_shot_top1_recon"] <= 0.10,
         "within 10% of CLIP-only zero-shot": q["zero_shot_top1"] >= 0.9 * c["zero_shot_top1"],
         "within 1 dB of recon-only PSNR": q["psnr"] >= r["psnr"] - 1.0,
-        "stage 2 lowers LPIPS": q["lpips_stage2"] < q["lpips_stage1"],
+        "stage 2 lowers rFID": None if rfid1 is None or rfid2 is None else rfid2 < rfid1,
     }
 
 
@@ -326,31 +420,49 @@ def _report(out: str, metrics: Dict[str, Any], ev: Dict[str, Any], dirs: Dict[st
     grid_path = os.path.join(out, "recon_rows.png")
     _grid([orig, ev["qlip_stage1"]["_images"][1], ev["qlip"]["_images"][1], ev["recon_only"]["_images"][1]],
           ["original", "QLIP (stage 1)", "QLIP (stage 2)", "recon-only"], grid_path)
+    from ..eval.common import format_accuracy as pct
     q, c, r = metrics["qlip"], metrics["clip_only"], metrics["recon_only"]
-    fmt = lambda v, pct=False: "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")  # noqa: E731
+    fmt = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    judge = lambda m: "-" if "judge_kind_acc" not in m else f"{pct(m['judge_colour_acc'])} / {pct(m['judge_kind_acc'])}"  # noqa: E731
     table = [
-        ["QLIP (stage 1 + 2)", fmt(q["zero_shot_top1"], 1), fmt(q["zero_shot_top1_recon"], 1), fmt(q["colour_acc"], 1),
-         fmt(q["kind_acc"], 1), fmt(q["psnr"]), fmt(q["lpips_stage2"])],
-        ["QLIP after stage 1", "", "", "", "", fmt(q["psnr_stage1"]), fmt(q["lpips_stage1"])],
-        ["CLIP-only", fmt(c["zero_shot_top1"], 1), "-", fmt(c["colour_acc"], 1), fmt(c["kind_acc"], 1), "-", "-"],
-        ["reconstruction-only", "-", "-", "-", "-", fmt(r["psnr"]), fmt(r["lpips"])],
+        ["QLIP (stage 1 + 2)", pct(q["zero_shot_top1"]), pct(q["zero_shot_top1_recon"]), pct(q["colour_acc"]),
+         pct(q["kind_acc"]), fmt(q["psnr"]), fmt(q["rfid_stage2"]), judge(q), fmt(q["lpips_stage2"], 4)],
+        ["QLIP after stage 1", "", "", "", "", fmt(q["psnr_stage1"]), fmt(q["rfid_stage1"]), "", fmt(q["lpips_stage1"], 4)],
+        ["CLIP-only", pct(c["zero_shot_top1"]), "-", pct(c["colour_acc"]), pct(c["kind_acc"]), "-", "-", "-", "-"],
+        ["reconstruction-only", "-", "-", "-", "-", fmt(r["psnr"]), "-", judge(r), fmt(r["lpips"], 4)],
     ]
     write_report(out, metrics, originals=orig, reconstructions=ev["qlip"]["_images"][1],
                  bit_usage=ev["qlip"]["_bit_p1"], loss_curves=_curves(dirs), title="qlip demo: QLIP on captioned shapes",
-                 tables=[("Understanding vs reconstruction (held-out split, 32 classes)",
+                 tables=[("Understanding vs reconstruction (held-out test split, 32 classes)",
                           ["model", "zero-shot top-1", "zero-shot on recon", "colour acc", "kind acc", "PSNR (dB)",
-                           f"LPIPS ({metrics['lpips_backbone']})"], table),
-                         ("Acceptance checks", ["check", "passed"], [[k, str(v)] for k, v in metrics["checks"].items()])],
+                           f"rFID ({metrics['splits']['rfid_test_images']} images)",
+                           "judge on recon (colour / kind)", f"LPIPS ({metrics['lpips_backbone']})"], table),
+                         ("Acceptance checks (test split; validation in metrics.json)", ["check", "passed"],
+                          [[k, _check_word(v, metrics["fast"])] for k, v in metrics["checks"].items()])],
                  extra_figures=[("Originals and reconstructions of each model", grid_path)])
 
 
+def _check_word(ok: Optional[bool], fast: bool) -> str:
+    if ok is None:
+        return "not measured"
+    return "ok" if ok else "MISS" + (" (expected for --fast)" if fast else "")
+
+
 def _print_summary(m: Dict[str, Any], out: str) -> None:
+    from ..eval.common import format_accuracy as pct
     q, c, r = m["qlip"], m["clip_only"], m["recon_only"]
-    print(f"\n[demo] QLIP      zero-shot {100 * q['zero_shot_top1']:.1f}% (on reconstructions "
-          f"{100 * q['zero_shot_top1_recon']:.1f}%; colour {100 * q['colour_acc']:.1f}%, kind {100 * q['kind_acc']:.1f}%), "
-          f"PSNR {q['psnr']:.2f} dB, LPIPS stage 1 {q['lpips_stage1']:.4f} -> stage 2 {q['lpips_stage2']:.4f}")
-    print(f"[demo] CLIP-only zero-shot {100 * c['zero_shot_top1']:.1f}%   recon-only PSNR {r['psnr']:.2f} dB")
+    rfid = ("" if q.get("rfid_stage2") is None else
+            f", rFID stage 1 {q['rfid_stage1']:.2f} -> stage 2 {q['rfid_stage2']:.2f} ({m['splits']['rfid_test_images']} images)")
+    judge = ("" if "judge_kind_acc" not in q else
+             f"; judge on reconstructions: colour {pct(q['judge_colour_acc'])}, kind {pct(q['judge_kind_acc'])}")
+    print(f"\n[demo] test split ({m['splits']['test']} images; recipe checks also on {m['splits']['validation']} "
+          "validation images, in metrics.json)")
+    print(f"[demo] QLIP      zero-shot {pct(q['zero_shot_top1'])} (on reconstructions "
+          f"{pct(q['zero_shot_top1_recon'])}; colour {pct(q['colour_acc'])}, kind {pct(q['kind_acc'])}), "
+          f"PSNR {q['psnr']:.2f} dB{rfid}{judge}")
+    print(f"[demo] CLIP-only zero-shot {pct(c['zero_shot_top1'])}   recon-only PSNR {r['psnr']:.2f} dB   "
+          f"LPIPS ({m['lpips_backbone']}) stage 1 {q['lpips_stage1']:.4f} -> stage 2 {q['lpips_stage2']:.4f}")
     for k, v in m["checks"].items():
-        print(f"[demo]   {'ok  ' if v else 'MISS'} {k}")
+        print(f"[demo]   {_check_word(v, m['fast']):<4} {k}")
     print(f"[demo] total {m['timings_s']['total']:.0f} s; report: {os.path.join(out, 'report.html')}; "
           f"model: {os.path.join(out, 'qlip')}")

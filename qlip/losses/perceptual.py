@@ -9,16 +9,18 @@ Wraps the ``lpips`` package. Two parts have weights:
 ``backbone="auto"`` (default) resolves the trunk without ever hanging on the network:
 
 1. the checkpoint is already in the torch hub cache -> real LPIPS;
-2. ``QLIP_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value (1/true/yes/on) -> random trunk;
-3. otherwise one download attempt with a socket timeout (``download_timeout`` seconds); if it
-   fails -> random trunk.
+2. ``QLIP_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value (1/true/yes/on) -> no download;
+3. otherwise one download attempt with a socket timeout (``download_timeout`` seconds).
 
-With a random trunk (``pnet_rand=True``, seeded, so values are reproducible across runs) the
-loss is still a smooth, zero-at-identity feature distance that trains, but its values are
-**not comparable to published LPIPS numbers**; one :class:`LPIPSRandomBackboneWarning` per
-process says so and ``PerceptualLoss.pretrained_backbone`` is False. Do not report LPIPS
-metrics from such a module. ``backbone="pretrained"`` raises :class:`qlip.errors.QLIPError`
-when the trunk cannot be obtained; ``backbone="random"`` never touches the network.
+When the trunk cannot be obtained, building a :class:`PerceptualLoss` **fails** with a one-line
+:class:`qlip.errors.QLIPError` saying where to put the weights file: LPIPS is never silently
+random (a stage 2 trained against a random trunk, or a reported random-trunk LPIPS, looks like
+the real thing). ``backbone="pretrained"`` does the same. A random trunk is an explicit opt-in,
+``backbone="random"`` (never touches the network): ``pnet_rand=True``, seeded, so values are
+reproducible; the loss is still a smooth, zero-at-identity feature distance that trains, but its
+values are **not comparable to published LPIPS numbers**; one
+:class:`LPIPSRandomBackboneWarning` per process says so and ``pretrained_backbone`` is False.
+``resolve_lpips_backbone`` itself only answers whether the real trunk is available.
 
 Inputs are images in ``[-1, 1]`` (LPIPS convention). QLIP tensors are CLIP-normalised
 (``(x01 - mean) / std``); convert with :func:`normalized_to_pm1` or pass ``input_mean`` /
@@ -153,6 +155,15 @@ def resolve_lpips_backbone(backbone: str = "auto", download_timeout: float = 20.
     return False
 
 
+def missing_trunk_message(net: str = "vgg") -> str:
+    """The one-line error when LPIPS cannot get its real trunk (and no random trunk was asked for)."""
+    path = trunk_weights_path(net)
+    return (f"LPIPS needs the torchvision ImageNet {net} weights, not found at {path}: download "
+            f"{_trunk_url(net)} into {path.parent} (TORCH_HOME moves it), or opt in to a random, "
+            f"non-comparable trunk with backbone='random' (recipes: loss.lpips_backbone: random; "
+            f"qlip eval: --lpips {net}-random)")
+
+
 def _warn_random_backbone(net: str = "vgg") -> None:
     global _RANDOM_BACKBONE_WARNED
     if _RANDOM_BACKBONE_WARNED:
@@ -160,9 +171,9 @@ def _warn_random_backbone(net: str = "vgg") -> None:
     _RANDOM_BACKBONE_WARNED = True
     path = trunk_weights_path(net)
     warnings.warn(
-        f"LPIPS is using a RANDOMLY INITIALISED {net} trunk because the torchvision ImageNet weights "
-        f"are not available offline ({path}); the loss still trains but its values are "
-        f"NOT comparable to published LPIPS numbers. Put {path.name} in that folder for the real metric.",
+        f"LPIPS is using a RANDOMLY INITIALISED {net} trunk (backbone='random'); the loss still trains "
+        f"but its values are NOT comparable to published LPIPS numbers. Put {path.name} in {path.parent} "
+        f"and use backbone='auto' for the real metric.",
         LPIPSRandomBackboneWarning,
         stacklevel=3,
     )
@@ -185,7 +196,8 @@ class PerceptualLoss(nn.Module):
     Args:
         net: lpips trunk: ``"vgg"`` (paper), ``"alex"`` or ``"squeeze"``; the random-trunk
             fallback applies to all of them.
-        backbone: ``"auto"`` | ``"pretrained"`` | ``"random"`` (see module docstring).
+        backbone: ``"auto"`` | ``"pretrained"`` | ``"random"`` (see module docstring): without
+            the real trunk weights only ``"random"`` builds (an explicit opt-in).
         input_mean, input_std: if given, inputs are CLIP-normalised and converted to [-1, 1];
             otherwise inputs must already be in [-1, 1].
         reduction: ``"mean"`` (scalar over the batch) or ``"none"`` (per-sample ``(B,)``).
@@ -210,6 +222,8 @@ class PerceptualLoss(nn.Module):
             raise ValueError("give both input_mean and input_std, or neither")
         self.reduction = reduction
         self.pretrained_backbone = resolve_lpips_backbone(backbone, download_timeout, net)
+        if not self.pretrained_backbone and backbone != "random":
+            raise QLIPError(missing_trunk_message(net))
         # Fixed seed so the random trunk (and lpips' throw-away classifier init) is reproducible
         # and the caller's global RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

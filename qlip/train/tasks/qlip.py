@@ -85,12 +85,15 @@ class LossSection:
     alpha_s: float = 0.0      # stage 2: 1 - cos(E(x_hat), E(x)) with the frozen encoder (qlip/losses/semantic.py)
     semantic_features: str = "embedding"  # alpha_s on: embedding (pooled image embedding) | tokens (every token)
     lpips_net: str = "vgg"    # LPIPS trunk: vgg (paper) | alex | squeeze
+    lpips_backbone: str = "auto"  # auto: the real trunk weights or a one-line error; random: explicit opt-in
     hard_negatives: bool = False  # score each image against a hard-negative caption ({key}.neg.txt) too
     logit_scale_max: float = 4.6052   # ln(100), clamp as CLIP does
 
     def validate(self) -> None:
         if self.lpips_net not in ("vgg", "alex", "squeeze"):
             raise ConfigError(f"loss.lpips_net must be vgg, alex or squeeze, got {self.lpips_net!r}")
+        if self.lpips_backbone not in ("auto", "pretrained", "random"):
+            raise ConfigError(f"loss.lpips_backbone must be auto, pretrained or random, got {self.lpips_backbone!r}")
         if self.semantic_features not in ("embedding", "tokens"):
             raise ConfigError(f"loss.semantic_features must be embedding or tokens, got {self.semantic_features!r}")
         for name in ("alpha_r", "alpha_q", "alpha_a", "alpha_z", "alpha_p", "alpha_g", "alpha_s"):
@@ -244,7 +247,7 @@ class QLIPTask(Task):
         self.contrastive = ContrastiveLoss()
         if L.alpha_p > 0:
             from ...losses import PerceptualLoss
-            self.lpips = PerceptualLoss(net=L.lpips_net, input_mean=self.model.image_mean,
+            self.lpips = PerceptualLoss(net=L.lpips_net, backbone=L.lpips_backbone, input_mean=self.model.image_mean,
                                         input_std=self.model.image_std).to(self.device)
         if L.alpha_g > 0:
             from ...losses import AdversarialLoss, PatchDiscriminator

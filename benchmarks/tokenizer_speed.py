@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Throughput of tokenize + detokenize for QLIP-B-16-256 (random weights), fp32 vs bf16.
 
-    python benchmarks/tokenize.py [--batch-sizes 1 8] [--repeats 3] [--threads N] [--json OUT]
+    python benchmarks/tokenizer_speed.py [--batch-sizes 1 4] [--repeats 3] [--threads N] [--json OUT]
 
 For every batch size it times ``ids = model.tokenize(x); y = model.detokenize(ids)`` under
 ``torch.inference_mode()`` in three precisions:
 
 * ``fp32``          float32 weights and activations;
 * ``bf16-autocast`` float32 weights, ``torch.autocast("cpu", torch.bfloat16)`` (the CLI's ``--bf16``);
-* ``bf16-weights``  a copy of the model converted with ``model.to(torch.bfloat16)``.
+* ``bf16-cast-once`` ``qlip.load(..., precision="bf16")``: weights cast to bfloat16 once, the pre-sign
+                    projection (``bottleneck.down``) kept in float32 (``qlip.model.precision``).
+
+It also prints what ``precision="auto"`` chooses on this machine (bf16 only with AMX or a GPU).
 
 Rounds are interleaved (every round runs each precision and each batch size once) and every model
 run is bracketed by a large square matmul in fp32 and in bf16. Times are medians over rounds; the
@@ -29,7 +32,7 @@ from __future__ import annotations
 import os
 import sys
 
-# this file is called tokenize.py: keep its folder off sys.path, or it shadows the stdlib module
+# keep benchmarks/ off sys.path; import this checkout's qlip
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))  # the repository root: this checkout's qlip
@@ -68,17 +71,19 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import qlip  # noqa: E402
+from qlip.model.precision import cast_for_inference, cpu_has_amx_bf16, resolve_precision  # noqa: E402
 from qlip.model.preprocess import denormalize  # noqa: E402
 
 PRESET = "qlip-b-16-256"
-MODES = ("fp32", "bf16-autocast", "bf16-weights")
+MODES = ("fp32", "bf16-autocast", "bf16-cast-once")
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field",
            "immunohistochemistry", "retina", "colorwheel", "moon", "page")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="B")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], metavar="B")
+    p.add_argument("--preset", default=PRESET, help=f"random-init preset to time (default {PRESET})")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round); default 3")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n reference matmul")
@@ -187,10 +192,11 @@ def main(argv=None):
     t_start = time.perf_counter()
     load0 = os.getloadavg()
 
-    model = qlip.load(PRESET, pretrained=False).eval()
+    model = qlip.load(args.preset, pretrained=False).eval()
     model.drop_text()                        # tokenize/detokenize never touch the text tower
-    models = {"fp32": model, "bf16-autocast": model, "bf16-weights": copy.deepcopy(model).to(torch.bfloat16)}
-    autocast = {"fp32": False, "bf16-autocast": True, "bf16-weights": False}
+    models = {"fp32": model, "bf16-autocast": model,
+              "bf16-cast-once": cast_for_inference(copy.deepcopy(model), "bf16")}
+    autocast = {"fp32": False, "bf16-autocast": True, "bf16-cast-once": False}
 
     bmax = max(args.batch_sizes)
     names_imgs = sample_images(bmax)
@@ -283,7 +289,7 @@ def main(argv=None):
                              samples=samples[(mode, b)]))
 
     # ---- report -----------------------------------------------------------------------------
-    print(f"QLIP {PRESET} (random weights), tokenize+detokenize, torch {torch.__version__}, "
+    print(f"QLIP {args.preset} (random weights), tokenize+detokenize, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
           f"{args.repeats} timed rounds (+1 warm-up)")
     print("times, img/s, GFLOP/s: medians over rounds; /mm (model GFLOP/s over the reference matmul's, fp32 or "
@@ -294,6 +300,8 @@ def main(argv=None):
           f"{counted_per_image / 1e9:.2f} G")
     print(f"reference matmul {n}x{n}x{n}: fp32 {mm['fp32']:.1f} GFLOP/s, bf16 {mm['bf16']:.1f} GFLOP/s "
           f"(bf16/fp32 = {mm['bf16'] / mm['fp32']:.2f}x)")
+    print(f"precision auto on this machine (CPU): {resolve_precision('auto', 'cpu')}; "
+          f"amx_bf16 in /proc/cpuinfo: {cpu_has_amx_bf16()}")
     print(f"accuracy images: {', '.join(nm for nm, _ in names_imgs)}")
     hdr = (f"{'mode':<14}{'batch':>6}{'s/batch':>10}{'img/s':>8}{'GFLOP/s':>9}{'/mm fp32':>9}"
            f"{'/mm own':>9}{'speed-up':>9}{'bits eq':>9}{'PSNR dB':>9}")
@@ -326,7 +334,7 @@ def main(argv=None):
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f} on {os.cpu_count()} CPUs; wall time {elapsed:.0f} s")
 
     if args.json:
-        out = dict(preset=PRESET, torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
+        out = dict(preset=args.preset, auto_precision=resolve_precision("auto", "cpu").name, torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                    batch_sizes=args.batch_sizes, machine=platform.machine(), processor=platform.processor(),
                    cpu_count=os.cpu_count(), loadavg_before=load0, loadavg_after=load1, wall_seconds=elapsed,

@@ -1,0 +1,214 @@
+"""Visual heads: how a generator reads and predicts ``bits``-bit QLIP token ids.
+
+A 28-bit id cannot be one flat vocabulary (``2**28`` output rows). Each head below owns both ends
+of the problem: the **input embedding** of an id (what the transformer reads at the next
+position) and the **output distribution** over ids given a hidden state (loss and sampling).
+
+===========  ================================================================  ======================
+kind         output                                                            input embedding
+===========  ================================================================  ======================
+``split``    ``G`` parallel ``2**(bits/G)``-way softmaxes (MAGVIT-v2; default   sum of the ``G``
+             2 x 16,384): the sub-tokens are independent given the hidden       sub-token embeddings
+``bitwise``  ``bits`` binary classifiers (Infinity's bitwise head)              ``Linear`` on the +-1
+                                                                                code vector
+``intra``    high half, then the low half given the high half (Open-MAGVIT2's   sum of the 2
+             "factorized" prediction inside the position): ``p(hi) p(lo|hi)``   sub-token embeddings
+===========  ================================================================  ======================
+
+**Losses** are the negative log-likelihood of the whole id in nats per image token, for every
+head (the sum of the factors' cross-entropies, e.g. 28 bit cross-entropies for ``bitwise``), so
+the three heads' losses are directly comparable.
+
+**Classifier-free guidance** is applied per factor, on logits (``qlip.nn.cfg_logits``):
+``l_u + s (l_c - l_u)`` renormalised. For ``split`` and ``bitwise`` this is *exactly* guidance on
+the joint distribution: with ``p(x) = prod_g p_g(x_g)`` for the conditional and the unconditional
+model, ``p_c(x)^s p_u(x)^(1-s) = prod_g p_c,g(x_g)^s p_u,g(x_g)^(1-s)``, and each factor's
+normaliser is a constant, so normalising per head normalises the product. For ``intra`` the low
+half's normaliser depends on the sampled high half, so per-step guidance (``hi`` guided, then
+``lo | hi`` guided with the same ``hi`` in both branches) is the same approximation an
+autoregressive model makes across positions, not the guided joint. Top-k / top-p also act per
+factor (per sub-token, or per bit where only ``top_k=1`` and ``top_p`` matter).
+
+Ids are MSB-first (as ``qlip.quant.VisualVocab`` and the official ``bsq.py``): sub-token 0 /
+bit 0 is the most significant.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn import RMSNorm, cfg_logits, sample
+from ..quant import VisualVocab
+
+HEAD_KINDS = ("split", "bitwise", "intra")
+
+
+def _guide(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Guided logits; ``uncond is None`` or ``scale == 1`` is the conditional model itself."""
+    if uncond is None or scale == 1.0:
+        return cond
+    return cfg_logits(cond, uncond, scale)
+
+
+class VisualHead(nn.Module):
+    """Base class. ``embed(ids)``: ``(B, N)`` ids -> ``(B, N, dim)``; ``loss(hidden, ids)``: mean
+    NLL per token in nats; ``sample(h_cond, h_uncond, ...)``: ``(B, dim)`` hidden states -> ``(B,)``
+    ids (``h_uncond`` given: classifier-free guidance with ``cfg``)."""
+
+    kind = ""
+
+    def __init__(self, dim: int, bits: int):
+        super().__init__()
+        self.dim, self.bits = dim, bits
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL ``(B, N)`` of ``ids`` ``(B, N)`` given ``hidden`` ``(B, N, dim)``."""
+        raise NotImplementedError
+
+    def loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.nll(hidden, ids).mean()
+
+    def sample(self, h_cond: torch.Tensor, h_uncond: Optional[torch.Tensor] = None, cfg: float = 1.0,
+               temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SplitHead(VisualHead):
+    """``groups`` parallel softmaxes over ``bits / groups``-bit sub-tokens (default 2 x 14 bits)."""
+
+    kind = "split"
+
+    def __init__(self, dim: int, bits: int = 28, groups: int = 2):
+        super().__init__(dim, bits)
+        self.vocab = VisualVocab(bits=bits, groups=groups)
+        V = self.vocab.group_size
+        self.embeddings = nn.ModuleList([nn.Embedding(V, dim) for _ in range(groups)])
+        self.outputs = nn.ModuleList([nn.Linear(dim, V, bias=False) for _ in range(groups)])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        sub = self.vocab.split(ids).to(ids.device)
+        return sum(e(sub[..., g]) for g, e in enumerate(self.embeddings))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)`` -> ``(..., G, 2**(bits/G))`` float32 logits."""
+        return torch.stack([o(hidden).float() for o in self.outputs], dim=-2)
+
+    def nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        sub = self.vocab.split(ids).to(ids.device)                         # (B, N, G)
+        logp = self.logits(hidden).log_softmax(-1)                         # (B, N, G, V)
+        return -logp.gather(-1, sub[..., None])[..., 0].sum(-1)
+
+    def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
+        lc = self.logits(h_cond)
+        lu = self.logits(h_uncond) if h_uncond is not None else None
+        sub = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)   # (B, G)
+        return self.vocab.merge(sub)
+
+
+def ids_to_bits(ids: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(...)`` ids -> ``(..., bits)`` int64 0/1, MSB first."""
+    shifts = torch.arange(bits - 1, -1, -1, device=ids.device)
+    return (ids[..., None] >> shifts) & 1
+
+
+def bits_to_ids(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`ids_to_bits`."""
+    bits = b.shape[-1]
+    weights = torch.ones(bits, dtype=torch.int64, device=b.device) << torch.arange(bits - 1, -1, -1, device=b.device)
+    return (b.long() * weights).sum(-1)
+
+
+class BitwiseHead(VisualHead):
+    """``bits`` independent binary classifiers (two logits each); input ``Linear(bits -> dim)`` on
+    the +-1 code vector (Infinity). Its own code embedding: no sub-token tables at all."""
+
+    kind = "bitwise"
+
+    def __init__(self, dim: int, bits: int = 28):
+        super().__init__(dim, bits)
+        self.code_in = nn.Linear(bits, dim, bias=False)
+        self.output = nn.Linear(dim, 2 * bits, bias=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        codes = ids_to_bits(ids, self.bits).to(self.code_in.weight.dtype) * 2 - 1
+        return self.code_in(codes)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)`` -> ``(..., bits, 2)`` float32 logits (class 1 = bit set)."""
+        return self.output(hidden).float().unflatten(-1, (self.bits, 2))
+
+    def nll(self, hidden, ids):
+        logp = self.logits(hidden).log_softmax(-1)
+        target = ids_to_bits(ids, self.bits)
+        return -logp.gather(-1, target[..., None])[..., 0].sum(-1)
+
+    def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
+        lc = self.logits(h_cond)
+        lu = self.logits(h_uncond) if h_uncond is not None else None
+        return bits_to_ids(sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator))
+
+
+class IntraTokenHead(VisualHead):
+    """High half, then low half given the high half: ``p(hi | h) p(lo | h, hi)``.
+
+    The low half reads ``MLP(norm(h + E_cond(hi)))`` (a small residual MLP, Open-MAGVIT2's
+    in-position factorisation in its smallest form). Training uses the true ``hi`` (teacher
+    forcing), so the loss is the exact NLL of the id; sampling draws ``hi`` first."""
+
+    kind = "intra"
+
+    def __init__(self, dim: int, bits: int = 28):
+        super().__init__(dim, bits)
+        self.vocab = VisualVocab(bits=bits, groups=2)
+        V = self.vocab.group_size
+        self.embeddings = nn.ModuleList([nn.Embedding(V, dim) for _ in range(2)])
+        self.out_hi = nn.Linear(dim, V, bias=False)
+        self.hi_cond = nn.Embedding(V, dim)
+        self.lo_norm = RMSNorm(dim)
+        self.lo_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+        self.out_lo = nn.Linear(dim, V, bias=False)
+
+    def embed(self, ids):
+        sub = self.vocab.split(ids).to(ids.device)
+        return self.embeddings[0](sub[..., 0]) + self.embeddings[1](sub[..., 1])
+
+    def logits_hi(self, hidden):
+        return self.out_hi(hidden).float()
+
+    def logits_lo(self, hidden, hi):
+        """Logits of the low half given the hidden state and the high half ``hi`` (same leading dims)."""
+        x = hidden + self.hi_cond(hi)
+        return self.out_lo(x + self.lo_mlp(self.lo_norm(x))).float()
+
+    def nll(self, hidden, ids):
+        sub = self.vocab.split(ids).to(ids.device)
+        hi, lo = sub[..., 0], sub[..., 1]
+        nll_hi = -self.logits_hi(hidden).log_softmax(-1).gather(-1, hi[..., None])[..., 0]
+        nll_lo = -self.logits_lo(hidden, hi).log_softmax(-1).gather(-1, lo[..., None])[..., 0]
+        return nll_hi + nll_lo
+
+    def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
+        lu = self.logits_hi(h_uncond) if h_uncond is not None else None
+        hi = sample(_guide(self.logits_hi(h_cond), lu, cfg), temperature, top_k, top_p, generator)
+        lu = self.logits_lo(h_uncond, hi) if h_uncond is not None else None
+        lo = sample(_guide(self.logits_lo(h_cond, hi), lu, cfg), temperature, top_k, top_p, generator)
+        return self.vocab.merge(torch.stack([hi, lo], -1))
+
+
+def make_head(kind: str, dim: int, bits: int, groups: int = 2) -> VisualHead:
+    if kind == "split":
+        return SplitHead(dim, bits, groups)
+    if kind == "bitwise":
+        return BitwiseHead(dim, bits)
+    if kind == "intra":
+        if bits % 2:
+            raise ConfigError(f"head.kind=intra needs an even number of bits, got {bits}")
+        return IntraTokenHead(dim, bits)
+    raise ConfigError(f"head.kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")

@@ -1,0 +1,135 @@
+"""Sampling from a UM3 model: text continuation, captioning and text-to-image.
+
+One loop (:func:`generate`) with a KV cache per prompt (``use_cache=False`` recomputes the whole
+sequence at every step: the reference the cache is tested against). Each step is restricted to
+the rows Eq. 6 trained for that position (:func:`qlip.um3.loss.restrict_logits`):
+
+* text (continuation, captions): the text rows ``[0, text_size)``, until ``<eos>``;
+* inside ``<boi> ... <eoi>``: sub-token ``i`` of an image is group ``i % groups``, so only that
+  group's ``2 ** (bits / groups)`` rows; exactly ``N * groups`` steps, then ``<eoi>``.
+
+Text-to-image uses classifier-free guidance on logits (:func:`qlip.nn.cfg_logits`, LlamaGen's
+``uncond + s * (cond - uncond)``) between the caption prompt ``<bos> caption <boi>`` and the
+unconditional prompt ``<bos> <boi>`` the training's caption dropout taught; each prompt has its
+own cache, so the two may differ in length. Images in and out are QLIP ids ``(B, h, w)``: the
+caller tokenizes (``QLIP.tokenize``) and detokenizes (``QLIP.detokenize``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from ..errors import QLIPError
+from ..nn import cfg_logits, sample
+from .loss import restrict_logits
+from .model import UM3
+from .text import TextTokenizer
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    cfg_scale: float = 1.0          # text-to-image only; 1 = conditional, no guidance
+    seed: Optional[int] = None
+
+
+class _Stream:
+    """A growing batch of sequences and the logits of its next token (cached or recomputed)."""
+
+    def __init__(self, model: UM3, prompt: torch.Tensor, max_new: int, use_cache: bool):
+        self.model, self.seq, self.use_cache = model, prompt, use_cache
+        self.cache = model.make_cache(prompt.shape[0], prompt.shape[1] + max_new) if use_cache else None
+        self.logits = model(prompt, cache=self.cache)[:, -1].float()
+
+    def push(self, tok: torch.Tensor) -> None:
+        self.seq = torch.cat([self.seq, tok[:, None]], 1)
+        if self.use_cache:
+            self.logits = self.model(tok[:, None], cache=self.cache)[:, -1].float()
+        else:
+            self.logits = self.model(self.seq)[:, -1].float()
+
+
+@torch.no_grad()
+def generate(model: UM3, prompt: torch.Tensor, max_new: int, rows: Callable[[int], Tuple[int, int]],
+             sampling: Sampling = Sampling(), uncond: Optional[torch.Tensor] = None,
+             stop: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
+    """``max_new`` tokens after ``prompt`` ``(B, T)``; step ``i`` samples among rows ``rows(i)``.
+    With ``uncond`` (``(B, T')``) the logits are guided with ``sampling.cfg_scale``. With ``stop``
+    the loop ends once every row has produced it (later tokens of a row are ``stop``)."""
+    dev = model.lm.output.weight.device
+    g = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
+    cond = _Stream(model, prompt.to(dev), max_new, use_cache)
+    free = _Stream(model, uncond.to(dev), max_new, use_cache) if uncond is not None else None
+    out: List[torch.Tensor] = []
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=dev)
+    for i in range(max_new):
+        logits = cond.logits if free is None else cfg_logits(cond.logits, free.logits, sampling.cfg_scale)
+        lo, hi = rows(i)
+        tok = sample(restrict_logits(logits, lo, hi), temperature=sampling.temperature, top_k=sampling.top_k,
+                     top_p=sampling.top_p, generator=g)
+        if stop is not None:
+            tok = torch.where(done, torch.full_like(tok, stop), tok)
+            done |= tok == stop
+        out.append(tok)
+        if (stop is not None and bool(done.all())) or i == max_new - 1:
+            break
+        cond.push(tok)
+        if free is not None:
+            free.push(tok)
+    return torch.stack(out, 1)
+
+
+def _text_out(model: UM3, tok: TextTokenizer, new: torch.Tensor) -> List[str]:
+    texts = []
+    for row in new.tolist():
+        row = row[: row.index(model.eos_id)] if model.eos_id in row else row
+        texts.append(tok.decode(row))
+    return texts
+
+
+def continue_text(model: UM3, tok: TextTokenizer, prompt: str, max_new: int = 64, sampling: Sampling = Sampling(),
+                  n: int = 1, use_cache: bool = True) -> List[str]:
+    """``n`` continuations of ``prompt`` (text rows only, until ``<eos>``)."""
+    ids = torch.tensor([[model.bos_id] + tok.encode(prompt)] * n)
+    new = generate(model, ids, max_new, lambda i: (0, model.vocab.text_size), sampling, stop=model.eos_id,
+                   use_cache=use_cache)
+    return _text_out(model, tok, new)
+
+
+def caption(model: UM3, tok: TextTokenizer, image_ids: torch.Tensor, max_new: int = 48,
+            sampling: Sampling = Sampling(temperature=0.0), use_cache: bool = True) -> List[str]:
+    """Captions of images given as QLIP ids ``(B, h, w)`` or ``(B, N)``: ``<bos> <boi> image <eoi>`` -> text."""
+    v = model.vocab
+    rows = v.image_rows(image_ids.cpu())
+    B = rows.shape[0]
+    prompt = torch.cat([torch.tensor([[model.bos_id, v.boi]] * B), rows, torch.full((B, 1), v.eoi)], 1)
+    new = generate(model, prompt, max_new, lambda i: (0, v.text_size), sampling, stop=model.eos_id,
+                   use_cache=use_cache)
+    return _text_out(model, tok, new)
+
+
+def draw(model: UM3, tok: TextTokenizer, captions: List[str], grid: Tuple[int, int], sampling: Sampling = Sampling(),
+         use_cache: bool = True) -> torch.Tensor:
+    """QLIP ids ``(B, h, w)`` for the captions: ``<bos> caption <boi>`` -> ``h * w * groups`` sub-tokens,
+    guided against ``<bos> <boi>`` when ``sampling.cfg_scale != 1``."""
+    v = model.vocab
+    vis = v.visual
+    prompts = [[model.bos_id] + tok.encode(c) + [v.boi] for c in captions]
+    if len({len(p) for p in prompts}) != 1:  # one batch needs one length: draw captions one by one
+        return torch.cat([draw(model, tok, [c], grid, sampling, use_cache) for c in captions])
+    prompt = torch.tensor(prompts)
+    uncond = torch.tensor([[model.bos_id, v.boi]] * len(captions)) if sampling.cfg_scale != 1.0 else None
+    n = grid[0] * grid[1] * v.groups
+
+    def rows(i: int) -> Tuple[int, int]:
+        lo = vis.group_start(i % v.groups)
+        return lo, lo + vis.group_size
+
+    sub = generate(model, prompt, n, rows, sampling, uncond=uncond, use_cache=use_cache)
+    if sub.shape[1] != n:
+        raise QLIPError(f"draw: expected {n} sub-tokens, got {sub.shape[1]}")
+    return v.visual.decode(sub.cpu()).view(len(captions), *grid)

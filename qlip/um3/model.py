@@ -1,0 +1,153 @@
+"""The UM3 model: a Llama-3 decoder with QK-norm and a vocabulary extended with visual rows.
+
+Built on :class:`qlip.nn.CausalTransformer` (docs/um3.md says why, not on transformers' Qwen3
+classes). :func:`from_llama` starts it from any Hugging Face ``LlamaForCausalLM`` folder
+(``config.json`` + ``model.safetensors`` or sharded safetensors + ``tokenizer.json``):
+
+1. the Llama config and weights map one to one (:mod:`qlip.nn.hf_llama`);
+2. QK-norm is switched on (an RMSNorm over each head's queries and one over its keys, before
+   RoPE); its weights start at 1, the only parameters the checkpoint lacks;
+3. tied embeddings are untied (the output layer becomes a copy of the embedding);
+4. the embedding and the output layer get ``<boi>``, ``<eoi>`` and the visual rows
+   (:class:`qlip.um3.vocab.UM3Vocab`), each new row the mean of that matrix's text rows (paper
+   Sec. 4.1: ``e_i = sum_j e_j / V_t`` for ``i > V_t``).
+
+Saved as ``config.json`` (``{"architecture": "um3", "lm": CausalLMConfig, "vocab": UM3Vocab,
+"bos_id", "eos_id"}``) + ``model.safetensors`` (the ``qlip.nn`` names) + ``tokenizer.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..io import read_json
+from ..nn import CausalLMConfig, CausalTransformer, causal_lm_config_from_hf, state_dict_from_hf
+from .text import TextTokenizer
+from .vocab import UM3Vocab
+
+ARCHITECTURE = "um3"
+
+
+class UM3(nn.Module):
+    """``lm`` (a :class:`CausalTransformer` over ``vocab.size`` rows) + the vocabulary layout."""
+
+    def __init__(self, cfg: CausalLMConfig, vocab: UM3Vocab, bos_id: int, eos_id: int):
+        super().__init__()
+        if cfg.vocab_size != vocab.size:
+            raise CheckpointError(f"UM3: the model has {cfg.vocab_size} rows, the vocabulary {vocab.size}")
+        self.lm = CausalTransformer(cfg)
+        self.vocab, self.bos_id, self.eos_id = vocab, int(bos_id), int(eos_id)
+
+    @property
+    def cfg(self) -> CausalLMConfig:
+        return self.lm.cfg
+
+    def forward(self, tokens: torch.Tensor, **kw):
+        """Logits over all rows ``(B, T, vocab.size)`` (see :meth:`CausalTransformer.forward`)."""
+        return self.lm(tokens, **kw)
+
+    def make_cache(self, batch: int, max_len: Optional[int] = None):
+        return self.lm.make_cache(batch, max_len)
+
+    def fsdp_units(self) -> List[Tuple[str, nn.Module]]:
+        return [(f"lm.{name}", m) for name, m in self.lm.fsdp_units()]
+
+    def meta(self) -> Dict[str, Any]:
+        return {"architecture": ARCHITECTURE, "lm": dataclasses.asdict(self.cfg), "vocab": self.vocab.to_dict(),
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+# ---- starting from a Llama ---------------------------------------------------------------------
+def mean_extend(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` ``(V_t, d)`` with ``rows`` new rows appended, each the mean of the ``V_t`` rows
+    (computed in float64, stored in the weight's dtype)."""
+    mean = weight.double().mean(0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(rows, -1)], 0)
+
+
+def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
+    """A Hugging Face checkpoint's tensors: ``model.safetensors`` or the shards named in
+    ``model.safetensors.index.json``."""
+    from safetensors.torch import load_file
+    single = os.path.join(folder, "model.safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        out: Dict[str, torch.Tensor] = {}
+        for name in files:
+            out.update(load_file(os.path.join(folder, name)))
+        return out
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                          "(a Hugging Face LlamaForCausalLM folder is expected)")
+
+
+def from_llama(folder: str, bits: int = 28, groups: int = 2, qk_norm: bool = True,
+               max_seq_len: Optional[int] = None) -> Tuple[UM3, TextTokenizer]:
+    """A UM3 model (float32) and its text tokenizer from a Hugging Face Llama (or Qwen3) folder."""
+    hf = read_json(os.path.join(folder, "config.json"))
+    src_cfg = causal_lm_config_from_hf(hf)
+    sd = state_dict_from_hf({k: v.float() for k, v in read_hf_weights(folder).items()}, src_cfg)
+    vocab = UM3Vocab(text_size=src_cfg.vocab_size, bits=bits, groups=groups)
+    extra = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
+    cfg = causal_lm_config_from_hf(hf, vocab_size=vocab.size, tie_embeddings=False,
+                                   qk_norm=qk_norm or src_cfg.qk_norm, **extra)
+    for key in ("tok_embeddings.weight", "output.weight"):
+        if key not in sd:
+            raise CheckpointError(f"{folder}: the checkpoint has no {key} (Hugging Face name of "
+                                  f"{'model.embed_tokens' if key.startswith('tok') else 'lm_head'})")
+        sd[key] = mean_extend(sd[key].clone(), vocab.added)  # clone: untie
+    tok = TextTokenizer.from_folder(folder, bos_id=_single_id(hf.get("bos_token_id")),
+                                    eos_id=_single_id(hf.get("eos_token_id")))
+    model = UM3(cfg, vocab, tok.bos_id, tok.eos_id)
+    own = model.lm.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if unexpected or any(not k.endswith(("q_norm.weight", "k_norm.weight")) for k in missing):
+        raise CheckpointError(f"{folder}: weights do not match the config (missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]})")
+    for k in missing:  # QK-norm: the identity scale (RMSNorm weights 1)
+        sd[k] = torch.ones_like(own[k])
+    model.lm.load_state_dict(sd)
+    if tok.size > vocab.text_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {tok.size} tokens, the embedding {vocab.text_size} rows")
+    return model, tok
+
+
+def _single_id(x) -> Optional[int]:
+    if isinstance(x, list):  # Llama 3 instruct lists several EOS ids: the first is the text's end
+        return int(x[0]) if x else None
+    return None if x is None else int(x)
+
+
+# ---- our own format ------------------------------------------------------------------------------
+def save_um3(model: UM3, tokenizer: TextTokenizer, folder: str,
+             state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    from ..io import atomic_write_text, write_safetensors
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(state_dict if state_dict is not None else model.state_dict(),
+                      os.path.join(folder, "model.safetensors"))
+    tokenizer.save(folder)
+    atomic_write_text(os.path.join(folder, "config.json"), json.dumps(model.meta(), indent=2) + "\n")
+
+
+def load_um3(folder: str, device: Optional[torch.device] = None) -> Tuple[UM3, TextTokenizer]:
+    """A model saved by :func:`save_um3` (``qlip um3 train``'s ``OUT/final`` or a checkpoint folder)."""
+    from ..io import load_state_dict_strict, read_state_dict
+    meta = read_json(os.path.join(folder, "config.json"))
+    if meta.get("architecture") != ARCHITECTURE:
+        raise CheckpointError(f"{folder}: not a UM3 model (architecture {meta.get('architecture')!r}); "
+                              "a Hugging Face Llama folder is a starting point for training (model.init)")
+    model = UM3(CausalLMConfig.from_dict(meta["lm"]), UM3Vocab.from_dict(meta["vocab"]), meta["bos_id"], meta["eos_id"])
+    load_state_dict_strict(model, read_state_dict(folder), folder)
+    tok = TextTokenizer.from_folder(folder, bos_id=meta["bos_id"], eos_id=meta["eos_id"])
+    model.eval()
+    return (model.to(device) if device is not None else model), tok

@@ -1,0 +1,56 @@
+"""A tiny random language model in Hugging Face format, built offline (tests and the demo).
+
+:func:`build_tokenizer` makes a byte-level BPE tokenizer with the ``tokenizers`` library: the 256
+byte symbols (GPT-2's byte-to-unicode alphabet, so any text encodes), merges learned from the
+given texts (none: one token per byte) and the special tokens ``<s>``, ``</s>``, ``<pad>`` and
+``<image>``; no download. :func:`build_tiny_llm` pairs it with a randomly initialised
+``LlamaForCausalLM`` from a ``LlamaConfig`` and saves both to a folder that
+``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` (and so ``model.llm`` of a VLM
+recipe) read offline. The tokenizer has no chat template: VLMs on it use the plain template
+(:mod:`qlip.vlm.conversation`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<image>")
+
+
+def build_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 512):
+    """A ``PreTrainedTokenizerFast``: byte-level BPE (merges from ``texts`` up to ``vocab_size``
+    tokens; no texts: bytes only), ``<s>`` bos, ``</s>`` eos, ``<pad>``, ``<image>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = list(texts or [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size if texts else 0, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=sorted(alphabet), show_progress=False)
+    tok.train_from_iterator(texts or [""], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=["<image>"])
+
+
+def build_tiny_llm(folder: str, texts: Optional[Iterable[str]] = None, vocab_size: int = 512, hidden_size: int = 64,
+                   layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate_size: int = 128,
+                   max_positions: int = 512, seed: int = 0) -> str:
+    """Save a random ``LlamaForCausalLM`` and its tokenizer (:func:`build_tokenizer`) to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(texts, vocab_size)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate_size,
+                      max_position_embeddings=max_positions, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

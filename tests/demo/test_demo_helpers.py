@@ -1,0 +1,91 @@
+"""The demo's helpers without training: _checks, evaluate, merge_stages, the --fast / --resume guard."""
+import json
+
+import pytest
+import torch
+
+import qlip
+from qlip.data.shapes import generate_shapes
+from qlip.demo.qlip import _check_word, _checks, _claim_out, evaluate, merge_stages
+from qlip.errors import QLIPError
+
+
+def _split(zs=0.63, zs_r=0.55, clip=0.61, psnr=25.2, r_psnr=25.9, rfid=(30.0, 20.0)):
+    return {"qlip": {"zero_shot_top1": zs, "zero_shot_top1_recon": zs_r, "psnr": psnr,
+                     "rfid_stage1": rfid[0], "rfid_stage2": rfid[1]},
+            "clip_only": {"zero_shot_top1": clip}, "recon_only": {"psnr": r_psnr}}
+
+
+def test_checks_exact_boundaries():
+    assert all(_checks(_split()).values())
+    c = _checks(_split(zs=0.59, zs_r=0.48, clip=0.66, psnr=24.9, r_psnr=26.0, rfid=(20.0, 20.5)))
+    assert not any(c.values())
+    assert _checks(_split(zs=0.60, zs_r=0.50, clip=0.60 / 0.9, psnr=25.0, r_psnr=26.0))["psnr >= 25 dB"]
+    assert _checks(_split(rfid=(None, None)))["stage 2 lowers rFID"] is None  # not measured, not "passed"
+    assert [_check_word(v, fast) for v, fast in ((True, False), (False, True), (False, False), (None, True))] == [
+        "ok", "MISS (expected for --fast)", "MISS", "not measured"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(str(out), n=1, size=64, heldout_n=12, val_n=0, progress=False)
+    return str(out / "shapes-heldout-*.tar")
+
+
+class _MeanColour:
+    def __call__(self, x):
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
+
+
+def test_evaluate_fractions_codes_clamped_recon_and_rfid(data):
+    torch.manual_seed(0)
+    model = qlip.load("qlip-demo", pretrained=False).eval()
+    out = evaluate(model, data, batch_size=5, fid=_MeanColour(), rfid_n=8, judge=True)
+    assert out["n_images"] == 12 and out["rfid_n"] == 8 and out["rfid"] >= 0
+    assert set(out["codes"]) == {"distinct_codes", "code_usage", "code_entropy", "bit_entropy_mean"}
+    assert 1 <= out["codes"]["distinct_codes"] <= 12 * 64 and 0 < out["codes"]["code_usage"] <= 1
+    for key in ("zero_shot_top1", "zero_shot_top1_recon", "colour_acc", "kind_acc", "judge_colour_acc", "judge_kind_acc"):
+        assert 0.0 <= out[key] <= 1.0, key
+    # zero-shot on reconstructions classifies the clamped [0, 1] images, normalised again
+    from qlip.data.evalsets import open_dataset
+    from qlip.data.shapes import SHAPE_CLASSNAMES
+    from qlip.model.preprocess import denormalize, normalize
+    x, y = next(iter(open_dataset(data).batches(model.preprocess, 12)))
+    seen = normalize(denormalize(model.reconstruct(x), model.image_mean, model.image_std).clamp(0, 1),
+                     model.image_mean, model.image_std)
+    pred = model.zero_shot(seen, [f"a photo of a {c}" for c in SHAPE_CLASSNAMES]).argmax(1)
+    assert out["zero_shot_top1_recon"] == pytest.approx(float((pred == y).float().mean()))
+    # the originals' statistics are reused when given: same rFID
+    again = evaluate(model, data, batch_size=12, fid=_MeanColour(), fid_reference=out["_fid_reference"], rfid_n=8)
+    assert again["rfid"] == pytest.approx(out["rfid"], rel=1e-6)
+
+
+def test_merge_stages(tmp_path):
+    torch.manual_seed(0)
+    s1 = qlip.load("qlip-tiny", pretrained=False)
+    s2 = qlip.load("qlip-tiny", pretrained=False)
+    s2.visual.load_state_dict(s1.visual.state_dict())
+    s1.save_pretrained(tmp_path / "s1")
+    s2.save_pretrained(tmp_path / "s2")
+    merged = merge_stages(str(tmp_path / "s1"), str(tmp_path / "s2"))
+    for a, b in zip(merged.decoder.state_dict().values(), s2.decoder.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(merged.text.state_dict().values(), s1.text.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        next(iter(s2.visual.parameters())).add_(1.0)
+    s2.save_pretrained(tmp_path / "s2b")
+    with pytest.raises(RuntimeError, match="changed the vision encoder"):
+        merge_stages(str(tmp_path / "s1"), str(tmp_path / "s2b"))
+
+
+def test_fast_then_resume_is_refused_with_a_clear_message(tmp_path):
+    _claim_out(str(tmp_path), fast=True, resume=False)
+    assert json.loads((tmp_path / "demo-run.json").read_text()) == {"fast": True}
+    with pytest.raises(QLIPError, match=r"holds a --fast \(smoke\) run: --resume without --fast cannot continue it"):
+        _claim_out(str(tmp_path), fast=False, resume=True)
+    _claim_out(str(tmp_path), fast=True, resume=True)  # same kind: fine
+    _claim_out(str(tmp_path), fast=False, resume=False)  # a fresh full run may take the folder
+    with pytest.raises(QLIPError, match="holds a full run"):
+        _claim_out(str(tmp_path), fast=True, resume=True)

@@ -1,0 +1,138 @@
+"""UM3 started from a Hugging Face Llama: exactly Llama without QK-norm, exactly transformers' Qwen3
+attention with it (weights 1), new rows = mean of the text rows, untied embeddings, layout."""
+import json
+
+import pytest
+import torch
+
+from _um3_utils import BITS, GROUPS, tiny_llama
+from qlip.errors import CheckpointError
+from qlip.um3.model import from_llama, load_um3, mean_extend, save_um3
+from qlip.um3.vocab import UM3Vocab
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("llama") / "tiny")
+
+
+def _tokens(seed=0, V=258, shape=(2, 11)):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_without_qk_norm_text_logits_equal_llama(llama):
+    hf = transformers.LlamaForCausalLM.from_pretrained(llama).eval()
+    model, tok = from_llama(llama, bits=BITS, groups=GROUPS, qk_norm=False)
+    x = _tokens()
+    with torch.no_grad():
+        ours, want = model(x)[..., :model.vocab.text_size], hf(x).logits
+    assert model.vocab.text_size == 258 and model.vocab.size == 258 + 2 + 2 * 16
+    assert (ours - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("extra", [{"attention_bias": True},
+                                   {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 64}}])
+def test_llama_variants_still_equal(tmp_path, extra):
+    """Attention biases (HF attention_bias) and Llama-3.1 rope scaling map one to one."""
+    folder = tiny_llama(tmp_path / "v", tie_embeddings=False, **extra)  # random biases, norms
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    model, _ = from_llama(folder, bits=BITS, groups=GROUPS, qk_norm=False)
+    x = _tokens(1, shape=(1, 90))  # beyond original_max_position_embeddings
+    with torch.no_grad():
+        assert (model(x)[..., :258] - hf(x).logits).abs().max() < 1e-5
+
+
+def test_qk_norm_equals_transformers_qwen3_attention(llama):
+    """Our QK-norm (weights 1) on Llama weights == Qwen3ForCausalLM with the same weights, and it
+    changes the logits (a QK-norm model is not Llama)."""
+    cfg = json.load(open(f"{llama}/config.json"))
+    shape = {k: cfg[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "intermediate_size", "rms_norm_eps")}
+    q = transformers.Qwen3Config(**shape, head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
+                                 rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=256)
+    qwen = transformers.Qwen3ForCausalLM(q).eval()
+    llama_sd = transformers.LlamaForCausalLM.from_pretrained(llama).state_dict()
+    missing, unexpected = qwen.load_state_dict(llama_sd, strict=False)
+    assert not unexpected and missing and all(k.endswith(("q_norm.weight", "k_norm.weight")) for k in missing)
+    with torch.no_grad():
+        for k in missing:
+            qwen.get_parameter(k).fill_(1.0)
+    model, _ = from_llama(llama, bits=BITS, groups=GROUPS, qk_norm=True)
+    plain, _ = from_llama(llama, bits=BITS, groups=GROUPS, qk_norm=False)
+    x = _tokens(2)
+    with torch.no_grad():
+        ours = model(x)[..., :258]
+        assert (ours - qwen(x).logits).abs().max() < 1e-5
+        assert (ours - plain(x)[..., :258]).abs().max() > 1e-3
+    norms = [p for n, p in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(norms) == 4 and all(bool((p == 1).all()) for p in norms)
+
+
+def test_new_rows_are_the_mean_of_the_text_rows_and_embeddings_are_untied(llama):
+    model, _ = from_llama(llama, bits=BITS, groups=GROUPS)
+    hf = transformers.LlamaForCausalLM.from_pretrained(llama)
+    assert hf.config.tie_word_embeddings
+    E = hf.model.embed_tokens.weight.detach()
+    V_t = E.shape[0]
+    for w in (model.lm.tok_embeddings.weight, model.lm.output.weight):
+        assert torch.equal(w[:V_t], E)
+        want = E.double().sum(0) / V_t                         # e_i = (sum_j e_j) / V_t for i > V_t
+        assert torch.allclose(w[V_t:].double(), want.expand(model.vocab.added, -1), atol=1e-7)
+    assert model.lm.output.weight.data_ptr() != model.lm.tok_embeddings.weight.data_ptr()
+    with torch.no_grad():
+        model.lm.output.weight[0, 0] += 1.0
+    assert model.lm.tok_embeddings.weight[0, 0] != model.lm.output.weight[0, 0]
+    assert not model.cfg.tie_embeddings
+
+
+def test_export_is_a_standard_hf_qwen3_model(llama, tmp_path):
+    """A UM3 (QK-norm, extended vocabulary) exports as a Qwen3ForCausalLM with equal logits over all rows."""
+    from qlip.um3.hf_export import export_hf
+    model, tok = from_llama(llama, bits=BITS, groups=GROUPS)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(1.0, 0.1)
+    export_hf(model, tok, str(tmp_path / "hf"))
+    qwen = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(qwen).__name__ == "Qwen3ForCausalLM"
+    x = _tokens(4, V=model.vocab.size)
+    with torch.no_grad():
+        assert (model.eval()(x) - qwen(x).logits).abs().max() < 1e-5
+
+
+def test_mean_extend_keeps_rows_and_dtype():
+    w = torch.randn(5, 3, dtype=torch.bfloat16)
+    out = mean_extend(w, 2)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[:5], w) and torch.equal(out[5], out[6])
+
+
+def test_vocabulary_layout():
+    v = UM3Vocab(text_size=128256)
+    assert (v.boi, v.eoi, v.visual_start) == (128256, 128257, 128258)
+    assert v.added == 2 + 2 * 16384 and v.size == 128258 + 32768
+    ids = torch.tensor([[0, (1 << 28) - 1, (5 << 14) | 7]])
+    rows = v.image_rows(ids)
+    assert rows.tolist() == [[128258, 128258 + 16384, 128258 + 16383, 128258 + 32767,
+                              128258 + 5, 128258 + 16384 + 7]]
+    assert torch.equal(v.visual.decode(rows), ids)
+
+
+def test_save_load_roundtrip_and_errors(llama, tmp_path):
+    model, tok = from_llama(llama, bits=BITS, groups=GROUPS)
+    save_um3(model, tok, str(tmp_path / "m"))
+    back, tok2 = load_um3(str(tmp_path / "m"))
+    x = _tokens(3, V=model.vocab.size)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), back(x))
+    assert back.vocab == model.vocab and tok2.encode("a b") == tok.encode("a b")
+    with pytest.raises(CheckpointError, match="not a UM3 model"):
+        load_um3(llama)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(open(f"{llama}/config.json").read())
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        from_llama(str(tmp_path / "empty"))

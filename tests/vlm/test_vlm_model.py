@@ -1,0 +1,174 @@
+"""The VLM's pieces: the splice, the labels, the loss, the vision tower, generation, save/load."""
+import json
+
+import pytest
+import torch
+
+from qlip.errors import ConfigError, DataError
+from qlip.vlm import VLMConfig, answer_loss, build_vlm, generate, load, splice
+from qlip.vlm.chat import generate_ids
+from qlip.vlm.conversation import IGNORE_INDEX, tokenize_conversation
+
+
+def test_splice_equals_a_hand_built_sequence():
+    emb = torch.nn.Embedding(10, 3)
+    IMG = 9
+    ids = torch.tensor([[1, IMG, IMG, 4, 5, 0],
+                        [2, 3, IMG, IMG, 6, 7]])
+    feats = torch.randn(2, 2, 3)  # image k fills the k-th run of image positions
+    got = splice(emb, ids, feats, IMG)
+    e = emb.weight
+    want = torch.stack([torch.stack([e[1], feats[0, 0], feats[0, 1], e[4], e[5], e[0]]),
+                        torch.stack([e[2], e[3], feats[1, 0], feats[1, 1], e[6], e[7]])])
+    assert torch.equal(got, want)
+    feats.requires_grad_(True)
+    splice(emb, ids, feats, IMG).sum().backward()  # the projector learns through the splice
+    assert torch.equal(feats.grad, torch.ones_like(feats))
+    with pytest.raises(DataError, match="4 image positions in the text but 2 image features"):
+        splice(emb, ids, feats[:1], IMG)
+    assert torch.equal(splice(emb, torch.tensor([[1, 2]]), None, IMG), e[[1, 2]][None])
+
+
+def test_vlm_embeds_splice_projected_features(vlm):
+    x = torch.randn(1, 3, 32, 32)
+    ids = torch.tensor([[5, 6] + [vlm.image_token_id] * vlm.num_image_tokens + [7]])
+    with torch.no_grad():
+        got = vlm.embed(ids, x)
+        tok = vlm.llm.get_input_embeddings().weight
+        feats = vlm.projector(vlm.vision.qlip.encode_image_features(x, layer=-2))[0]
+        want = torch.cat([tok[[5, 6]], feats, tok[[7]]])[None]
+    assert vlm.num_image_tokens == 16 and torch.equal(got, want)
+
+
+def test_labels_cover_exactly_the_answers(vlm):
+    msgs = [{"role": "user", "content": "<image>\nWhat color is the shape?"}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "Where is the shape?"}, {"role": "assistant", "content": "left"}]
+    tok = vlm.tokenizer
+    ids, labels = tokenize_conversation(tok, msgs, vlm.image_token_id, vlm.num_image_tokens, 512, "plain")
+    assert len(ids) == len(labels)
+    assert ids.count(vlm.image_token_id) == vlm.num_image_tokens
+    assert all(y == IGNORE_INDEX for t, y in zip(ids, labels) if t == vlm.image_token_id)
+    learned = [t for t, y in zip(ids, labels) if y != IGNORE_INDEX]
+    assert all(y in (IGNORE_INDEX, t) for t, y in zip(ids, labels))
+    assert tok.decode(learned) == " red</s> left</s>"
+    prompt = tok.decode([t for t, y in zip(ids, labels) if y == IGNORE_INDEX and t != vlm.image_token_id])
+    assert prompt == "<s>USER: \nWhat color is the shape? ASSISTANT:USER: Where is the shape? ASSISTANT:"
+    # the tokenizer's own chat template when it has one
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                         "</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    ids, labels = tokenize_conversation(tok, msgs, vlm.image_token_id, vlm.num_image_tokens, 512, "auto")
+    assert tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]) == "red</s>left</s>"
+    ids, labels = tokenize_conversation(tok, msgs, vlm.image_token_id, vlm.num_image_tokens, 512, "plain")
+    assert tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]) == " red</s> left</s>"
+    with pytest.raises(DataError, match="would cut an image"):
+        tokenize_conversation(tok, msgs, vlm.image_token_id, vlm.num_image_tokens, 8, "plain")
+
+
+def test_answer_loss_is_the_mean_of_per_sample_means():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, -100, -100, 6]])
+
+    def ce(t, y):
+        return float(torch.nn.functional.cross_entropy(logits[t[0], t[1]][None], torch.tensor([y])))
+
+    s0 = (ce((0, 1), 3) + ce((0, 2), 4)) / 2
+    s1 = (ce((1, 0), 1) + ce((1, 3), 6)) / 2
+    assert abs(float(answer_loss(logits, labels)) - (s0 + s1) / 2) < 1e-6
+    labels[1] = -100  # a sample with nothing to learn does not count
+    assert abs(float(answer_loss(logits, labels)) - s0) < 1e-6
+
+
+def test_vision_tower_layers_codes_and_range(vlm, qlip_dir, llm_dir):
+    x = torch.randn(2, 3, 32, 32)
+    q = vlm.vision.qlip
+    assert torch.equal(vlm.vision(x), q.encode_image_features(x, layer=-2))
+    assert not any(p.requires_grad for p in vlm.vision.parameters())
+    vlm.train()
+    assert not vlm.vision.training and vlm.projector.training
+    codes = build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(features="codes"))
+    c = codes.vision(x)
+    L = q.num_bits
+    assert c.shape == (2, 16, L) and codes.projector[0].in_features == L
+    assert torch.allclose(c.abs(), torch.full_like(c, L ** -0.5))
+    bits = q.quantizer.ids_to_bits(q.tokenize(x).flatten(1))  # the codes' signs are the token bits
+    assert torch.equal((c > 0).long(), bits.long())
+    assert len(build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(projector="linear")).projector) == 1
+    with pytest.raises(ConfigError, match="layer -3 is out of range for a QLIP encoder with 2 block"):
+        build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(layer=-3))
+
+
+def test_cached_generation_equals_uncached(vlm, qa_dir):
+    imgs = [qa_dir / "images" / "heldout-000000.png", qa_dir / "images" / "heldout-000001.png"]
+    prompts = ["What color is the shape?", "Where is it?"]  # different lengths: left padding
+    a = generate_ids(vlm, imgs, prompts, max_new_tokens=8)
+    b = generate_ids(vlm, imgs, prompts, max_new_tokens=8, use_cache=False)
+    assert a.shape[0] == 2 and torch.equal(a, b)
+    one = generate_ids(vlm, imgs[1:], prompts[1:], max_new_tokens=8)  # padding changes nothing
+    assert torch.equal(one[0], a[1, :one.shape[1]])
+    torch.manual_seed(3)
+    s1 = generate(vlm, imgs, prompts, max_new_tokens=6, do_sample=True, top_p=0.9)
+    torch.manual_seed(3)
+    assert generate(vlm, imgs, prompts, max_new_tokens=6, do_sample=True, top_p=0.9) == s1
+
+
+def test_save_load_round_trip_and_hf_folders(vlm, tmp_path, qa_dir):
+    from transformers import AutoModelForCausalLM
+    import qlip
+    vlm.save_pretrained(str(tmp_path / "m"))
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["format"] == "qlip-vlm" and meta["num_image_tokens"] == 16 and meta["config"]["layer"] == -2
+    back = load(str(tmp_path / "m"))
+    ids = torch.tensor([[1, 5] + [vlm.image_token_id] * 16 + [9, 10]])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(ids, None, x), vlm(ids, None, x))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m" / "llm"))  # plain HF, no qlip involved
+    assert all(torch.equal(v, vlm.llm.state_dict()[k]) for k, v in hf.state_dict().items())
+    assert qlip.load(str(tmp_path / "m" / "vision")).config.vision.depth == 2
+
+
+def test_missing_llm_is_one_line_error(qlip_dir):
+    with pytest.raises(ConfigError, match="cannot be loaded") as e:
+        build_vlm(str(qlip_dir), "no-such-org/no-such-model-xyz")
+    assert "\n" not in str(e.value)
+
+
+def test_cli_chat_and_shapes_qa(vlm, tmp_path, qa_dir, capsys):
+    import argparse
+    from qlip.data.shapes_qa import QUESTIONS
+    from qlip.vlm import cli
+    p = argparse.ArgumentParser()
+    cli.register(p.add_subparsers(dest="cmd"))
+    vlm.save_pretrained(str(tmp_path / "m"))
+    img = str(qa_dir / "images" / "heldout-000002.png")
+    a = p.parse_args(["vlm", "chat", "--model", str(tmp_path / "m"), "--image", img, "--prompt",
+                      QUESTIONS["colour"], "--max-new-tokens", "5"])
+    assert a.func(a) == 0
+    assert capsys.readouterr().out.strip() == generate(vlm, img, QUESTIONS["colour"], max_new_tokens=5)
+    a = p.parse_args(["vlm", "shapes-qa", "--out", str(tmp_path / "qa"), "--n", "4", "--split", "heldout",
+                      "--size", "32"])
+    assert a.func(a) == 0
+    recs = json.loads((tmp_path / "qa" / "heldout.json").read_text())
+    assert len(recs) == 4 * 5  # held-out images have one shape: all five questions each
+    assert {r["qa"][0]["question"] for r in recs} == set(QUESTIONS.values())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(vlm, qa_dir):
+    from qlip.vlm.data import VLMLoader, VLMProcessor, read_llava_json
+    batch = VLMLoader(read_llava_json(str(qa_dir / "train.json")), VLMProcessor(vlm), 3).batch(0)
+    vlm.train()
+    vlm.llm.requires_grad_(False)  # stage 1: only the projector learns, through the frozen LLM
+
+    def grads():
+        vlm.zero_grad(set_to_none=True)
+        loss = answer_loss(vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), batch["labels"])
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in vlm.projector.parameters()]
+
+    l0, g0 = grads()
+    from qlip.vlm.model import enable_checkpointing
+    enable_checkpointing(vlm.llm)
+    l1, g1 = grads()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in vlm.llm.modules()) and l0 == l1
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g0, g1)) and any(a.abs().sum() > 0 for a in g0)
