@@ -37,7 +37,7 @@ def test_train_flops_match_the_tokenize_benchmark_count():
     (FlopCounterMode itself agrees exactly once the attention products it cannot see on CPU are
     added: 14.32 MFLOP forward for qlip-tiny, 100.49 GFLOP for B-16; not run here, it takes ~10 s.)"""
     from qlip.model import get_preset
-    train, tok = load_bench("train_step"), load_bench("tokenize")
+    train, tok = load_bench("train_step"), load_bench("tokenizer_speed")
     for preset in ("qlip-tiny", "qlip-b-16-256"):
         cfg = get_preset(preset)
         t = cfg.text
