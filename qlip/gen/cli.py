@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..train.cli import add_train_arguments, train_command
+
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -13,10 +15,8 @@ def register(sub) -> None:
     gs.required = True
 
     t = gs.add_parser("train", help="train a generator from a recipe (task t2i) through the training engine")
-    t.add_argument("recipe", help="YAML recipe, or a preset name from qlip/gen/configs (e.g. t2i-demo)")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.train=DIR head.kind=bitwise")
-    t.add_argument("--out", required=True, help="run folder (checkpoints, logs, final generator)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_train_arguments(t, "YAML recipe, or a preset name from qlip/gen/configs (e.g. t2i-demo)",
+                        "data.train=DIR head.kind=bitwise")
     t.set_defaults(func=_train)
 
     s = gs.add_parser("sample", help="sample images for prompts: one PNG per image plus grid.png")
@@ -42,34 +42,19 @@ def resolve_recipe(name: str) -> str:
     for cand in (os.path.join(CONFIGS, name), os.path.join(CONFIGS, name + ".yaml")):
         if os.path.isfile(cand):
             return cand
-    return name  # load_recipe reports the missing file
+    from ..errors import ConfigError
+    raise ConfigError(f"{name}: no such recipe file (presets: "
+                      f"{', '.join(sorted(n[:-5] for n in os.listdir(CONFIGS) if n.endswith('.yaml')))})")
 
 
 def load_gen_recipe(path: str, overrides=()):
-    """A recipe whose task defaults to ``t2i``."""
-    import yaml
-
-    from ..errors import ConfigError
-    from ..train.recipe import Recipe, apply_overrides
-    path = resolve_recipe(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such recipe file (presets: "
-                          f"{', '.join(sorted(n[:-5] for n in os.listdir(CONFIGS) if n.endswith('.yaml')))})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    d.setdefault("task", "t2i")
-    return Recipe.from_dict(apply_overrides(d, overrides))
+    """A recipe file or preset name whose task defaults to ``t2i``."""
+    from ..train.recipe import load_recipe
+    return load_recipe(resolve_recipe(path), overrides, default_task="t2i")
 
 
 def _train(args) -> int:
-    from ..train import train
-    from . import task as _  # noqa: F401  (registers t2i)
-    summary = train(load_gen_recipe(args.recipe, args.overrides), args.out, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "last_log"}))
-    return 0
+    return train_command(args, task="t2i", recipe=load_gen_recipe(args.recipe, args.overrides))
 
 
 def _sample(args) -> int:

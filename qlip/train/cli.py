@@ -5,12 +5,34 @@ from __future__ import annotations
 import json
 
 
+def add_train_arguments(parser, recipe_help: str, overrides_example: str) -> None:
+    """The arguments of every ``... train RECIPE [overrides] --out DIR [--resume]`` command."""
+    parser.add_argument("recipe", help=recipe_help)
+    parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {overrides_example}")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+
+def train_command(args, task=None, recipe=None) -> int:
+    """Train ``args.recipe`` (or an already loaded ``recipe``) into ``args.out`` through the engine
+    and print the summary. ``task``: the task this command trains (a recipe without ``task:``
+    gets it; a recipe of another task is a one-line error)."""
+    from ..errors import ConfigError
+    from .engine import train
+    from .recipe import load_recipe
+    if recipe is None:
+        recipe = load_recipe(args.recipe, args.overrides, default_task=task)
+    if task is not None and recipe.task != task:
+        raise ConfigError(f"{args.recipe}: task is {recipe.task!r}; this command trains task: {task}")
+    summary = train(recipe, args.out, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "last_log"}))
+    return 0
+
+
 def register(sub) -> None:
-    t = sub.add_parser("train", help="train QLIP from a YAML recipe (stage 1 or 2); torchrun for many GPUs")
-    t.add_argument("recipe", help="YAML recipe, e.g. qlip/configs/demo-stage1.yaml")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3 train.precision=bf16")
-    t.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t = sub.add_parser("train", help="train a model from a YAML recipe (default task qlip: stage 1 or 2); "
+                                     "torchrun for many GPUs")
+    add_train_arguments(t, "YAML recipe, e.g. qlip/configs/demo-stage1.yaml", "optim.lr=1e-3 train.precision=bf16")
     t.add_argument("--dry-run", action="store_true", help="check the recipe, build the model (meta device), count "
                                                           "parameters, print the plan; train nothing")
     t.set_defaults(func=_train)
@@ -47,10 +69,7 @@ def _train(args) -> int:
         from .dryrun import dry_run, format_dry_run
         print(format_dry_run(dry_run(recipe, args.out, args.recipe)))
         return 0
-    from .engine import train
-    summary = train(recipe, args.out, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "last_log"}))
-    return 0
+    return train_command(args, recipe=recipe)
 
 
 def _plan(args) -> int:

@@ -282,7 +282,9 @@ def apply_overrides(d: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, An
     return d
 
 
-def load_recipe(path: str, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str, overrides: Sequence[str] = (), default_task: Optional[str] = None) -> Recipe:
+    """Read a YAML recipe, apply ``section.key=value`` overrides and validate. ``default_task``:
+    the task of a recipe without a ``task:`` key (default: ``qlip``)."""
     try:
         with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
@@ -290,6 +292,10 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> Recipe:
         raise ConfigError(f"{path}: no such recipe file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(d).__name__}")
+    if default_task is not None:
+        d.setdefault("task", default_task)
     return Recipe.from_dict(apply_overrides(d, overrides))
 
 

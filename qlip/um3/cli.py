@@ -1,8 +1,9 @@
 """``qlip um3 train | generate | tiny-llama`` (picked up by qlip/cli.py's DOWNSTREAM_AREAS)."""
 from __future__ import annotations
 
-import json
 import os
+
+from ..train.cli import add_train_arguments, train_command
 
 
 def register(sub) -> None:
@@ -10,10 +11,7 @@ def register(sub) -> None:
     us = p.add_subparsers(dest="um3_cmd", required=True)
 
     t = us.add_parser("train", help="train UM3 from a recipe (task: um3) through the training engine")
-    t.add_argument("recipe", help="YAML recipe with task: um3")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.softmax=joint")
-    t.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_train_arguments(t, "YAML recipe with task: um3", "loss.softmax=joint")
     t.set_defaults(func=_train)
 
     g = us.add_parser("generate", help="continue a text, caption an image or draw a caption with a saved UM3")
@@ -48,15 +46,7 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from ..errors import ConfigError
-    from ..train import load_recipe, train
-    from . import task  # noqa: F401  (registers task "um3")
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.task != "um3":
-        raise ConfigError(f"{args.recipe}: task is {recipe.task!r}; qlip um3 train needs task: um3")
-    summary = train(recipe, args.out, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "last_log"}))
-    return 0
+    return train_command(args, task="um3")
 
 
 def _generate(args) -> int:

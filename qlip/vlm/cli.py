@@ -1,7 +1,8 @@
 """``qlip vlm train | chat | shapes-qa | tiny-llm`` (picked up by qlip/cli.py's DOWNSTREAM_AREAS)."""
 from __future__ import annotations
 
-import json
+
+from ..train.cli import add_train_arguments, train_command
 
 
 def register(sub) -> None:
@@ -9,10 +10,7 @@ def register(sub) -> None:
     vs = p.add_subparsers(dest="vlm_cmd", required=True)
 
     t = vs.add_parser("train", help="train a VLM from a recipe (task: vlm; stage 1 or 2)")
-    t.add_argument("recipe", help="YAML recipe with task: vlm")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.stage=2 optim.lr=2e-5")
-    t.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_train_arguments(t, "YAML recipe with task: vlm", "train.stage=2 optim.lr=2e-5")
     t.set_defaults(func=_train)
 
     c = vs.add_parser("chat", help="answer a prompt about an image with a saved VLM")
@@ -47,15 +45,7 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from . import task  # noqa: F401  (registers task "vlm")
-    from ..train import load_recipe, train
-    recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.task != "vlm":
-        from ..errors import ConfigError
-        raise ConfigError(f"{args.recipe}: task is {recipe.task!r}; qlip vlm train needs task: vlm")
-    summary = train(recipe, args.out, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "last_log"}))
-    return 0
+    return train_command(args, task="vlm")
 
 
 def _chat(args) -> int:
