@@ -6,7 +6,7 @@ world size, data, ...): resuming with them would silently give other batches.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence, Union
+from typing import Any, Dict, Iterator, Mapping, Sequence, Union
 
 from ..errors import DataError
 
@@ -28,3 +28,37 @@ def check_loader_state(state: Mapping[str, Any], version: int, settings: Mapping
     diff = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in settings.items() if state.get(k) != v]
     if diff:
         raise DataError(f"{what} state was saved with other settings or data: " + ", ".join(diff))
+
+
+class IndexedLoader:
+    """An infinite stream whose batch ``i`` is a pure function of ``(settings, i)``: resuming needs
+    only the number of batches handed out. Subclasses set ``rank``, ``what`` (for messages) and
+    implement ``batch(index)`` and ``_settings()``; they call ``super().__init__()``."""
+
+    STATE_VERSION = 1
+    what = "loader"
+
+    def __init__(self) -> None:
+        self.index = 0  # batches handed out
+        self.stats: Dict[str, int] = {"skipped": 0}
+        self.replicated = False
+
+    def batch(self, index: int) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _settings(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        while True:
+            b = self.batch(self.index)
+            self.index += 1
+            yield b
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"version": self.STATE_VERSION, **self._settings(), "index": self.index}
+
+    def load_state_dict(self, state) -> None:
+        state = rank_state(state, self.rank, self.what)
+        check_loader_state(state, self.STATE_VERSION, self._settings(), self.what)
+        self.index = int(state["index"])

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Dict, Iterator, List, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import DataError
-from .loader_state import check_loader_state, rank_state
+from .loader_state import IndexedLoader
 
 VOCAB_SIZE = 256
-STATE_VERSION = 1
 
 
 def _expand(paths: Union[str, Sequence[str]]) -> List[str]:
@@ -62,10 +61,12 @@ def decode_bytes(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-class ByteCorpusLoader:
+class ByteCorpusLoader(IndexedLoader):
     """Infinite stream of ``{"tokens": (B, seq_len + 1) int64}`` batches; resumable exactly.
 
     ``split``: ``"train"`` (the first ``1 - val_fraction`` of the bytes) or ``"val"`` (the rest)."""
+
+    what = "text corpus loader"
 
     def __init__(self, paths: Union[str, Sequence[str]], batch_size: int, seq_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, val_fraction: float = 0.1, split: str = "train"):
@@ -79,9 +80,7 @@ class ByteCorpusLoader:
                             f"seq_len + 1 = {seq_len + 1} need at least {seq_len + 2}")
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
-        self.index = 0  # batches consumed
-        self.stats: Dict[str, int] = {"skipped": 0}
-        self.replicated = False
+        super().__init__()
 
     def batch(self, index: int) -> Dict[str, torch.Tensor]:
         """Batch ``index`` of this rank (a pure function of seed, index and rank)."""
@@ -92,20 +91,8 @@ class ByteCorpusLoader:
         rows = np.stack([np.asarray(self.data[s:s + self.seq_len + 1]) for s in starts.tolist()])
         return {"tokens": torch.from_numpy(rows.astype(np.int64))}
 
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        while True:
-            b = self.batch(self.index)
-            self.index += 1
-            yield b
 
     def _settings(self) -> Dict[str, int]:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "num_bytes": len(self.data)}
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"version": STATE_VERSION, **self._settings(), "index": self.index}
-
-    def load_state_dict(self, state) -> None:
-        state = rank_state(state, self.rank, "text corpus loader")
-        check_loader_state(state, STATE_VERSION, self._settings(), "text corpus loader")
-        self.index = int(state["index"])

@@ -27,12 +27,12 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..data.loader_state import check_loader_state, rank_state
+from ..data.loader_state import IndexedLoader
 from ..errors import ConfigError, DataError
 from .loss import IGNORE
 from .schedule import text_rows
@@ -41,7 +41,6 @@ from .vocab import UM3Vocab
 
 TEXT, I2T, T2I = 0, 1, 2
 KINDS = ("text", "i2t", "t2i")
-STATE_VERSION = 1
 
 
 def tokenize_corpus(paths: Union[str, Sequence[str]], tokenizer: TextTokenizer) -> np.ndarray:
@@ -76,10 +75,12 @@ class MixConfig:
     grad_accum: int = 1
 
 
-class MixedLoader:
+class MixedLoader(IndexedLoader):
     """Infinite, exactly resumable stream of mixed batches:
     ``{"tokens": (b, seq_len+1), "labels": (b, seq_len), "kind": (b,), "n_targets": (), "n_kind": (3,),
     "text_fraction": ()}``."""
+
+    what = "UM3 mixed loader"
 
     def __init__(self, text_ids: np.ndarray, images: Any, vocab: UM3Vocab, tokenizer: TextTokenizer,
                  mix: MixConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -99,9 +100,7 @@ class MixedLoader:
                               f"{self.n_visual} sub-tokens (+ <bos> <boi> <eoi> <eos>): use at least "
                               f"{self.n_visual + 4 + 8}")
         self._captions: Dict[int, List[int]] = {}
-        self.index = 0
-        self.stats: Dict[str, int] = {"skipped": 0}
-        self.replicated = False
+        super().__init__()
 
     # ---- rows ----------------------------------------------------------------------------------
     def caption_ids(self, i: int) -> List[int]:
@@ -164,11 +163,6 @@ class MixedLoader:
         lo, hi = self.rank * self.mix.batch_size, (self.rank + 1) * self.mix.batch_size
         return {k: (v[lo:hi] if v.dim() and k in ("tokens", "labels", "kind") else v) for k, v in b.items()}
 
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        while True:
-            b = self.batch(self.index)
-            self.index += 1
-            yield b
 
     # ---- resume ----------------------------------------------------------------------------------
     def _settings(self) -> Dict[str, Any]:
@@ -177,13 +171,6 @@ class MixedLoader:
                 "seq_len": m.seq_len, "text_tokens": int(len(self.text_ids)), "images": int(len(self.images)),
                 "mix": [m.r0, m.rT, m.T, m.schedule, m.i2t_share, m.cfg_dropout, m.grad_accum]}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"version": STATE_VERSION, **self._settings(), "index": self.index}
-
-    def load_state_dict(self, state) -> None:
-        state = rank_state(state, self.rank, "UM3 mixed loader")
-        check_loader_state(state, STATE_VERSION, self._settings(), "UM3 mixed loader")
-        self.index = int(state["index"])
 
 
 def text_windows(text_ids: np.ndarray, batch_size: int, seq_len: int, index: int, seed: int = 1) -> torch.Tensor:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..data.loader_state import check_loader_state, rank_state
+from ..data.loader_state import IndexedLoader
 from ..errors import DataError
 from .conversation import IGNORE_INDEX, from_llava, tokenize_conversation
 
-STATE_VERSION = 1
 
 
 def read_llava_json(paths: Union[str, Sequence[str]]) -> List[Dict[str, Any]]:
@@ -132,8 +131,10 @@ class VLMProcessor:
         return out
 
 
-class VLMLoader:
+class VLMLoader(IndexedLoader):
     """Infinite, resumable stream of this rank's batches of LLaVA records (module docstring)."""
+
+    what = "VLM loader"
 
     def __init__(self, records: List[Dict[str, Any]], processor: VLMProcessor, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
@@ -141,9 +142,7 @@ class VLMLoader:
             raise DataError("no training records")
         self.records, self.processor = records, processor
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.index = 0
-        self.stats: Dict[str, int] = {"skipped": 0}
-        self.replicated = False
+        super().__init__()
         self._perm: Dict[int, List[int]] = {}
 
     def _order(self, epoch: int) -> List[int]:
@@ -161,20 +160,8 @@ class VLMLoader:
             rows.append(self.records[self._order(p // n)[p % n]])
         return self.processor.collate([self.processor.encode_record(r) for r in rows])
 
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        while True:
-            b = self.batch(self.index)
-            self.index += 1
-            yield b
 
     def _settings(self) -> Dict[str, int]:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "num_records": len(self.records)}
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"version": STATE_VERSION, **self._settings(), "index": self.index}
-
-    def load_state_dict(self, state) -> None:
-        state = rank_state(state, self.rank, "VLM loader")
-        check_loader_state(state, STATE_VERSION, self._settings(), "VLM loader")
-        self.index = int(state["index"])
