@@ -11,6 +11,14 @@ from typing import Any, Dict, Iterator, Mapping, Sequence, Union
 from ..errors import DataError
 
 
+def check_loader_args(batch_size: int, rank: int, world_size: int) -> None:
+    """DataError unless the batch size is positive and ``rank`` lies in ``[0, world_size)``."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in a world of size {world_size}")
+
+
 def rank_state(state: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], rank: int, what: str) -> Dict[str, Any]:
     """``state`` itself, or the single entry of a list of rank states whose ``rank`` is ``rank``."""
     if isinstance(state, Mapping):

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import DataError
 from ..model.preprocess import normalize, pil_to_tensor, resize_center_crop, to_rgb
 from .images import IMAGE_EXTS, decode_image, read_image_folder
-from .loader_state import check_loader_state, rank_state
+from .loader_state import check_loader_args, check_loader_state, rank_state
 
 log = logging.getLogger("qlip.data")
 
@@ -573,10 +573,7 @@ class PairLoader:
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 2000, infinite: bool = False, drop_last: bool = True, split: str = "auto",
                  pin_memory: bool = False, prefetch_factor: int = 2):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in a world of size {world_size}")
+        check_loader_args(batch_size, rank, world_size)
         if num_workers < 0:
             raise DataError(f"num_workers must be >= 0, got {num_workers}")
         if split not in ("auto", "shard", "sample"):

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
 from ..io import atomic_path, atomic_write_text
-from .loader_state import check_loader_state, rank_state
+from .loader_state import check_loader_args, check_loader_state, rank_state
 from .pipeline import TarSource, decode_image, expand_shards, image_transform
 
 log = logging.getLogger("qlip.data")
@@ -565,10 +565,7 @@ class TokenLoader:
     def __init__(self, root: Union[str, TokenShardDataset], batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, infinite: bool = True, shuffle: bool = True, drop_last: bool = True):
         self.dataset = root if isinstance(root, TokenShardDataset) else TokenShardDataset(root)
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in a world of size {world_size}")
+        check_loader_args(batch_size, rank, world_size)
         if seed < 0:
             raise DataError(f"seed must be >= 0, got {seed}")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
