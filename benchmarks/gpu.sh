@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu.sh                # on the GPU machine (a few minutes on an H200)
 #   bash benchmarks/gpu.sh --cpu-smoke    # the same pieces with tiny sizes on CPU (~2 min on 2 cores)
+#   bash benchmarks/gpu.sh --dry          # the plumbing only: fp32, the tiniest sizes, seconds (the tests run it)
 #
 # What it runs (every piece is an ordinary benchmark script with options; see docs/performance.md):
 #   1. benchmarks/throughput.py   tokenizer images/s, qlip-b-16-256 and qlip-l-14-392 (random init),
@@ -19,8 +20,9 @@ cd "$(dirname "$0")/.."
 mode=gpu
 case "${1:-}" in
   --cpu-smoke) mode=cpu ;;
+  --dry) mode=dry ;;
   "") ;;
-  *) echo "usage: bash benchmarks/gpu.sh [--cpu-smoke]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu.sh [--cpu-smoke | --dry]" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python}
 out=${QLIP_BENCH_OUT:-$(mktemp -d)}
@@ -39,12 +41,23 @@ if [[ $mode == gpu ]]; then
   tok_args=(--images 256 --batch-size 64 --rounds 2 --workers "$workers")
   train_args=(--presets qlip-b-16-256 --batch-large 64 --steps 5 --warmup 2)
   gen_args=(--device cuda)
+  precisions="bf16"
+elif [[ $mode == dry ]]; then
+  # every piece once with the smallest sizes, fp32 (bf16 matmuls are a slow path on CPUs without
+  # AMX / AVX-512 bf16): checks that the script and the JSON it summarises fit together
+  device=cpu
+  presets="qlip-tiny"
+  precisions="fp32"
+  tok_args=(--images 4 --batch-size 2 --rounds 1 --workers 1)
+  train_args=(--presets qlip-tiny --batch-tiny 2 --steps 1 --warmup 0 --peak-tflops 1)
+  gen_args=(--device cpu --smoke)
 else
   device=cpu
   presets="qlip-tiny"
   tok_args=(--images 8 --batch-size 4 --rounds 1 --workers 2)
   train_args=(--presets qlip-tiny --batch-tiny 4 --steps 1 --warmup 1 --peak-tflops 1)
   gen_args=(--device cpu --smoke)
+  precisions="bf16"
 fi
 
 t0=$(date +%s)
@@ -52,11 +65,11 @@ echo "== qlip GPU benchmarks ($mode), results in $out"
 "$PY" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
 
 for preset in $presets; do
-  "$PY" benchmarks/throughput.py --device "$device" --preset "$preset" --precisions fp32 bf16 \
+  "$PY" benchmarks/throughput.py --device "$device" --preset "$preset" --precisions fp32 ${precisions/fp32/} \
     "${tok_args[@]}" --json "$out/tokenize-$preset.json"
 done
 
-"$PY" benchmarks/train_step.py --device "$device" --precisions bf16 --grad-checkpointing both --no-max-batch \
+"$PY" benchmarks/train_step.py --device "$device" --precisions "$precisions" --grad-checkpointing both --no-max-batch \
   "${train_args[@]}" --json "$out/train-step.json"
 
 gen_status="skipped: no qlip.gen package"

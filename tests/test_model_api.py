@@ -195,3 +195,41 @@ def test_conv_stem(tmp_path):
         qlip.get_preset("qlip-tiny", **{"vision.stem": "conv", "vision.patch_size": 6, "vision.image_size": 36})
     with pytest.raises(ConfigError, match="stem must be 'patch' or 'conv'"):
         qlip.get_preset("qlip-tiny", **{"vision.stem": "hybrid"})
+
+
+def test_conv_pixel_head(tmp_path):
+    """decoder.head='conv': (B, 3, H, W) pixels from the token grid; a token reaches only the pixels
+    of its own patch and a few neighbouring ones (3x3 convolutions after each 2x upsampling), unlike
+    the linear head's exactly-one-patch; it round-trips through our format and the official format
+    (linear head only) refuses it by name."""
+    torch.manual_seed(0)
+    cfg = qlip.get_preset("qlip-tiny", **{"decoder.head": "conv", "decoder.head_channels": 4})
+    model = qlip.QLIP(cfg).eval()
+    model.init_weights()
+    head = model.decoder.conv_head
+    assert not hasattr(model.decoder, "head_out")
+    assert [m.out_channels for m in head.modules() if isinstance(m, torch.nn.Conv2d)] == [32, 16, 8, 4, 3]  # patch 8: 4 * 2^3, halving
+    g, D = cfg.grid, cfg.decoder.width
+    h = torch.randn(2, g * g, D)
+    with torch.no_grad():
+        out = head(h)
+        assert out.shape == (2, 3, 32, 32)
+        h2 = h.clone()
+        h2[:, 0] += 1.0  # token (0, 0): pixels 0..7 of each axis, plus the convolutions' reach
+        delta = (head(h2) - out).abs().amax(dim=(0, 1))
+    assert (delta[:8, :8] > 0).all()
+    assert delta[16:].max() == 0 and delta[:, 16:].max() == 0  # reach: 1 + 2 + 4 + 1 pixels past the patch
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ids = model.tokenize(x)
+        rec = model.detokenize(ids)
+    assert rec.shape == (2, 3, 32, 32)
+    model.save_pretrained(tmp_path / "m")
+    back = qlip.load(str(tmp_path / "m"))
+    assert back.config.decoder.head == "conv"
+    with torch.no_grad():
+        assert torch.equal(back.detokenize(ids), rec)
+    with pytest.raises(ConfigError, match="decoder.head 'conv'"):
+        qlip.export_official(model, tmp_path / "official")
+    with pytest.raises(ConfigError, match="decoder head must be 'linear' or 'conv'"):
+        qlip.get_preset("qlip-tiny", **{"decoder.head": "deconv"})

@@ -133,6 +133,8 @@ def config_to_official(cfg: QLIPConfig) -> Dict[str, Any]:
     v, dec, q = cfg.vision, cfg.decoder, cfg.quantizer
     if v.stem != "patch":
         raise ConfigError(f"the official format has only the patchify stem; this model has vision.stem {v.stem!r}")
+    if dec.head != "linear":
+        raise ConfigError(f"the official format has only the linear pixel head; this model has decoder.head {dec.head!r}")
     if dec.head_dim and dec.head_dim != dec.mlp_dim:
         raise ConfigError("the official format ties the decoder head width to intermediate_size; "
                           f"this model has head_dim {dec.head_dim} != mlp_dim {dec.mlp_dim}")

@@ -31,10 +31,20 @@ class VisionConfig(BlockConfig):
 
 @dataclass
 class DecoderConfig(BlockConfig):
-    """ViT pixel decoder; ``width`` is the post-quantisation width ``Dq``, ``head_dim`` the
-    hidden size of its Linear+Tanh head (0: use ``mlp_dim``)."""
+    """ViT pixel decoder; ``width`` is the post-quantisation width ``Dq``.
+
+    ``head``: how the last hidden state becomes pixels. ``"linear"`` (the paper's and the official
+    models'): LayerNorm -> Linear+Tanh (hidden ``head_dim``, 0: ``mlp_dim``) -> Linear(3 p^2) per
+    token -> unpatchify. ``"conv"`` (ours): LayerNorm -> a 1x1 convolution on the token grid, then
+    log2(patch) x (nearest 2x upsampling, 3x3 convolution, GELU) with channels halving down to
+    ``head_channels``, then a 3x3 convolution to RGB: pixels near a patch border see the next
+    patch, so edges are continuous across the patch grid (docs/demo.md measured what it changes).
+    No official-format equivalent.
+    """
 
     head_dim: int = 0
+    head: str = "linear"
+    head_channels: int = 16
 
 
 @dataclass
@@ -106,6 +116,11 @@ class QLIPConfig:
         if v.stem == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1) or v.stem_channels < 1):
             raise ConfigError(f"vision stem 'conv' needs a power-of-two patch_size >= 2 and stem_channels >= 1 "
                               f"(got patch_size {v.patch_size}, stem_channels {v.stem_channels})")
+        if d.head not in ("linear", "conv"):
+            raise ConfigError(f"decoder head must be 'linear' or 'conv', got {d.head!r}")
+        if d.head == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1) or d.head_channels < 1):
+            raise ConfigError(f"decoder head 'conv' needs a power-of-two patch_size >= 2 and head_channels >= 1 "
+                              f"(got patch_size {v.patch_size}, head_channels {d.head_channels})")
         if q.bits % q.group_size:
             raise ConfigError(f"quantizer group_size {q.group_size} does not divide bits {q.bits}")
         if q.embed_type not in ("mlp", "identity"):

@@ -159,6 +159,35 @@ class Bottleneck(nn.Module):
         return self.up(codes.to(z.dtype)), ids, loss, stats  # u may be float32 when z is not
 
 
+class ConvHead(nn.Module):
+    """The decoder's ``head: conv`` (ours, DecoderConfig): token grid (B, N, D) -> 1x1 conv ->
+    log2(patch) x [nearest 2x upsample, 3x3 conv, GELU] -> 3x3 conv to RGB, (B, 3, H, W).
+    Channels halve at every stage and end at ``channels`` (the first is capped at ``width``)."""
+
+    def __init__(self, width: int, patch_size: int, grid: int, channels: int = 16):
+        super().__init__()
+        n = patch_size.bit_length() - 1
+        chans = [min(channels * 2 ** (n - i), width) for i in range(n + 1)]
+        self.grid = grid
+        self.proj = nn.Conv2d(width, chans[0], kernel_size=1)
+        layers: List[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1), nn.GELU()]
+        self.ups = nn.Sequential(*layers)
+        self.out = nn.Conv2d(chans[-1], 3, kernel_size=3, padding=1)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default conv init (see ConvStem.reset_parameters)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, N, D = h.shape
+        x = h.transpose(1, 2).reshape(B, D, self.grid, self.grid)
+        return self.out(self.ups(self.proj(x)))
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: QLIPConfig):
         super().__init__()
@@ -168,14 +197,18 @@ class Decoder(nn.Module):
         self.rope = RoPE2D(d.width // d.heads, self.grid, skip=0) if d.rope else None
         self.transformer = Transformer(d)
         self.norm = nn.LayerNorm(d.width, eps=d.ln_eps)
-        hidden = d.head_dim or d.mlp_dim
-        self.head_fc = nn.Linear(d.width, hidden)
-        self.head_out = nn.Linear(hidden, 3 * self.patch_size ** 2)
+        if d.head == "conv":
+            self.conv_head = ConvHead(d.width, self.patch_size, self.grid, d.head_channels)
+        else:
+            hidden = d.head_dim or d.mlp_dim
+            self.head_fc = nn.Linear(d.width, hidden)
+            self.head_out = nn.Linear(hidden, 3 * self.patch_size ** 2)
 
     def forward(self, z_hat: torch.Tensor) -> torch.Tensor:
-        h = self.transformer(z_hat + self.pos_embed.to(z_hat.dtype), rope=self.rope)
-        h = self.head_out(torch.tanh(self.head_fc(self.norm(h))))
-        return self.unpatchify(h)
+        h = self.norm(self.transformer(z_hat + self.pos_embed.to(z_hat.dtype), rope=self.rope))
+        if hasattr(self, "conv_head"):
+            return self.conv_head(h)
+        return self.unpatchify(self.head_out(torch.tanh(self.head_fc(h))))
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
         """(B, N, 3 p p) with per-token order (c, y, x) -> (B, 3, H, W)."""
@@ -322,6 +355,8 @@ class QLIP(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         if isinstance(self.visual.patch_embed, ConvStem):
             self.visual.patch_embed.reset_parameters()
+        if hasattr(self.decoder, "conv_head"):
+            self.decoder.conv_head.reset_parameters()
         nn.init.normal_(self.visual.cls_token, std=0.02)
         nn.init.normal_(self.visual.pos_embed, std=0.02)
         nn.init.normal_(self.decoder.pos_embed, std=0.02)
