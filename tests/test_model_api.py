@@ -79,8 +79,18 @@ def test_encode_image_features(tiny_model):
     assert f.shape == (2, 16, 64)
     last = tiny_model.encode_image_features(x, layer=-1, include_cls=True)
     torch.testing.assert_close(last, tiny_model.visual(x))
-    with pytest.raises(QLIPError, match="out of range"):
-        tiny_model.encode_image_features(x, layer=5)
+    # numbered like transformers' hidden_states (LLaVA's select_layer): 0 = embeddings, k = block k
+    depth = tiny_model.config.vision.depth
+    _, blocks = tiny_model.visual(x, return_layers=True)
+    torch.testing.assert_close(tiny_model.encode_image_features(x, layer=0, include_cls=True),
+                               tiny_model.visual.embed(x))
+    torch.testing.assert_close(tiny_model.encode_image_features(x, layer=-(depth + 1)), tiny_model.visual.embed(x)[:, 1:])
+    torch.testing.assert_close(tiny_model.encode_image_features(x, layer=1), blocks[0][:, 1:])
+    torch.testing.assert_close(f, blocks[-2][:, 1:] if depth >= 2 else tiny_model.visual.embed(x)[:, 1:])
+    with pytest.raises(QLIPError, match=f"has {depth + 1} hidden states"):
+        tiny_model.encode_image_features(x, layer=depth + 1)
+    one = qlip.QLIP(qlip.get_preset("qlip-tiny", **{"vision.depth": 1})).eval()
+    torch.testing.assert_close(one.encode_image_features(x, layer=-2), one.visual.embed(x)[:, 1:])  # LLaVA's -2
 
 
 def test_save_pretrained_round_trip(tiny_model, tmp_path):

@@ -504,13 +504,22 @@ class QLIP(nn.Module):
 
     @torch.no_grad()
     def encode_image_features(self, x: torch.Tensor, layer: int = -1, include_cls: bool = False) -> torch.Tensor:
-        """Patch features (B, N, D) of encoder block ``layer`` (python indexing; -2 = penultimate,
-        LLaVA's choice), without the final norm. ``include_cls`` prepends the cls token."""
-        _, layers = self.visual(x, return_layers=True)
+        """Patch features (B, N, D) of hidden state ``layer``, without the final norm.
+
+        The hidden states are numbered like transformers' ``output_hidden_states`` (what LLaVA's
+        ``mm_vision_select_layer`` indexes): 0 = the embeddings (stem + cls + position), ``k`` =
+        the output of block ``k``, python indexing from the end: -1 = the last block, -2 = the
+        second-to-last hidden state (LLaVA's choice; for a one-block encoder, the embeddings).
+        ``include_cls`` prepends the cls token."""
+        v = self.visual
+        emb = v.embed(x)
+        _, layers = v.transformer(emb, rope=v.rope, return_layers=True)
+        hidden = [emb, *layers]
         try:
-            h = layers[layer]
+            h = hidden[layer]
         except IndexError:
-            raise QLIPError(f"layer {layer} out of range for an encoder with {len(layers)} blocks") from None
+            raise QLIPError(f"layer {layer} out of range: an encoder with {len(layers)} blocks has {len(hidden)} "
+                            f"hidden states (0 = embeddings, {len(layers)} = last block; -1 .. -{len(hidden)})") from None
         return h if include_cls else h[:, 1:]
 
     # ---- persistence -----------------------------------------------------------------------
