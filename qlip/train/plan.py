@@ -1,6 +1,7 @@
 """``qlip plan``: what a QLIP recipe costs before a cluster is rented (docs/scaling.md).
 
-The cost model has two measured inputs and a handful of stated assumptions:
+The cost model has two measured inputs (and one measured memory term, the backward overlap,
+below) and a handful of stated assumptions:
 
 * **FLOPs per sample** (forward + backward of the recipe's real training step, losses included)
   are counted with ``torch.utils.flop_counter.FlopCounterMode`` on this machine's CPU. To keep
@@ -21,16 +22,36 @@ its forward + backward FLOPs); gradient caching (``train.contrastive_chunk``) ho
 activations of one chunk and adds a no-grad forward of the vision encoder and text tower (1/3 of
 their forward + backward FLOPs).
 
-Memory per device = weights (fp32) + gradients (fp32, trainable parameters) + optimizer states
-(AdamW and LAMB: two fp32 moments) + activations of one micro-batch (or chunk) + a fixed
-allowance for the CUDA context and allocator slack (``OVERHEAD_GIB``, assumed). With
-``train.fsdp`` the transformer blocks' weights, gradients and states are divided by the world
-size. Step time = FLOPs of a device's step / (peak bf16 FLOP/s x MFU); data loading and
-communication are assumed hidden (MFU is the knob that absorbs them).
+Peak memory per device (:func:`memory_terms`; checked against the CPU allocator's measured peak
+by ``benchmarks/plan_check.py``, docs/scaling.md) is the peak of a training step in its steady
+state (optimizer states exist), the larger of its two phases on top of what lives all step::
+
+    resident  = weights (fp32 parameters + buffers) + optimizer states + the input batch
+    backward  = saved activations + autocast copies (bf16) + backward overlap
+    optimizer = gradients + optimizer transient
+    peak      = resident + max(backward, optimizer) + device overhead
+
+*saved activations* are measured (above); *backward overlap* is what the forward/backward peak
+holds beyond them (parameter gradients already written, the loss's and the backward's
+temporaries), measured once by the CPU allocator trace in the depth-1 run at ``batch`` samples and
+used as is for other batches and depths (the one calibration; with gradient accumulation or
+chunks it is the full gradients, which exist from the first backward on); the *optimizer
+transient* is derived from the update code: the single-tensor AdamW / LAMB update holds two
+temporaries the size of the parameter it updates (``sqrt(v)`` and its quotient, or the
+denominator and the update), the multi-tensor (foreach, CUDA's default) AdamW one list of the
+largest group's size, LAMB two; *autocast copies* are the bf16 casts of the linear and
+convolution parameters that autocast caches for the step (2 bytes each). With ``train.fsdp``
+the transformer blocks' weights, gradients and states are divided by the world size (the
+all-gathered units are not modelled). The device overhead (CUDA context, allocator
+fragmentation, ``OVERHEAD_GIB``) is assumed.
+
+Step time = FLOPs of a device's step / (peak bf16 FLOP/s x MFU); data loading and communication
+are assumed hidden (MFU is the knob that absorbs them).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 import warnings
@@ -74,6 +95,8 @@ class Measurement:
     batch: int                                 # samples per measurement run
     precision: str
     seconds: float                             # wall time of the measurement
+    backward_overlap_bytes: float = 0.0        # forward/backward peak beyond the saved activations
+                                               # (depth-1 run, ``batch`` samples; 0: not traced)
 
 
 # ---- building the recipe's task ---------------------------------------------------------------
@@ -164,10 +187,13 @@ def _cpu_attention_flops() -> Dict[Any, Any]:
     return {fwd_op: fwd, bwd_op: bwd}
 
 
-def measure_step(recipe: Recipe, batch: int = 2) -> Dict[str, Any]:
+def measure_step(recipe: Recipe, batch: int = 2, trace_memory: bool = False) -> Dict[str, Any]:
     """One training micro-step of the recipe's task on the CPU, counted: FLOPs (forward +
-    backward), bytes saved for backward, and per tower the bytes of one block's input."""
+    backward), bytes saved for backward, and per tower the bytes of one block's input. With
+    ``trace_memory`` also ``fwd_bwd_peak_bytes``: the CPU allocator's peak during the forward and
+    backward above what was live before it (:class:`~qlip.train.memtrace.AllocatorTrace`)."""
     from torch.utils.flop_counter import FlopCounterMode
+    from .memtrace import AllocatorTrace
     task, model = build_task(recipe, "cpu")
     task.train_mode(model)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -201,26 +227,33 @@ def measure_step(recipe: Recipe, batch: int = 2) -> Dict[str, Any]:
     data = _synthetic_batch(model, recipe, batch)
     step = recipe.gan.disc_start if getattr(task, "adv", None) is not None else 0  # discriminator on
     task.before_step(step)
+    trace = AllocatorTrace() if trace_memory else contextlib.nullcontext()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with trace, FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter, \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = task.micro_step(data, 1.0, _NullLog(), step)
             if loss is not None:
                 loss.backward()
+            del loss
     finally:
         for h in hooks:
             h.remove()
-    return {"flops": float(counter.get_total_flops()), "saved_bytes": float(saved[0]),
-            "block_input_bytes": {k: float(v) for k, v in inputs.items()}}
+    out = {"flops": float(counter.get_total_flops()), "saved_bytes": float(saved[0]),
+           "block_input_bytes": {k: float(v) for k, v in inputs.items()}}
+    if trace_memory:  # the trace started after the model and batch were built: its 0 is the step's start
+        out["fwd_bwd_peak_bytes"] = float(trace.peak())
+    return out
 
 
-def measure(recipe: Recipe, batch: int = 2) -> Measurement:
+def measure(recipe: Recipe, batch: int = 2, trace_memory: bool = True) -> Measurement:
     """FLOPs and activation bytes per sample of the recipe's step at full depth, from runs with
-    every tower at depth 1 and one tower at a time at depth 2 (see the module docstring)."""
+    every tower at depth 1 and one tower at a time at depth 2 (see the module docstring); with
+    ``trace_memory`` the depth-1 run also gives the backward overlap."""
     t0 = time.time()
     _, meta = build_task(_variant(recipe), "meta")
     depths = model_depths(meta)
     ones = {t: 1 for t in depths}
-    base = measure_step(_variant(recipe, ones), batch)
+    base = measure_step(_variant(recipe, ones), batch, trace_memory=trace_memory)
     block_flops, block_act = {}, {}
     for t in depths:
         two = measure_step(_variant(recipe, {**ones, t: 2}), batch)
@@ -232,7 +265,9 @@ def measure(recipe: Recipe, batch: int = 2) -> Measurement:
                        tower_block_activation_bytes=block_act,
                        tower_block_input_bytes={t: v / batch for t, v in base["block_input_bytes"].items()},
                        depths=depths, image_size=meta.image_size, batch=batch,
-                       precision="fp32", seconds=time.time() - t0)
+                       precision="fp32", seconds=time.time() - t0,
+                       backward_overlap_bytes=max(0.0, base.get("fwd_bwd_peak_bytes", base["saved_bytes"])
+                                                  - base["saved_bytes"]))
 
 
 def load_measurement(path: str, recipe: Recipe) -> Measurement:
@@ -252,6 +287,10 @@ def load_measurement(path: str, recipe: Recipe) -> Measurement:
 
 
 # ---- parameters -------------------------------------------------------------------------------
+# modules whose parameters autocast casts to bf16 (and keeps the casts for the step)
+_AUTOCAST_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
 def count_parameters(recipe: Recipe, built=None) -> Dict[str, Any]:
     """Parameters of the recipe's task, built on the meta device (no memory, no weights): per
     module, trainable (in an optimizer group), inside FSDP units, and the auxiliary networks
@@ -267,6 +306,10 @@ def count_parameters(recipe: Recipe, built=None) -> Dict[str, Any]:
     ps = list(model.parameters())
     lpips = getattr(task, "lpips", None)
     disc = getattr(getattr(task, "adv", None), "discriminator", None)
+    aux = [mod for mod in (model, lpips, disc) if mod is not None]
+    train_ps = [p for p in ps if id(p) in trainable]
+    cast = [p for mod in aux for sub in mod.modules() if isinstance(sub, _AUTOCAST_MODULES)
+            for p in sub.parameters(recurse=False)]
     return {
         "total": sum(p.numel() for p in ps),
         "trainable": sum(p.numel() for p in ps if id(p) in trainable),
@@ -275,10 +318,69 @@ def count_parameters(recipe: Recipe, built=None) -> Dict[str, Any]:
         "per_module": per_module,
         "lpips": sum(p.numel() for p in lpips.parameters()) if lpips is not None else 0,
         "discriminator": sum(p.numel() for p in disc.parameters()) if disc is not None else 0,
+        "discriminator_tensors": len(list(disc.parameters())) if disc is not None else 0,
+        "buffer_bytes": sum(b.numel() * b.element_size() for mod in aux for b in mod.buffers()),
+        "trainable_tensors": len(train_ps),
+        "largest_trainable": max((p.numel() for p in train_ps), default=0),
+        "largest_trainable_replicated": max((p.numel() for p in train_ps if id(p) not in sharded), default=0),
+        "autocast_parameters": sum(p.numel() for p in cast),
+        "autocast_parameters_sharded": sum(p.numel() for p in cast if id(p) in sharded),
+        "input_bytes_per_sample": sum(t.numel() * t.element_size()
+                                      for t in _synthetic_batch(model, recipe, 1).values()),
         "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                     "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"])}
                    for g in groups],
     }
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def memory_terms(recipe: Recipe, m: Measurement, params: Dict[str, Any], batch: int, live: Optional[int] = None,
+                 world: int = 1, foreach: bool = False, overhead_bytes: float = 0.0) -> Dict[str, float]:
+    """Bytes of each term of a training step's peak memory on one device (module docstring).
+
+    ``batch``: samples of the micro-batch (its inputs are resident); ``live``: samples whose
+    activations are alive at once (default ``batch``; a chunk with gradient caching); ``world``:
+    FSDP ranks sharding the transformer blocks (1: none); ``foreach``: the multi-tensor optimizer
+    update (CUDA's default without FSDP) instead of the single-tensor one (CPU, or FSDP's mixed
+    DTensor lists). Autocast copies are counted when ``train.precision`` is bf16. Returns the terms,
+    the two phases (``backward``, ``optimizer``), ``peak_phase`` (1.0: backward, 0.0: optimizer)
+    and ``total``."""
+    t, o = recipe.train, recipe.optim
+    live = batch if live is None else live
+    P, Pt = params["total"], params["trainable"]
+
+    def shard(total: float, sharded: float) -> float:
+        return (total - sharded) + sharded / world if world > 1 else total
+    trainable = shard(Pt, params["trainable_sharded"])
+    disc = params["discriminator"]
+    # 4-byte step scalars: torch's AdamW one per tensor, timm's LAMB one per group; the
+    # discriminator has its own AdamW (tasks/qlip.py)
+    steps_scalars = params["trainable_tensors"] if o.optimizer == "adamw" else len(params["groups"])
+    terms = {
+        "weights": 4 * (shard(P, params["sharded"]) + params["lpips"] + disc) + params["buffer_bytes"],
+        "optimizer_states": 8 * (trainable + disc) + 4 * (steps_scalars + params["discriminator_tensors"]),
+        "inputs": params["input_bytes_per_sample"] * batch,
+        "activations": m.activation_bytes_per_sample * live,
+        "autocast_copies": (2 * shard(params["autocast_parameters"], params.get("autocast_parameters_sharded", 0))
+                            if t.precision == "bf16" else 0.0),
+        "gradients": 4 * (trainable + disc),
+    }
+    accumulating = t.grad_accum > 1 or live < batch  # the gradients exist in full from the first backward on
+    terms["backward_overlap"] = terms["gradients"] if accumulating else m.backward_overlap_bytes
+    if foreach:  # one (AdamW) or two (LAMB) temporaries per tensor of the largest parameter group
+        largest_group = max((g["parameters"] for g in params["groups"]), default=0)
+        terms["optimizer_transient"] = (4 if o.optimizer == "adamw" else 8) * largest_group
+    else:  # two temporaries the size of the largest (shard of a) parameter
+        largest = max(params["largest_trainable_replicated"], params["largest_trainable"] / world) \
+            if world > 1 else params["largest_trainable"]
+        terms["optimizer_transient"] = 8 * largest
+    terms["overhead"] = float(overhead_bytes)
+    backward = terms["activations"] + terms["autocast_copies"] + terms["backward_overlap"]
+    optimizer = terms["gradients"] + terms["optimizer_transient"]
+    resident = terms["weights"] + terms["optimizer_states"] + terms["inputs"]
+    terms.update(backward=backward, optimizer=optimizer, peak_phase=float(backward >= optimizer),
+                 total=resident + max(backward, optimizer) + terms["overhead"])
+    return terms
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -299,7 +401,7 @@ class Plan:
     flops_per_sample: float
     activation_bytes_per_sample: float
     activation_samples: int            # samples whose activations are alive at once (micro-batch or chunk)
-    memory_gib: Dict[str, float]
+    memory_gib: Dict[str, float]       # the terms of memory_terms, in GiB; peak_phase: 1 backward, 0 optimizer
     device_memory_gib: float
     fits: bool
     step_seconds: float
@@ -344,17 +446,14 @@ def make_plan(recipe: Recipe, m: Measurement, params: Dict[str, Any], gpu: str =
                      "vision encoder and text tower (modelled)")
     # weights / grads / optimizer states (fp32), FSDP shards the transformer blocks
     fsdp = bool(t.fsdp) and world > 1
-    shard = (lambda total, sh: (total - sh) + sh / world) if fsdp else (lambda total, sh: total)
-    P, Pt = params["total"], params["trainable"]
+    P = params["total"]
     frac = params["sharded"] / P if P else 0.0
-    weights = 4 * (shard(P, params["sharded"]) + params["lpips"] + params["discriminator"])
-    grads = 4 * (shard(Pt, params["trainable_sharded"]) + params["discriminator"])
-    states = 8 * (shard(Pt, params["trainable_sharded"]) + params["discriminator"])
-    acts = act * live
     gib = 1024 ** 3
-    mem = {"weights": weights / gib, "gradients": grads / gib, "optimizer": states / gib,
-           "activations": acts / gib, "overhead": OVERHEAD_GIB}
-    mem["total"] = sum(mem.values())
+    mm = dataclasses.replace(m, activation_bytes_per_sample=act)
+    # the engine's optimizer: multi-tensor on CUDA, single-tensor with FSDP (engine.build_optimizer)
+    terms = memory_terms(recipe, mm, params, batch=d.batch_size, live=live, world=world if fsdp else 1,
+                         foreach=not fsdp, overhead_bytes=OVERHEAD_GIB * gib)
+    mem = {k: (v if k == "peak_phase" else v / gib) for k, v in terms.items()}
     if fsdp:
         notes.append(f"FSDP over {world} ranks: {frac:.0%} of the parameters (transformer blocks) sharded")
     elif t.fsdp:
@@ -384,6 +483,16 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.0f} {unit}"
 
 
+def _format_memory(g: Dict[str, float]) -> str:
+    """``weights + states + inputs + max(backward, optimizer) + overhead -> total`` with the terms."""
+    return (f"weights {g['weights']:.2f} + optimizer states {g['optimizer_states']:.2f} + inputs {g['inputs']:.2f}"
+            f" + max(backward {g['backward']:.2f} = activations {g['activations']:.2f} + autocast copies "
+            f"{g['autocast_copies']:.2f} + overlap {g['backward_overlap']:.2f}, optimizer step {g['optimizer']:.2f} "
+            f"= gradients {g['gradients']:.2f} + transient {g['optimizer_transient']:.2f}) + overhead "
+            f"{g['overhead']:.2f} -> {g['total']:.2f} "
+            f"(peak in the {'backward' if g['peak_phase'] else 'optimizer step'})")
+
+
 def format_plan(p: Plan) -> str:
     pr = p.parameters
     rows = [
@@ -399,8 +508,7 @@ def format_plan(p: Plan) -> str:
         ("FLOPs / sample", f"{_si(p.flops_per_sample, 'FLOP')} (fwd + bwd, FlopCounterMode)"),
         ("activations / sample", f"{p.activation_bytes_per_sample / 2 ** 20:.1f} MiB ({p.activation_samples} "
                                  "samples live)"),
-        ("memory / device", ", ".join(f"{k} {v:.1f}" for k, v in p.memory_gib.items() if k != "total")
-                            + f" -> {p.memory_gib['total']:.1f} GiB of {p.device_memory_gib:.0f}"
+        ("memory / device", _format_memory(p.memory_gib) + f" GiB of {p.device_memory_gib:.0f}"
                             + ("" if p.fits else "  DOES NOT FIT")),
         ("step time", f"{p.step_seconds:.2f} s at {p.mfu:.0%} MFU"),
         ("total", f"{p.total_days:.2f} days, {p.gpu_hours:,.0f} GPU-hours"),

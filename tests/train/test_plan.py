@@ -111,7 +111,11 @@ def _fake_measurement(**kw):
 
 def _params(total=10 ** 8, trainable=10 ** 8, sharded=9 * 10 ** 7):
     return {"total": total, "trainable": trainable, "sharded": sharded, "trainable_sharded": min(sharded, trainable),
-            "per_module": {"visual": total}, "lpips": 0, "discriminator": 0, "groups": []}
+            "per_module": {"visual": total}, "lpips": 0, "discriminator": 0, "discriminator_tensors": 0,
+            "buffer_bytes": 1000, "trainable_tensors": 10, "largest_trainable": 10 ** 6,
+            "largest_trainable_replicated": 10 ** 5, "autocast_parameters": 8 * 10 ** 7, "autocast_parameters_sharded": 7 * 10 ** 7,
+            "input_bytes_per_sample": 1000,
+            "groups": [{"name": "all", "lr": 1e-3, "weight_decay": 0.0, "tensors": 10, "parameters": trainable}]}
 
 
 def test_plan_arithmetic():
@@ -121,17 +125,36 @@ def test_plan_arithmetic():
     assert p.step_seconds == pytest.approx(1e12 * 4 * 2 / (GPUS["a100"].peak_bf16_flops * 0.5))
     assert p.gpu_hours == pytest.approx(p.total_days * 24 * 16)
     gib = 2 ** 30
-    assert p.memory_gib["weights"] == pytest.approx(4e8 / gib)
-    assert p.memory_gib["optimizer"] == pytest.approx(8e8 / gib)
+    g = {k: v * gib for k, v in p.memory_gib.items()}
+    assert g["weights"] == pytest.approx(4e8 + 1000)                 # fp32 parameters + buffers
+    assert g["optimizer_states"] == pytest.approx(8e8 + 4 * 10)      # AdamW: 2 moments + a step per tensor
+    assert g["inputs"] == pytest.approx(4 * 1000)
     assert p.memory_gib["activations"] == pytest.approx(4.0)
-    assert p.memory_gib["total"] == pytest.approx(16e8 / gib + 4.0 + OVERHEAD_GIB)
+    assert g["autocast_copies"] == 0                                 # fp32 recipe
+    assert g["backward_overlap"] == g["gradients"] == pytest.approx(4e8)  # accumulation: all gradients exist
+    assert g["optimizer_transient"] == pytest.approx(4e8)            # CUDA foreach AdamW: one group-sized list
+    assert p.memory_gib["peak_phase"] == 1.0                         # the backward phase is the larger
+    assert p.memory_gib["total"] == pytest.approx((4e8 + 1000 + 8e8 + 40 + 4000 + 4e8) / gib + 4.0 + OVERHEAD_GIB)
+    bf16 = make_plan(Recipe.from_dict({**r.to_dict(), "train": {"grad_accum": 2, "precision": "bf16"}}),
+                     _fake_measurement(), _params(), gpu="a100", gpus=8, nodes=2)
+    assert bf16.memory_gib["autocast_copies"] * gib == pytest.approx(2 * 8e7)
+    lamb = make_plan(Recipe.from_dict({**r.to_dict(), "optim": {"optimizer": "lamb", "steps": 10}}),
+                     _fake_measurement(activation_bytes_per_sample=1.0), _params(), gpu="a100", gpus=8, nodes=2)
+    assert lamb.memory_gib["optimizer_transient"] * gib == pytest.approx(8e8)  # foreach LAMB: two lists
+    assert lamb.memory_gib["optimizer_states"] * gib == pytest.approx(8e8 + 4 * 1)  # a step per group
+    assert lamb.memory_gib["peak_phase"] == 0.0
 
 
 def test_plan_fsdp_checkpointing_and_chunks():
     m, pr = _fake_measurement(), _params()
     plain = make_plan(_tiny(), m, pr, gpus=8)
     fsdp = make_plan(_tiny(fsdp=True), m, pr, gpus=8)
-    assert fsdp.memory_gib["weights"] == pytest.approx(4 * (10 ** 7 + 9 * 10 ** 7 / 8) / 2 ** 30)
+    assert fsdp.memory_gib["weights"] == pytest.approx((4 * (10 ** 7 + 9 * 10 ** 7 / 8) + 1000) / 2 ** 30)
+    # FSDP: single-tensor update of the largest (shard of a) tensor: max(10^5, 10^6 / 8) elements, two temporaries
+    assert fsdp.memory_gib["optimizer_transient"] == pytest.approx(8 * 10 ** 6 / 8 / 2 ** 30)
+    fsdp_bf16 = make_plan(Recipe.from_dict({**_tiny().to_dict(), "train": {"fsdp": True, "precision": "bf16"}}),
+                          m, pr, gpus=8)
+    assert fsdp_bf16.memory_gib["autocast_copies"] == pytest.approx(2 * (10 ** 7 + 7 * 10 ** 7 / 8) / 2 ** 30)
     assert fsdp.flops_per_sample == plain.flops_per_sample
     ck = make_plan(Recipe.from_dict({**_tiny().to_dict(), "model": {"preset": "qlip-tiny", "grad_checkpointing": True}}),
                    m, pr, gpus=8)
