@@ -243,3 +243,13 @@ def test_conv_pixel_head(tmp_path):
         qlip.export_official(model, tmp_path / "official")
     with pytest.raises(ConfigError, match="decoder head must be 'linear' or 'conv'"):
         qlip.get_preset("qlip-tiny", **{"decoder.head": "deconv"})
+    # stage 2's head swap (model.decoder_head): every weight but the pixel head is kept
+    lin = qlip.QLIP(qlip.get_preset("qlip-tiny")).eval()
+    swapped = lin.with_decoder_head("conv", 4)
+    assert swapped.config.decoder.head == "conv" and lin.config.decoder.head == "linear"
+    a, b = lin.state_dict(), swapped.state_dict()
+    kept = [k for k in a if not k.startswith("decoder.head_")]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
+    assert {k for k in b if k not in a} == {k for k in b if k.startswith("decoder.conv_head.")}
+    with torch.no_grad():
+        assert torch.equal(swapped.tokenize(x), lin.tokenize(x))

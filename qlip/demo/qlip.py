@@ -160,6 +160,9 @@ def merge_stages(stage1_dir: str, stage2_dir: str):
     """Stage-2 bottleneck + decoder into the stage-1 model (same frozen encoder, keeps the text tower)."""
     from ..io import load
     s1, s2 = load(stage1_dir), load(stage2_dir)
+    d1, d2 = s1.config.decoder, s2.config.decoder
+    if (d1.head, d1.head_channels) != (d2.head, d2.head_channels):  # stage 2 replaced the pixel head
+        s1 = s1.with_decoder_head(d2.head, d2.head_channels)
     for a, b in zip(s1.visual.state_dict().values(), s2.visual.state_dict().values()):
         if not torch.equal(a, b):
             raise RuntimeError("stage 2 changed the vision encoder; it must stay frozen")

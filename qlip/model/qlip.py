@@ -363,6 +363,20 @@ class QLIP(nn.Module):
         if self.text is not None:
             nn.init.normal_(self.text.pos_embed, std=0.01)
 
+    def with_decoder_head(self, head: str, channels: int = 16) -> "QLIP":
+        """A copy whose decoder has a fresh pixel ``head`` (DecoderConfig.head: ``linear`` / ``conv``);
+        every other weight (encoder, text tower, bottleneck, decoder transformer and norm) is kept.
+        For stage 2 (``model.decoder_head`` in a recipe): the new head learns behind the frozen encoder."""
+        cfg = self.config.replace(**{"decoder.head": head, "decoder.head_channels": channels})
+        new = QLIP(cfg).to(device=self.device, dtype=self.dtype)
+        new.init_weights()
+        missing, _ = new.load_state_dict(self.state_dict(), strict=False)
+        fresh = ("decoder.conv_head.", "decoder.head_fc.", "decoder.head_out.")
+        kept = [k for k in missing if not k.startswith(fresh)]
+        if kept:
+            raise QLIPError(f"with_decoder_head: weights missing from the source model: {kept[:5]}")
+        return new
+
     def drop_text(self) -> None:
         """Remove the text tower (stage 2 / tokenizer-only use)."""
         self.text = None

@@ -80,6 +80,27 @@ def test_merge_stages(tmp_path):
         merge_stages(str(tmp_path / "s1"), str(tmp_path / "s2b"))
 
 
+def test_merge_stages_with_a_new_pixel_head(tmp_path):
+    """Stage 2 with model.decoder_head: conv: the merged model takes stage 2's head and config and
+    keeps stage 1's text tower, so it tokenizes, decodes like stage 2 and still classifies."""
+    torch.manual_seed(0)
+    s1 = qlip.load("qlip-tiny", pretrained=False)
+    s2 = s1.with_decoder_head("conv", 4)
+    s2.drop_text()
+    with torch.no_grad():
+        next(iter(s2.decoder.conv_head.parameters())).add_(0.5)
+    s1.save_pretrained(tmp_path / "s1")
+    s2.save_pretrained(tmp_path / "s2")
+    merged = merge_stages(str(tmp_path / "s1"), str(tmp_path / "s2"))
+    assert merged.config.decoder.head == "conv" and merged.text is not None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ids = merged.tokenize(x)
+        assert torch.equal(merged.detokenize(ids), s2.detokenize(ids))
+        assert torch.equal(merged.encode_text(torch.ones(1, 8, dtype=torch.long)),
+                           s1.encode_text(torch.ones(1, 8, dtype=torch.long)))
+
+
 def test_fast_then_resume_is_refused_with_a_clear_message(tmp_path):
     _claim_out(str(tmp_path), fast=True, resume=False)
     assert json.loads((tmp_path / "demo-run.json").read_text()) == {"fast": True}

@@ -86,3 +86,23 @@ def test_stage2_trains_decoder_with_lpips_and_gan_and_resumes(shapes_dir, stage1
     for k, v in st["discriminator"].items():
         assert torch.allclose(v.float(), st2["discriminator"][k].float(), atol=1e-6, rtol=0), k
     assert [r["step"] for r in read_log(out)] == list(range(1, STEPS + 1))
+
+
+def test_stage2_can_replace_the_pixel_head(shapes_dir, stage1, tmp_path):
+    """model.decoder_head: stage 2 starts from stage 1's weights with a fresh conv head, trains it,
+    and the saved model carries the new head; on a preset it is refused (use model.overrides)."""
+    from qlip import load
+    from qlip.errors import ConfigError
+    from qlip.train import train
+    from qlip.train.recipe import Recipe
+    d = tiny_recipe(shapes_dir, model={"preset": None, "init": str(stage1), "decoder_head": "conv",
+                                       "decoder_head_channels": 4},
+                    optim={"steps": 2, "warmup_steps": 0, "optimizer": "adamw"},
+                    loss={"alpha_a": 0.0}, train={"stage": 2, "ckpt_every": 0})
+    train(Recipe.from_dict(d), str(tmp_path / "run"))
+    out, s1 = load(str(tmp_path / "run" / "final")), load(str(stage1))
+    assert out.config.decoder.head == "conv" and out.config.decoder.head_channels == 4
+    assert all(torch.equal(a, b) for a, b in zip(out.visual.state_dict().values(), s1.visual.state_dict().values()))
+    bad = tiny_recipe(shapes_dir, model={"decoder_head": "conv"})
+    with pytest.raises(ConfigError, match="model.decoder_head replaces the head of a model.init checkpoint"):
+        train(Recipe.from_dict(bad), str(tmp_path / "bad"))

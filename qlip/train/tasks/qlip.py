@@ -41,6 +41,8 @@ class ModelSection:
     init_open_clip: Optional[str] = None     # "ARCH:PRETRAINED" open_clip weights for the text tower
     init_eva_clip: Optional[str] = None      # EVA-CLIP vision tower: "EVA02-B-16:TAG" (open_clip) or "timm:NAME"
     drop_text: bool = False                  # drop the text tower (reconstruction-only runs, stage 2)
+    decoder_head: Optional[str] = None       # replace the decoder's pixel head of model.init with a fresh one
+    decoder_head_channels: int = 16          # ("linear" / "conv", DecoderConfig.head): stage 2 only
     grad_checkpointing: bool = False
 
     def validate(self) -> None:
@@ -152,6 +154,11 @@ def build_model(recipe: Recipe) -> QLIP:
         model = QLIP(get_preset(m.preset, **m.overrides))
     else:
         raise ConfigError("the recipe needs model.preset or model.init")
+    if m.decoder_head is not None:
+        if not m.init:
+            raise ConfigError("model.decoder_head replaces the head of a model.init checkpoint; for a preset set "
+                              "model.overrides.decoder.head")
+        model = model.with_decoder_head(m.decoder_head, m.decoder_head_channels)
     if m.init_eva_clip:
         from ...io.init_weights import init_visual_from_eva_clip
         report = init_visual_from_eva_clip(model, m.init_eva_clip)
