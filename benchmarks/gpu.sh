@@ -107,7 +107,16 @@ for r in t["throughput"]:
 gen = os.path.join(out, "gen-step.json")
 if os.path.isfile(gen):
     g = json.load(open(gen))
-    print(f"{'generator train tokens/s':<44}{g.get('tokens_per_s', float('nan')):>14.0f}  {g.get('note', '')}")
+    for r in g["rows"]:
+        name = f"generator train tokens/s {r['preset']} {r['precision']} b{r['batch']}"
+        if "error" in r:
+            print(f"{name:<44}{'failed':>14}  {r['error']}")
+            continue
+        mfu = f"MFU {r['mfu'] * 100:.1f}%" if "mfu" in r else "MFU: peak unknown"
+        print(f"{name:<44}{r['tokens_per_s']:>14.0f}  {mfu}, {r['seq_len']} positions, step {r['step_s']:.3f} s")
+        if "images_per_s" in r:
+            sname = f"generator sample {r['preset']} b{r['sample_batch']} img/s"
+            print(f"{sname:<44}{r['images_per_s']:>14.2f}  cfg {r['cfg']}, KV cache, {r['image_tokens']} tokens/image")
 else:
     print(f"{'generator train tokens/s':<44}{'-':>14}  {gen_status}")
 EOF

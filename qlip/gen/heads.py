@@ -29,6 +29,16 @@ half's normaliser depends on the sampled high half, so per-step guidance (``hi``
 autoregressive model makes across positions, not the guided joint. Top-k / top-p also act per
 factor (per sub-token, or per bit where only ``top_k=1`` and ``top_p`` matter).
 
+**Sampling speed.** A decoding step at small batch is bound by reading the output weights (the
+``split`` head's two 16,384-row tables are most of a small generator's weights). So, when
+sampling: the conditional and the unconditional hidden states go through each output layer in
+**one** call (:func:`_paired_logits`), not two; the few rows are multiplied as ``W @ h^T``
+(:func:`_few_rows_linear`: on CPUs a skinny ``(16384, C) x (C, B)`` product streams the weight
+once, where ``h @ W^T`` with ``B`` of 1-32 runs at a fraction of the speed); sampled sub-tokens
+are merged without the range checks of :class:`qlip.quant.VisualVocab` (in range by
+construction; the checks read the tensor back, a device sync per step on a GPU). Cached and
+uncached sampling share this code, so they still draw the same tokens.
+
 Ids are MSB-first (as ``qlip.quant.VisualVocab`` and the official ``bsq.py``): sub-token 0 /
 bit 0 is the most significant.
 """
@@ -42,6 +52,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import RMSNorm, cfg_logits, sample
 from ..quant import VisualVocab
+from ..quant.bsq import group_ids_to_ids, ids_to_group_ids
 
 HEAD_KINDS = ("split", "bitwise", "intra")
 
@@ -51,6 +62,22 @@ def _guide(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float) -> 
     if uncond is None or scale == 1.0:
         return cond
     return cfg_logits(cond, uncond, scale)
+
+
+def _few_rows_linear(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """``layer(h)`` for a few rows ``h`` ``(B, dim)`` computed as ``(W @ h^T)^T`` (same values up to
+    float rounding; about 2x faster than ``F.linear`` on a CPU for a 16,384-row ``W`` and ``B <= 32``)."""
+    out = (layer.weight @ h.to(layer.weight.dtype).T).T
+    return out if layer.bias is None else out + layer.bias
+
+
+def _paired_logits(logits_fn, h_cond: torch.Tensor, h_uncond: Optional[torch.Tensor], *extra: torch.Tensor):
+    """``(logits_fn(h_cond, *extra), logits_fn(h_uncond, *extra))`` from one call on the stacked
+    rows (``None`` for the second without ``h_uncond``): one read of the output weights, not two."""
+    if h_uncond is None:
+        return logits_fn(h_cond, *extra), None
+    both = logits_fn(torch.cat([h_cond, h_uncond]), *(torch.cat([e, e]) for e in extra))
+    return both[:h_cond.shape[0]], both[h_cond.shape[0]:]
 
 
 class VisualHead(nn.Module):
@@ -64,7 +91,8 @@ class VisualHead(nn.Module):
         super().__init__()
         self.dim, self.bits = dim, bits
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """``check=False`` skips the id range check (ids the head itself sampled)."""
         raise NotImplementedError
 
     def nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -92,13 +120,17 @@ class SplitHead(VisualHead):
         self.embeddings = nn.ModuleList([nn.Embedding(V, dim) for _ in range(groups)])
         self.outputs = nn.ModuleList([nn.Linear(dim, V, bias=False) for _ in range(groups)])
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        sub = self.vocab.split(ids).to(ids.device)
+    def embed(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        sub = self.vocab.split(ids).to(ids.device) if check else ids_to_group_ids(ids, self.bits, self.vocab.group_bits)
         return sum(e(sub[..., g]) for g, e in enumerate(self.embeddings))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., dim)`` -> ``(..., G, 2**(bits/G))`` float32 logits."""
         return torch.stack([o(hidden).float() for o in self.outputs], dim=-2)
+
+    def step_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` of a few rows ``(B, dim)`` for sampling (:func:`_few_rows_linear`)."""
+        return torch.stack([_few_rows_linear(o, hidden).float() for o in self.outputs], dim=-2)
 
     def nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         sub = self.vocab.split(ids).to(ids.device)                         # (B, N, G)
@@ -106,10 +138,9 @@ class SplitHead(VisualHead):
         return -logp.gather(-1, sub[..., None])[..., 0].sum(-1)
 
     def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-        lc = self.logits(h_cond)
-        lu = self.logits(h_uncond) if h_uncond is not None else None
+        lc, lu = _paired_logits(self.step_logits, h_cond, h_uncond)
         sub = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)   # (B, G)
-        return self.vocab.merge(sub)
+        return group_ids_to_ids(sub, self.vocab.group_bits)
 
 
 def ids_to_bits(ids: torch.Tensor, bits: int) -> torch.Tensor:
@@ -136,7 +167,7 @@ class BitwiseHead(VisualHead):
         self.code_in = nn.Linear(bits, dim, bias=False)
         self.output = nn.Linear(dim, 2 * bits, bias=False)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
         codes = ids_to_bits(ids, self.bits).to(self.code_in.weight.dtype) * 2 - 1
         return self.code_in(codes)
 
@@ -150,8 +181,7 @@ class BitwiseHead(VisualHead):
         return -logp.gather(-1, target[..., None])[..., 0].sum(-1)
 
     def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-        lc = self.logits(h_cond)
-        lu = self.logits(h_uncond) if h_uncond is not None else None
+        lc, lu = _paired_logits(self.logits, h_cond, h_uncond)
         return bits_to_ids(sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator))
 
 
@@ -175,17 +205,19 @@ class IntraTokenHead(VisualHead):
         self.lo_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
         self.out_lo = nn.Linear(dim, V, bias=False)
 
-    def embed(self, ids):
-        sub = self.vocab.split(ids).to(ids.device)
+    def embed(self, ids, check: bool = True):
+        sub = self.vocab.split(ids).to(ids.device) if check else ids_to_group_ids(ids, self.bits, self.vocab.group_bits)
         return self.embeddings[0](sub[..., 0]) + self.embeddings[1](sub[..., 1])
 
-    def logits_hi(self, hidden):
-        return self.out_hi(hidden).float()
+    def logits_hi(self, hidden, few_rows: bool = False):
+        """Logits of the high half; ``few_rows``: ``hidden`` is ``(B, dim)`` (sampling, :func:`_few_rows_linear`)."""
+        return (_few_rows_linear(self.out_hi, hidden) if few_rows else self.out_hi(hidden)).float()
 
-    def logits_lo(self, hidden, hi):
+    def logits_lo(self, hidden, hi, few_rows: bool = False):
         """Logits of the low half given the hidden state and the high half ``hi`` (same leading dims)."""
         x = hidden + self.hi_cond(hi)
-        return self.out_lo(x + self.lo_mlp(self.lo_norm(x))).float()
+        x = x + self.lo_mlp(self.lo_norm(x))
+        return (_few_rows_linear(self.out_lo, x) if few_rows else self.out_lo(x)).float()
 
     def nll(self, hidden, ids):
         sub = self.vocab.split(ids).to(ids.device)
@@ -195,11 +227,12 @@ class IntraTokenHead(VisualHead):
         return nll_hi + nll_lo
 
     def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-        lu = self.logits_hi(h_uncond) if h_uncond is not None else None
-        hi = sample(_guide(self.logits_hi(h_cond), lu, cfg), temperature, top_k, top_p, generator)
-        lu = self.logits_lo(h_uncond, hi) if h_uncond is not None else None
-        lo = sample(_guide(self.logits_lo(h_cond, hi), lu, cfg), temperature, top_k, top_p, generator)
-        return self.vocab.merge(torch.stack([hi, lo], -1))
+        lc, lu = _paired_logits(lambda h: self.logits_hi(h, few_rows=True), h_cond, h_uncond)
+        hi = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)
+        # both branches given the same hi
+        lc, lu = _paired_logits(lambda h, c: self.logits_lo(h, c, few_rows=True), h_cond, h_uncond, hi)
+        lo = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)
+        return group_ids_to_ids(torch.stack([hi, lo], -1), self.vocab.group_bits)
 
 
 def make_head(kind: str, dim: int, bits: int, groups: int = 2) -> VisualHead:

@@ -210,11 +210,13 @@ class T2IModel(nn.Module):
 
         ``cfg != 1``: the batch is doubled with the null condition and each head factor is guided
         (``qlip.gen.heads``); ``cfg == 1`` runs the conditional model alone. ``cfg_interval`` ``k
-        >= 0`` guides only the first ``k`` image tokens (LlamaGen's), ``-1`` all of them.
+        >= 0`` guides only the first ``k`` image tokens (LlamaGen's), ``-1`` all of them; after the
+        ``k``-th token the null rows leave the batch (the KV cache's first ``B`` rows are the
+        conditional ones), so the rest costs what unguided sampling costs.
         ``use_cache=False`` recomputes the whole sequence at every step (the reference the KV cache
         is tested against). ``generator`` makes sampling reproducible."""
         B, L, N = feats.shape[0], self.cfg.text_len, self.cfg.num_image_tokens
-        guided = cfg != 1.0
+        guided = cfg != 1.0 and cfg_interval != 0
         prefix = self.cond(feats)
         if guided:
             prefix = torch.cat([prefix, self.cond.null[None].to(prefix.dtype).expand(B, -1, -1)])
@@ -227,12 +229,14 @@ class T2IModel(nn.Module):
             else:
                 h = self.backbone.forward_hidden(embeds=seq, rope=self.rope(0, seq.shape[1], seq.device))
             h = h[:, -1]
-            guide_now = guided and (cfg_interval < 0 or t < cfg_interval)
-            nxt = self.head.sample(h[:B], h[B:] if guide_now else None, cfg, temperature, top_k, top_p, generator)
+            nxt = self.head.sample(h[:B], h[B:] if guided else None, cfg, temperature, top_k, top_p, generator)
             out.append(nxt)
             if t == N - 1:
                 break
-            x = self.head.embed(nxt[:, None]).to(prefix.dtype)
+            if guided and 0 <= cfg_interval <= t + 1:
+                # guidance is over: drop the null rows (the cache's first B rows are the conditional ones)
+                guided, seq = False, seq[:B]
+            x = self.head.embed(nxt[:, None], check=False).to(prefix.dtype)
             if guided:
                 x = torch.cat([x, x])
             if cache is None:

@@ -208,10 +208,15 @@ def shard_optimizer_state_(optimizer) -> None:
 
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """Global-norm gradient clipping over sharded and replicated gradients; returns the total norm
-    (the same on every rank). Replicated gradients must already be averaged across ranks."""
+    (the same on every rank). Replicated gradients must already be averaged across ranks.
+
+    The squares are summed in float64 in every case, one process included: torch's float32 norm
+    differs from it by ~1e-5 relative over large tables (a 16,384-row head), which was the whole
+    difference between one process and two ranks of the same run (docs/training.md)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not any(is_sharded(g) for g in grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not grads:
+        return torch.zeros(())
+    sharded = any(is_sharded(g) for g in grads)
     dev = (grads[0].to_local() if is_sharded(grads[0]) else grads[0]).device  # NCCL: the GPU, never the CPU
     sq_sharded = torch.zeros((), dtype=torch.float64, device=dev)
     sq_repl = torch.zeros((), dtype=torch.float64, device=dev)
@@ -220,7 +225,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
             sq_sharded += g.to_local().double().pow(2).sum()
         else:
             sq_repl += g.double().pow(2).sum()
-    dist.all_reduce(sq_sharded)  # every rank holds one shard of each sharded gradient
+    if sharded:
+        dist.all_reduce(sq_sharded)  # every rank holds one shard of each sharded gradient
     total = (sq_sharded + sq_repl).sqrt().float()
     coef = max_norm / (total + 1e-6)
     if torch.isfinite(total) and coef < 1:

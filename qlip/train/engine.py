@@ -102,8 +102,8 @@ class Engine:
                 (loss * scale).backward()
             n += self.task.batch_size(batch)
         all_reduce_gradients_(self.replicated)
-        clip = D.clip_grad_norm_ if self.fsdp else torch.nn.utils.clip_grad_norm_  # FSDP: sharded + replicated
-        grad_norm = clip(self.params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        # float64 sum of squares for sharded and replicated gradients alike: 1 process == N ranks
+        grad_norm = D.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip > 0 else float("inf"))
         if torch.isfinite(grad_norm):  # the same on every rank (gradients are all-reduced)
             self.optimizer.step()
         else:  # a NaN/inf would poison the weights and the optimizer state: skip the update

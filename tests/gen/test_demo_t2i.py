@@ -1,0 +1,128 @@
+"""`qlip demo t2i --fast` end to end on a tiny stand-in for `qlip demo`'s output (two random
+qlip-tiny models, 32 px, and the tiny shapes shards): metrics.json keys and ranges, the report,
+the saved generator samples through `qlip.gen` and `qlip gen sample`; a --resume rerun reuses
+the token shards and the training of an unchanged tokenizer (same figures) and redoes both for a
+changed one; a missing demo is one line; the sample-space gFID formula."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from qlip.errors import ConfigError
+
+BLOCK_KEYS = {"adherence_top1", "adherence_colour", "adherence_kind", "ceiling_top1", "ceiling_colour", "ceiling_kind",
+              "zero_shot_top1", "gfid", "cfg_sweep", "samples_per_s"}
+FRACTIONS = BLOCK_KEYS - {"gfid", "cfg_sweep", "samples_per_s"}
+
+
+def pooled(x):
+    """A cheap stand-in for the FID Inception: 2 x 2 average-pooled pixels (12 features)."""
+    return torch.nn.functional.adaptive_avg_pool2d(x.float(), 2).flatten(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tiny_shapes, tmp_path_factory):
+    """What `qlip demo` leaves: qlip/ (with its text tower), recon_only/final/ (no text), data/."""
+    import qlip
+    root = tmp_path_factory.mktemp("t2i_demo") / "demo"
+    torch.manual_seed(0)
+    qlip.load("qlip-tiny", pretrained=False).save_pretrained(str(root / "qlip"))
+    torch.manual_seed(1)
+    recon = qlip.load("qlip-tiny", pretrained=False)
+    recon.drop_text()
+    recon.save_pretrained(str(root / "recon_only" / "final"))
+    (root / "data").mkdir()
+    for tar in tiny_shapes.glob("shapes-*.tar"):
+        shutil.copy(tar, root / "data" / tar.name)
+    return root
+
+
+def test_demo_t2i_fast_end_to_end(demo_dir, tmp_path):
+    import qlip.gen
+    from qlip.cli import main
+    from qlip.demo.t2i import FAST, run_t2i_demo
+    out = tmp_path / "out"
+    m = run_t2i_demo(str(demo_dir), str(out), fast=True, lanes=1, fid=pooled)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert {"qlip", "recon_only", "settings", "timings_s", "details"} <= set(saved)
+    for name in ("qlip", "recon_only"):
+        block = saved[name]
+        assert set(block) == BLOCK_KEYS
+        assert all(0.0 <= block[k] <= 1.0 for k in FRACTIONS), block
+        assert [r[0] for r in block["cfg_sweep"]] == FAST["cfg_sweep"]
+        assert all(len(r) == 3 and 0 <= r[1] <= r[2] <= 1 for r in block["cfg_sweep"])  # top-1 needs the colour
+        # the sweep's row at the default CFG is the headline figure (same samples)
+        row = next(r for r in block["cfg_sweep"] if r[0] == FAST["cfg"])
+        assert row[1:] == [block["adherence_top1"], block["adherence_colour"]]
+        assert block["adherence_top1"] <= min(block["adherence_colour"], block["adherence_kind"])
+        assert isinstance(block["gfid"], float) and block["gfid"] >= 0
+        assert block["samples_per_s"] > 0
+        assert saved["details"][name]["train_steps"] == FAST["steps"]
+        assert saved["details"][name]["tokens"]["images"] == 32
+    assert saved["settings"]["samples"] == 32 * FAST["samples_per_prompt"]
+    assert saved["settings"]["ceiling_n_real"] == FAST["ceiling_n"]
+    assert saved["qlip"] == json.loads(json.dumps(m["qlip"]))
+    page = (out / "report.html").read_text()
+    assert "a photo of a black star" in page and "CFG sweep" in page and page.count("<img") >= 2 * 32
+    # the saved generator (a): loads, samples and decodes with qlip.gen and through `qlip gen sample`
+    gen = qlip.gen.load(str(out / "qlip"))
+    ids = gen.generate(["a photo of a red circle"], n=2, cfg=4.0, seed=0)
+    assert ids.shape == (2, 4, 4)
+    images = gen.decode(ids)
+    assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) <= float(images.max()) <= 1
+    assert main(["gen", "sample", "--model", str(out / "qlip"), "--prompt", "a photo of a red circle", "-n", "2",
+                 "-o", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "p000-001.png").is_file()
+    # --resume with another reconstruction-only model: the QLIP lane reuses its token shards and its
+    # training (same seeds -> the same samples and figures); the other lane tokenizes and trains anew
+    import qlip
+    torch.manual_seed(2)
+    other = qlip.load("qlip-tiny", pretrained=False)
+    other.drop_text()
+    other.save_pretrained(str(tmp_path / "other_recon"))
+    again = run_t2i_demo(str(demo_dir), str(out), fast=True, lanes=1, resume=True, fid=pooled,
+                         recon_path=str(tmp_path / "other_recon"))
+    t = again["details"]["qlip"]["tokens"]
+    assert t["parts_written"] == 0 and t["parts_reused"] == 1
+    for k in BLOCK_KEYS - {"samples_per_s"}:
+        assert again["qlip"][k] == m["qlip"][k], k
+    t, before = again["details"]["recon_only"]["tokens"], m["details"]["recon_only"]["tokens"]
+    assert t["parts_written"] == 1 and t["parts_reused"] == 0 and t["fingerprint"] != before["fingerprint"]
+    run = json.loads((out / "runs" / "recon_only" / "demo-t2i-run.json").read_text())
+    assert run["tokens"] == t["fingerprint"]  # trained again, on the new shards
+
+
+def test_missing_demo_is_a_one_line_error(tmp_path, demo_dir):
+    from qlip.demo.t2i import run_t2i_demo
+    with pytest.raises(ConfigError, match="run `qlip demo` first") as e:
+        run_t2i_demo(str(tmp_path / "nowhere"), str(tmp_path / "out"), fast=True)
+    assert "\n" not in str(e.value) and "nowhere" in str(e.value)
+    # models present, data missing: also one line
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_dir / "qlip", bare / "qlip")
+    shutil.copytree(demo_dir / "recon_only", bare / "recon_only")
+    with pytest.raises(ConfigError, match="no shapes data") as e:
+        run_t2i_demo(str(bare), str(tmp_path / "out"), fast=True)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n1,n2,d", [(40, 30, 16), (9, 12, 64)])
+def test_gfid_equals_the_frechet_distance_of_mean_and_covariance(n1, n2, d):
+    """The sample-space formula (fewer samples than dimensions) == the 2048-d eigen route."""
+    from qlip.demo.t2i import gfid
+    from qlip.eval.recon import frechet_distance
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(n1, d)), rng.normal(0.3, 1.5, size=(n2, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
+    want = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert gfid(a, b) == pytest.approx(want, rel=1e-6, abs=1e-8)
+    assert gfid(a, a) == pytest.approx(0.0, abs=1e-6)
