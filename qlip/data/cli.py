@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--group", type=int, default=1,
                    help="kind groups: consecutive images show the same scene with the shape kinds cycled (1-4)")
     p.add_argument("--workers", type=int, default=1, help="processes rendering shards in parallel (same bytes)")
+    p.add_argument("--style", choices=("plain", "wide"), default="plain",
+                   help="training images' rendering: plain, or wide (other proportions, outlines, blur, noise, "
+                        "backgrounds; docs/data.md 'Styles'); validation and test stay plain")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_shapes)
 
@@ -42,7 +45,7 @@ def _shapes(args) -> int:
 
     m = generate_shapes(args.out, n=args.n, size=args.size, seed=args.seed, shard_size=args.shard_size,
                         heldout_n=args.heldout, overwrite=args.overwrite, progress=not args.quiet,
-                        workers=args.workers, group=args.group, val_n=args.val)
+                        workers=args.workers, group=args.group, val_n=args.val, style=args.style)
     print(f"{args.out}: {m['n']} training images in {len(m['train_shards'])} shards, "
           f"{m['val_n']} validation and {m['heldout_n']} held-out test images in "
           f"{len(m['val_shards'])} + {len(m['heldout_shards'])} shards ({m['size']}px, seed {m['seed']})")

@@ -34,7 +34,7 @@ import tarfile
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ..errors import DataError
@@ -85,6 +85,26 @@ SAME_COLOR_P = 0.35                         # multi-shape images with one color,
 SAME_KIND_P = 0.15                          # multi-shape images with one kind, different colors
 NUM_SHAPES_P = (0.5, 0.3, 0.2)              # one, two, three shapes
 SHORT_CAPTION_P = 0.5                       # captions naming only colours and kinds (no size, position)
+
+# Style "wide" (opt-in; `generate_shapes(style="wide")` applies it to the training split): a wider
+# rendering of the same scenes, so that a model learns shapes rather than this renderer's pixels
+# (docs/data.md, "Styles"). Its choices come from their own seed stream and are applied to the
+# finished plain scene, so "plain" output is unchanged and a wide sample has the plain sample's
+# colours, kinds, sizes, positions and caption wording.
+SHAPE_STYLES: tuple[str, ...] = ("plain", "wide")
+WIDE_SCALE = (0.82, 1.18)           # x diameter: small 0.19-0.30, large 0.34-0.55 of the image
+WIDE_ROTATION = 40.0                # degrees, squares / triangles / stars
+WIDE_ASPECT = (0.82, 1.0)           # circles become ellipses (minor / major axis), any angle
+WIDE_CORNER = (0.0, 0.35)           # rounded squares: corner radius / half side
+WIDE_TRIANGLE_HEIGHT = (0.7, 1.25)  # isosceles triangles: height / base (plain: equilateral, 0.87)
+WIDE_STAR_INNER = (0.35, 0.55)      # star inner / outer radius (plain: 0.5)
+WIDE_OUTLINE_P = 0.3                # shapes drawn as outlines only ...
+WIDE_STROKE = (0.10, 0.20)          # ... with a stroke of this fraction of the diameter (>= 1.5 px)
+WIDE_BACKGROUNDS = ("stripes", "checker", "radial")
+WIDE_BG_P = 0.5                     # backgrounds replaced by one of WIDE_BACKGROUNDS
+WIDE_BLUR_P, WIDE_BLUR = 0.3, (0.3, 1.1)    # Gaussian blur radius in px
+WIDE_NOISE_P, WIDE_NOISE = 0.3, (2.0, 9.0)  # Gaussian pixel noise, std in 0..255 units
+_STYLE_STREAM = 4000037
 
 # Each split draws from its own seed stream (np.random.default_rng([seed, split id, index])):
 # "val" images never coincide with "heldout" (test) or "train" images.
@@ -185,7 +205,14 @@ def shape_coverage(shape: dict, size: int) -> np.ndarray:
     mask = Image.new("L", (size * ss, size * ss), 0)
     draw = ImageDraw.Draw(mask)
     (cx, cy), d = shape["center"], shape["diameter"]
-    if shape["kind"] == "circle":
+    if "style" in shape:  # style "wide": other proportions, outlines
+        pts = _wide_polygon(shape["kind"], cx * ss, cy * ss, d * ss, shape["rotation"], shape["style"])
+        stroke = shape["style"]["outline"] * ss
+        if stroke > 0:
+            draw.line(pts + pts[:2], fill=255, width=max(1, round(stroke)), joint="curve")
+        else:
+            draw.polygon(pts, fill=255)
+    elif shape["kind"] == "circle":
         draw.ellipse([(cx - d / 2) * ss, (cy - d / 2) * ss, (cx + d / 2) * ss, (cy + d / 2) * ss], fill=255)
     else:
         pts = _shape_polygon(shape["kind"], cx * ss, cy * ss, d * ss, shape["rotation"])
@@ -204,12 +231,6 @@ def _overlaps(coverages: Sequence[np.ndarray]) -> bool:
 
 def _sample_background(rng: np.random.Generator, size: int, shape_rgbs: Sequence[Sequence[int]]) -> dict:
     """A solid / noise / gradient background spec, far from the palette and the shapes' colors."""
-    palette = list(COLORS.values())
-
-    def far(pixels: np.ndarray) -> bool:
-        return (_min_distance(pixels, palette) >= BG_MIN_DIST and _hues_apart(pixels)
-                and _min_distance(pixels, shape_rgbs) >= BG_MIN_DIST_SHAPE)
-
     for _ in range(1000):
         kind = ("solid", "noise", "gradient")[rng.choice(3, p=[0.4, 0.4, 0.2])]
         colors = [rng.integers(0, 256, 3).tolist()]
@@ -222,11 +243,17 @@ def _sample_background(rng: np.random.Generator, size: int, shape_rgbs: Sequence
         elif kind == "gradient":
             bg["angle"] = round(float(rng.uniform(0, 360)), 3)
         base = np.asarray(colors, dtype=np.uint8)
-        if not far(base):
+        if not _background_far(base, shape_rgbs):
             continue  # cheap rejection on the spec colors before rendering every pixel
-        if kind == "solid" or far(render_background(bg, size)):
+        if kind == "solid" or _background_far(render_background(bg, size), shape_rgbs):
             return bg
     raise RuntimeError("could not find a background far from the shape colors")  # not reached in practice
+
+
+def _background_far(pixels: np.ndarray, shape_rgbs: Sequence[Sequence[int]]) -> bool:
+    """True if every pixel is far from every palette color (distance and hue) and from the shapes' colors."""
+    return (_min_distance(pixels, list(COLORS.values())) >= BG_MIN_DIST and _hues_apart(pixels)
+            and _min_distance(pixels, shape_rgbs) >= BG_MIN_DIST_SHAPE)
 
 
 def _unique_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -293,6 +320,10 @@ def render_background(bg: dict, size: int) -> np.ndarray:
         a = math.radians(bg["angle"])
         proj = (np.cos(a) * t[None, :] + np.sin(a) * t[:, None]) / math.sqrt(2) * 0.5 + 0.5
         img = c0 * (1 - proj[..., None]) + c1 * proj[..., None]
+    elif bg["kind"] in WIDE_BACKGROUNDS:  # style "wide" only: c0 -> c1 along a pattern t in [0, 1]
+        c1 = np.asarray(bg["colors"][1], dtype=np.float32)
+        t = _wide_pattern(bg, size)
+        img = c0 * (1 - t[..., None]) + c1 * t[..., None]
     else:
         raise DataError(f"unknown background kind {bg['kind']!r}")
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -317,7 +348,148 @@ def render_scene(scene: dict) -> Image.Image:
     for s in scene["shapes"]:
         a = shape_coverage(s, size)[..., None]
         img = img * (1 - a) + np.asarray(s["rgb"], dtype=np.float32) * a
-    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
+    out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
+    return _apply_effects(out, scene["effects"]) if "effects" in scene else out
+
+
+# ----------------------------------------------------------------------------------------------
+# style "wide"
+
+
+def _lerp(bounds: tuple[float, float], u: float) -> float:
+    return bounds[0] + (bounds[1] - bounds[0]) * float(u)
+
+
+def _wide_polygon(kind: str, cx: float, cy: float, d: float, rot_deg: float, style: dict) -> list[tuple[float, float]]:
+    """Outline of a wide-style shape of width ~d centered at (cx, cy): an ellipse, a rounded
+    square, an isosceles triangle or a star with another inner radius (``style`` holds them)."""
+    if kind == "circle":
+        a, b = d / 2, d / 2 * style["aspect"]
+        pts = [(a * math.cos(t), b * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+    elif kind == "square":
+        h = 0.88 * d / 2
+        r = style["corner"] * h
+        pts = []
+        for qx, qy, start in ((1, 1, 0), (-1, 1, 90), (-1, -1, 180), (1, -1, 270)):  # corner arcs, clockwise on screen
+            for t in np.linspace(start, start + 90, 6):
+                pts.append((qx * (h - r) + r * math.cos(math.radians(t)), qy * (h - r) + r * math.sin(math.radians(t))))
+    elif kind == "triangle":
+        base = 1.05 * d
+        height = base * style["height"]
+        pts = [(0.0, -height / 2), (base / 2, height / 2), (-base / 2, height / 2)]
+    elif kind == "star":
+        r_out = 0.55 * d
+        pts = []
+        for i in range(10):
+            r = r_out if i % 2 == 0 else r_out * style["inner"]
+            a = math.radians(90 + 36 * i)
+            pts.append((r * math.cos(a), -r * math.sin(a)))
+    else:
+        raise ValueError(f"no polygon for {kind!r}")
+    c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def _wide_pattern(bg: dict, size: int) -> np.ndarray:
+    """(size, size) float32 pattern in [0, 1] of a stripes / checker / radial background spec."""
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    if bg["kind"] == "stripes":
+        a = math.radians(bg["angle"])
+        phase = 2 * math.pi * (math.cos(a) * xx + math.sin(a) * yy) / bg["period"]
+        return (np.sin(phase) > 0).astype(np.float32) if bg["hard"] else 0.5 + 0.5 * np.sin(phase)
+    if bg["kind"] == "checker":
+        return ((np.floor(xx / bg["cell"]) + np.floor(yy / bg["cell"])) % 2).astype(np.float32)
+    if bg["kind"] == "radial":
+        (ox, oy), r = bg["origin"], bg["radius"]
+        return np.clip(np.hypot(xx - ox, yy - oy) / r, 0, 1).astype(np.float32)
+    raise DataError(f"unknown background kind {bg['kind']!r}")
+
+
+def _sample_wide_background(rng: np.random.Generator, size: int, shape_rgbs: Sequence[Sequence[int]]) -> Optional[dict]:
+    """A stripes / checker / radial background spec as far from the palette and the shapes as the
+    plain ones (`_background_far`), or None if none was found in 200 tries (keep the plain one)."""
+    for _ in range(200):
+        kind = WIDE_BACKGROUNDS[rng.integers(len(WIDE_BACKGROUNDS))]
+        c0 = rng.integers(0, 256, 3)
+        if not _background_far(c0[None].astype(np.uint8), shape_rgbs):
+            continue  # one colour at a time: far fewer draws than rejecting both together
+        for _ in range(20):
+            c1 = np.clip(c0 + rng.integers(-90, 91, 3), 0, 255)
+            if _background_far(c1[None].astype(np.uint8), shape_rgbs):
+                break
+        colors = [c0.tolist(), c1.tolist()]
+        bg: dict = {"kind": kind, "colors": colors}
+        if kind == "stripes":
+            bg.update(angle=round(float(rng.uniform(0, 180)), 3), period=round(float(rng.uniform(0.08, 0.22)), 4),
+                      hard=bool(rng.random() < 0.5))
+        elif kind == "checker":
+            bg["cell"] = round(float(rng.uniform(0.07, 0.2)), 4)
+        else:
+            bg.update(origin=[round(float(v), 4) for v in rng.uniform(0.2, 0.8, 2)],
+                      radius=round(float(rng.uniform(0.5, 0.9)), 4))
+        if _background_far(np.asarray(colors, dtype=np.uint8), shape_rgbs) and \
+                _background_far(render_background(bg, size), shape_rgbs):
+            return bg
+    return None
+
+
+def widen_scene(scene: dict, rng: np.random.Generator) -> dict:
+    """The scene in style "wide": per shape a scale (``WIDE_SCALE``), a rotation up to
+    ``WIDE_ROTATION``, other proportions (ellipse, rounded square, isosceles triangle, star inner
+    radius) and outline-or-fill; per image maybe a stripes / checker / radial background, a blur
+    and pixel noise. Colours, kinds, size and position names stay those of the plain scene (and so
+    does the caption). Every shape takes the same number of draws from ``rng``, so the variants of
+    a kind group (same ``rng``) get the same choices. If the new geometry makes shapes overlap
+    (``MAX_OVERLAP``, drawn or filled: an outline must not hold another shape), the first of these
+    that does not is kept: the shapes no larger than the plain ones at the plain centres, the plain
+    geometry with the outlines, the plain shapes (background and effects still apply)."""
+    size = scene["size"]
+    shapes, smaller, plain_geometry = [], [], []
+    for s in scene["shapes"]:
+        u = rng.random(9)
+        style = {"aspect": round(_lerp(WIDE_ASPECT, u[0]), 4), "corner": round(_lerp(WIDE_CORNER, u[1]), 4),
+                 "height": round(_lerp(WIDE_TRIANGLE_HEIGHT, u[2]), 4), "inner": round(_lerp(WIDE_STAR_INNER, u[3]), 4),
+                 "outline": 0.0}
+        d = s["diameter"] * _lerp(WIDE_SCALE, u[4])
+        if u[5] < WIDE_OUTLINE_P:
+            style["outline"] = round(max(1.5, _lerp(WIDE_STROKE, u[6]) * d), 3)
+        rot = 180.0 * u[7] if s["kind"] == "circle" else _lerp((-WIDE_ROTATION, WIDE_ROTATION), u[7])
+        lo, hi = 0.6 * d + 1, size - 0.6 * d - 1  # a star's points reach 0.55 d from its center
+        center = [round(float(np.clip(v, lo, hi)), 3) if lo < hi else size / 2 for v in s["center"]]
+        shapes.append({**s, "center": center, "diameter": round(float(d), 3), "rotation": round(float(rot), 3),
+                       "style": style})
+        smaller.append({**shapes[-1], "center": s["center"], "diameter": round(float(min(d, s["diameter"])), 3)})
+        plain_geometry.append({**s, "style": {**_PLAIN_PROPORTIONS, "outline": style["outline"]}})
+    if len(shapes) > 1:
+        # the first geometry whose drawn pixels do not overlap and whose outlines hold no other shape
+        for shapes in (shapes, smaller, plain_geometry, list(scene["shapes"])):
+            filled = [{**x, "style": {**x["style"], "outline": 0.0}} if "style" in x else x for x in shapes]
+            if not _overlaps([shape_coverage(x, size) for x in shapes]) and \
+                    not _overlaps([shape_coverage(x, size) for x in filled]):
+                break
+    bg = scene["background"]
+    if rng.random() < WIDE_BG_P:
+        bg = _sample_wide_background(rng, size, [x["rgb"] for x in shapes]) or bg
+    u = rng.random(4)
+    effects = {"blur": round(_lerp(WIDE_BLUR, u[1]), 3) if u[0] < WIDE_BLUR_P else 0.0,
+               "noise": round(_lerp(WIDE_NOISE, u[3]), 3) if u[2] < WIDE_NOISE_P else 0.0,
+               "noise_seed": int(rng.integers(2**31))}
+    return {**scene, "shapes": shapes, "background": bg, "effects": effects, "style": "wide"}
+
+
+# proportions under which the wide polygons equal the plain shapes (a circle is an ellipse of aspect 1)
+_PLAIN_PROPORTIONS = {"aspect": 1.0, "corner": 0.0, "height": math.sqrt(3) / 2, "inner": 0.5}
+
+
+def _apply_effects(img: Image.Image, effects: dict) -> Image.Image:
+    """Style "wide": Gaussian blur (PIL, radius in px), then Gaussian pixel noise from its own seed."""
+    if effects["blur"] > 0:
+        img = img.filter(ImageFilter.GaussianBlur(effects["blur"]))
+    if effects["noise"] > 0:
+        x = np.asarray(img, dtype=np.float32)
+        x = x + np.random.default_rng(effects["noise_seed"]).normal(0.0, effects["noise"], x.shape).astype(np.float32)
+        img = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="RGB")
+    return img
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +503,8 @@ _POS_PHRASES = {
     "bottom": ("at the bottom", "near the bottom", "at the bottom"),
     "center": ("in the center", "in the middle", "in the center"),
 }
-_BG_WORDS = {"solid": ("plain", "solid"), "noise": ("textured", "noisy"), "gradient": ("gradient", "shaded")}
+_BG_WORDS = {"solid": ("plain", "solid"), "noise": ("textured", "noisy"), "gradient": ("gradient", "shaded"),
+             "stripes": ("striped", "stripy"), "checker": ("checkered", "chequered"), "radial": ("gradient", "shaded")}
 _NUMBER_WORDS = {2: "two", 3: "three"}
 _FRAMES = ("{}", "{}", "there is {}", "a photo of {}", "an image of {}", "a picture showing {}")
 
@@ -407,7 +580,7 @@ def _kind_variant(scene: dict, v: int, rng: np.random.Generator) -> dict:
 
 
 def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train",
-                group: int = 1) -> tuple[Image.Image, str, dict]:
+                group: int = 1, style: str = "plain") -> tuple[Image.Image, str, dict]:
     """Sample ``index`` of a split: (RGB image, caption, metadata). A pure function of its arguments.
 
     Held-out (test) and validation samples have one shape whose class cycles through the 32
@@ -418,7 +591,12 @@ def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train",
     groups*, the same scene (colours, sizes, positions, background, caption wording) with the
     shapes' kinds cycled, so a batch made of whole groups holds, for every caption, captions that
     differ from it only in the kind words: colour alone cannot pair images and captions.
+
+    ``style="wide"`` draws the same scene (same colours, kinds, sizes, positions, caption wording)
+    with wider rendering choices (`widen_scene`); ``"plain"`` is the generator's original output.
     """
+    if style not in SHAPE_STYLES:
+        raise DataError(f"unknown shapes style {style!r} (expected one of {', '.join(SHAPE_STYLES)})")
     if split not in _SPLITS:
         raise DataError(f"unknown shapes split {split!r} (expected one of {sorted(_SPLITS)})")
     if not 1 <= group <= len(KINDS):
@@ -440,6 +618,9 @@ def make_sample(index: int, size: int = 64, seed: int = 0, split: str = "train",
         shape = {"color": color, "kind": kind, "size": s_name, "position": pos, "rgb": _sample_rgb(rng, color),
                  "center": center, "diameter": d, "rotation": rot, "label": label}
         scene = {"size": size, "shapes": [shape], "background": _sample_background(rng, size, [shape["rgb"]])}
+    if style == "wide":  # its own seed stream (per kind group), so the plain draws are untouched
+        stream = index // group if split == "train" and group > 1 else index
+        scene = widen_scene(scene, np.random.default_rng([seed, _SPLITS[split], stream, _STYLE_STREAM]))
     wording = copy.deepcopy(rng)  # the hard negative uses the caption's exact wording
     caption = caption_scene(scene, rng)
     meta = {"key": f"{index:09d}", "split": split, "caption": caption, **scene}
@@ -460,8 +641,9 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _encode_sample(index: int, size: int, seed: int, split: str, group: int = 1) -> tuple[str, dict[str, bytes]]:
-    img, caption, meta = make_sample(index, size, seed, split, group if split == "train" else 1)
+def _encode_sample(index: int, size: int, seed: int, split: str, group: int = 1,
+                   style: str = "plain") -> tuple[str, dict[str, bytes]]:
+    img, caption, meta = make_sample(index, size, seed, split, group if split == "train" else 1, style)
     fields = {"png": _png_bytes(img), "txt": caption.encode(), "json": json.dumps(meta, sort_keys=True).encode()}
     if "negative_caption" in meta:
         fields["neg.txt"] = meta["negative_caption"].encode()
@@ -490,18 +672,18 @@ def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int
 
 
 def _write_shard(args: tuple) -> tuple[str, int]:
-    out_dir, split, shard, start, stop, size, seed, group = args
+    out_dir, split, shard, start, stop, size, seed, group, style = args
     name = f"shapes-{split}-{shard:06d}.tar"
     count = write_tar(os.path.join(out_dir, name),
-                      (_encode_sample(i, size, seed, split, group) for i in range(start, stop)))
+                      (_encode_sample(i, size, seed, split, group, style) for i in range(start, stop)))
     return name, count
 
 
 def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, shard_size: int, progress: bool,
-                 workers: int = 1, group: int = 1) -> list[str]:
+                 workers: int = 1, group: int = 1, style: str = "plain") -> list[str]:
     """Write one split's shards; with ``workers > 1`` shards are rendered in parallel processes
     (every sample is a pure function of its index, so the bytes do not depend on ``workers``)."""
-    jobs = [(out_dir, split, shard, start, min(start + shard_size, n), size, seed, group)
+    jobs = [(out_dir, split, shard, start, min(start + shard_size, n), size, seed, group, style)
             for shard, start in enumerate(range(0, n, shard_size))]
     names = []
     with tqdm(total=n, desc=f"shapes {split}", unit="img", disable=not progress) as bar:
@@ -555,16 +737,24 @@ def read_manifest(out_dir: str) -> Optional[dict]:
     return manifest
 
 
-def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int, group: int = 1, val_n: int = 0) -> dict:
-    return {"format": "qlip-shapes", "version": FORMAT_VERSION, "n": n, "heldout_n": heldout_n, "val_n": val_n,
-            "size": size, "seed": seed, "shard_size": shard_size, "group": group}
+def _settings(n: int, size: int, seed: int, shard_size: int, heldout_n: int, group: int = 1, val_n: int = 0,
+              style: str = "plain") -> dict:
+    out = {"format": "qlip-shapes", "version": FORMAT_VERSION, "n": n, "heldout_n": heldout_n, "val_n": val_n,
+           "size": size, "seed": seed, "shard_size": shard_size, "group": group}
+    if style != "plain":  # a plain manifest stays what it was before styles existed
+        out["style"] = style
+    return out
 
 
 def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_size: int = 1000,
                     heldout_n: int = 320, overwrite: bool = False, progress: bool = True, workers: int = 1,
-                    group: int = 1, val_n: int = 0) -> dict:
+                    group: int = 1, val_n: int = 0, style: str = "plain") -> dict:
     """Write ``n`` captioned training images, ``val_n`` labelled validation images and
     ``heldout_n`` labelled held-out (test) images as shards.
+
+    ``style`` ("plain" or "wide", see `widen_scene`) is the training images' rendering; the
+    labelled validation and test images are always plain, byte-identical to a plain run's, so
+    their accuracies stay comparable (robustness to other renderings: ``qlip.eval.shapes_alt``).
 
     Files in ``out_dir``: ``shapes-train-NNNNNN.tar`` (``{key}.png``, ``{key}.txt``, ``{key}.json``),
     ``shapes-val-NNNNNN.tar`` and ``shapes-heldout-NNNNNN.tar`` (the same plus ``{key}.cls``;
@@ -581,22 +771,27 @@ def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_s
     if group > 1 and (shard_size % group or n % group):
         raise DataError(f"with kind groups of {group}, n ({n}) and shard_size ({shard_size}) must be multiples "
                         f"of {group} so that no group is split across shards")
-    want = _settings(n, size, seed, shard_size, heldout_n, group, val_n)
+    if style not in SHAPE_STYLES:
+        raise DataError(f"unknown shapes style {style!r} (expected one of {', '.join(SHAPE_STYLES)})")
+    want = _settings(n, size, seed, shard_size, heldout_n, group, val_n, style)
     have = read_manifest(out_dir)
     if have is not None:
         have.setdefault("val_n", 0)  # manifests from before the validation split
-        same = all(have.get(k) == v for k, v in want.items())
+        want_style = {**want, "style": style}
+        have_style = {**have, "style": have.get("style", "plain")}  # plain manifests name no style
+        same = all(have_style.get(k) == v for k, v in want_style.items())
         if same and all(os.path.exists(p) for p in have["train_shards"] + have["heldout_shards"] + have["val_shards"]):
             return have
         if not same and not overwrite:
-            diff = ", ".join(f"{k}={have.get(k)} (asked {v})" for k, v in want.items() if have.get(k) != v)
+            diff = ", ".join(f"{k}={have_style.get(k)} (asked {v})" for k, v in want_style.items()
+                             if have_style.get(k) != v)
             raise DataError(f"{out_dir} holds shapes data with other settings: {diff}; "
                             "use overwrite=True / --overwrite to replace it")
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # stale shards from other settings or an interrupted run
         if name == MANIFEST or (name.startswith("shapes-") and (name.endswith(".tar") or name.endswith(".tmp"))):
             os.remove(os.path.join(out_dir, name))
-    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress, workers, group)
+    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress, workers, group, style)
     heldout = _write_split(out_dir, "heldout", heldout_n, size, seed, shard_size, progress, workers)
     val = _write_split(out_dir, "val", val_n, size, seed, shard_size, progress, workers)
     manifest = {**want, "train": train, "val": val, "heldout": heldout, "classnames": list(SHAPE_CLASSNAMES),

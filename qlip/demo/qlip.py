@@ -43,6 +43,7 @@ FAST_N, FAST_HELDOUT, FAST_VAL = 320, 128, 64
 # check "stage 2 improves the decoder" uses rFID with the real FID Inception (paper Table 3c).
 LPIPS_NET = "alex-random"
 RFID_N, FAST_RFID_N = 128, 16  # test images whose rFID is computed (Inception-v3 at 299 px is the cost)
+ALT_N, FAST_ALT_N = 320, 32     # second-renderer images (qlip.eval.shapes_alt): renderer robustness
 RUN_MARKER = "demo-run.json"  # {"fast": bool}: what kind of run a --out folder holds
 
 
@@ -354,6 +355,7 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
                       "training_wall": round(t_train, 1), "lanes": lanes, "eval": None, "total": None},
         "fast": fast,
     }
+    metrics["robustness"] = _robustness(models, metrics, FAST_ALT_N if fast else ALT_N)
     metrics["checks"] = _checks(metrics)
     metrics["validation"]["checks"] = _checks(metrics["validation"])
     metrics["timings_s"]["eval"] = round(time.time() - t0, 1)
@@ -396,6 +398,20 @@ def _split_metrics(ev: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     for key, e in (("qlip", q), ("recon_only", r)):
         if "judge_colour_acc" in e:
             out[key]["judge_colour_acc"], out[key]["judge_kind_acc"] = e["judge_colour_acc"], e["judge_kind_acc"]
+    return out
+
+
+def _robustness(models: Dict[str, Any], metrics: Dict[str, Any], n: int) -> Dict[str, Any]:
+    """Zero-shot on ``n`` images of the second renderer (``qlip.eval.shapes_alt``: other drawing
+    code, proportions, outlines, blur, noise, backgrounds; docs/evaluation.md "Second renderer")
+    next to the test split's: how much of the accuracy is shapes rather than this generator's pixels."""
+    from ..eval.shapes_alt import evaluate_alt
+    out: Dict[str, Any] = {"renderer": "qlip.eval.shapes_alt", "n_images": n, "seed": 0}
+    for name in ("qlip", "clip_only"):
+        r = evaluate_alt(models[name], n=n, seed=0, judge=False)
+        out[name] = {k: r[k] for k in ("zero_shot_top1", "colour_acc", "kind_acc")}
+        out[name]["by_style"] = {k: v["zero_shot_top1"] for k, v in r["by_style"].items()}
+        out[name]["test_zero_shot_top1"] = metrics[name]["zero_shot_top1"]
     return out
 
 
@@ -465,6 +481,10 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
           f"PSNR {q['psnr']:.2f} dB{rfid}{judge}")
     print(f"[demo] CLIP-only zero-shot {pct(c['zero_shot_top1'])}   recon-only PSNR {r['psnr']:.2f} dB   "
           f"LPIPS ({m['lpips_backbone']}) stage 1 {q['lpips_stage1']:.4f} -> stage 2 {q['lpips_stage2']:.4f}")
+    if "robustness" in m:
+        a, ac = m["robustness"]["qlip"], m["robustness"]["clip_only"]
+        print(f"[demo] second renderer ({m['robustness']['n_images']} images): QLIP zero-shot {pct(a['zero_shot_top1'])} "
+              f"(colour {pct(a['colour_acc'])}, kind {pct(a['kind_acc'])}), CLIP-only {pct(ac['zero_shot_top1'])}")
     for k, v in m["checks"].items():
         print(f"[demo]   {_check_word(v, m['fast']):<4} {k}")
     print(f"[demo] total {m['timings_s']['total']:.0f} s; report: {os.path.join(out, 'report.html')}; "

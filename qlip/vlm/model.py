@@ -6,15 +6,27 @@ embeddings, overwrites the image positions (the expanded ``<image>`` tokens, see
 LLM on ``inputs_embeds``. The loss (:func:`answer_loss`) is next-token cross-entropy on the
 labelled (assistant) positions.
 
-Saved format (one folder; ``qlip.vlm.load(folder)`` rebuilds the model in one call)::
+Saved format (one folder; ``qlip.vlm.load(folder)`` rebuilds the model in one call). Every
+tensor is stored once::
 
-    config.json          {"format": "qlip-vlm", "format_version": 1, "config": VLMConfig fields,
+    config.json          {"format": "qlip-vlm", "format_version": 2, "config": VLMConfig fields,
                           "image_token_id", "num_image_tokens", "vision_width", "llm_width"}
-    model.safetensors    every weight of the VLM (vision.qlip.*, projector.*, llm.*): the
+    model.safetensors    the trainable weights: the LLM's under its own Hugging Face names
+                         (``model.*``, ``lm_head.*``) and the projector's (``projector.*``); the
                          training engine's checkpoints resume from it
-    vision/              the frozen QLIP encoder in qlip's format (qlip.load)
-    llm/                 the language model and its tokenizer in Hugging Face format
-                         (AutoModelForCausalLM / AutoTokenizer.from_pretrained)
+    vision/              the frozen QLIP encoder in qlip's format (qlip.load); not in
+                         model.safetensors (:mod:`qlip.vlm.vision`)
+    llm/                 the language model's config, generation config and tokenizer in Hugging
+                         Face format, and ``model.safetensors.index.json`` mapping every LLM
+                         weight to ``../model.safetensors``: AutoModelForCausalLM.from_pretrained
+                         loads the folder in place (it reports the ``projector.*`` entries of the
+                         shared file as unexpected keys); :func:`export_llm` writes a standalone copy
+
+The VLM registers the LLM's children (``model``, ``lm_head``, ...) as its own, so its parameter
+names for the LLM are exactly the LLM's Hugging Face names: that is what lets one file serve both
+the engine (which loads a folder's ``model.safetensors`` strictly) and transformers' loader.
+Folders of format_version 1 (the LLM under ``llm.*`` in model.safetensors and again in
+``llm/model.safetensors``, the QLIP model under ``vision.qlip.*``) still load.
 
 Not transformers' ``LlavaForConditionalGeneration``: its vision tower must be a registered
 ``transformers`` model returning ``hidden_states`` (QLIP is not one), its projector is always
@@ -40,7 +52,7 @@ from .projector import PROJECTORS, build_projector
 from .vision import FEATURES, VisionTower
 
 FORMAT = "qlip-vlm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -114,8 +126,20 @@ class VLM(nn.Module):
             llm.resize_token_embeddings(len(tokenizer))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else config.image_token
-        self.llm = llm
+        # The LLM itself is not a submodule; its children are, under their own names (module docstring).
+        self.__dict__["llm"] = llm
+        if any(True for _ in llm.named_parameters(recurse=False)) or any(True for _ in llm.named_buffers(recurse=False)):
+            raise ConfigError(f"{type(llm).__name__} holds tensors outside its submodules: not supported as a VLM's LLM")
+        for name, child in llm.named_children():
+            if name in ("vision", "projector") or hasattr(self, name):
+                raise ConfigError(f"{type(llm).__name__}'s submodule {name!r} clashes with a VLM attribute")
+            self.add_module(name, child)
         self.projector = build_projector(config.projector, vision.width, self.llm_width)
+
+    def train(self, mode: bool = True) -> "VLM":
+        super().train(mode)
+        self.llm.train(mode)  # the LLM object's own flag (its children are switched already)
+        return self
 
     @property
     def llm_width(self) -> int:
@@ -166,12 +190,29 @@ class VLM(nn.Module):
             elif key is not None:
                 seen[key] = k
         write_safetensors(sd, os.path.join(folder, "model.safetensors"))
-        sub = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}  # noqa: E731
-        self.vision.qlip.save_pretrained(os.path.join(folder, "vision"), state_dict=sub("vision.qlip."))
+        self.vision.qlip.save_pretrained(os.path.join(folder, "vision"))
         llm_dir = os.path.join(folder, "llm")
-        self.llm.save_pretrained(llm_dir, state_dict=sub("llm."))
+        os.makedirs(llm_dir, exist_ok=True)
+        stale = os.path.join(llm_dir, "model.safetensors")  # a format-1 copy, if re-saving over one
+        if os.path.isfile(stale):
+            os.remove(stale)
+        self.llm.config.save_pretrained(llm_dir)
+        if getattr(self.llm, "generation_config", None) is not None:
+            self.llm.generation_config.save_pretrained(llm_dir)
         self.tokenizer.save_pretrained(llm_dir)
+        names = sorted(self.llm.state_dict())
+        index = {"metadata": {"total_size": sum(sd[k].numel() * sd[k].element_size() for k in names)},
+                 "weight_map": {k: "../model.safetensors" for k in names}}
+        atomic_write_text(os.path.join(llm_dir, "model.safetensors.index.json"), json.dumps(index, indent=2) + "\n")
         atomic_write_text(os.path.join(folder, "config.json"), json.dumps(self.meta(), indent=2) + "\n")
+
+
+def export_llm(model: "VLM", folder: str) -> str:
+    """A standalone Hugging Face folder of the VLM's language model and tokenizer (weights
+    included), e.g. to publish or to fine-tune the LLM alone."""
+    model.llm.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return folder
 
 
 def enable_checkpointing(llm: nn.Module) -> None:
@@ -181,13 +222,18 @@ def enable_checkpointing(llm: nn.Module) -> None:
     fn()
 
 
-def load_llm(name_or_path: str):
+def load_llm(name_or_path: str, weights: bool = True):
     """``(causal LM, tokenizer)`` from a folder or a hub id, or a one-line ConfigError (offline
-    without the weights, not a causal LM, ...). Weights in float32 (cast for bf16 by autocast)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    without the weights, not a causal LM, ...). Weights in float32 (cast for bf16 by autocast).
+    ``weights=False``: the architecture from its config, randomly initialised (a saved VLM's
+    weights are loaded afterwards from its own file)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        llm = AutoModelForCausalLM.from_pretrained(name_or_path)
+        if weights:
+            llm = AutoModelForCausalLM.from_pretrained(name_or_path)
+        else:
+            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise ConfigError(f"language model {name_or_path!r} cannot be loaded ({first}); a hub id needs its "
@@ -229,10 +275,14 @@ def load(folder: str, device: Optional[str] = None) -> VLM:
     except TypeError as e:
         raise CheckpointError(f"{folder}: bad VLM config ({e})") from None
     tower = VisionTower(qlip_load(os.path.join(folder, "vision")).float(), layer=cfg.layer, features=cfg.features)
-    llm, tok = load_llm(os.path.join(folder, "llm"))
+    llm, tok = load_llm(os.path.join(folder, "llm"), weights=False)
     model = VLM(tower, llm, tok, cfg)
     if model.image_token_id != meta.get("image_token_id"):
         raise CheckpointError(f"{folder}: image token id {model.image_token_id} != saved {meta.get('image_token_id')}")
-    load_state_dict_strict(model, read_state_dict(folder), folder)
+    sd = read_state_dict(folder)
+    if meta.get("format_version", 1) == 1:  # LLM under llm.*, a second QLIP copy under vision.qlip.*
+        sd = {k[len("llm."):] if k.startswith("llm.") else k: v for k, v in sd.items()
+              if not k.startswith("vision.")}
+    load_state_dict_strict(model, sd, folder)
     model.eval()
     return model.to(device) if device else model

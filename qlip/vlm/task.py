@@ -96,7 +96,9 @@ class VLMTask(Task):
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
         from ..train.optim import param_groups
         lr = self.r.optim.lr
-        return param_groups(model, lambda name: (name.split(".")[0], lr), self.r.optim.weight_decay)
+        # the LLM's parameters carry its own names (model.*, lm_head.*, ...): everything but the projector
+        return param_groups(model, lambda name: ("projector" if name.startswith("projector.") else "llm", lr),
+                            self.r.optim.weight_decay)
 
     def fsdp_units(self, model: VLM) -> List[nn.Module]:
         if self.r.train.stage != 2:

@@ -10,7 +10,12 @@ QLIP's encoder the same way and compares three places to read it:
 * ``features: codes``: after the quantizer, the binary codes ``q = sign(u) / sqrt(L)`` (B, N, L)
   whose signs are the image's token bits (what a VLM built on QLIP's discrete tokens would see).
 
-The tower is frozen (no gradients, eval mode) whatever the training stage.
+The tower is frozen (no gradients, eval mode) whatever the training stage. It is therefore *not*
+part of the VLM's ``state_dict``: the QLIP model is held outside the module tree (moved and cast
+with it by :meth:`VisionTower._apply`), its weights are saved once, in the VLM folder's
+``vision/`` (qlip's own format), and a resumed training run gets them from the recipe's
+``model.qlip`` / ``model.init`` like the first run did. Training checkpoints thus carry no
+second copy of a model that never changes.
 """
 from __future__ import annotations
 
@@ -38,11 +43,22 @@ class VisionTower(nn.Module):
                               f"(valid: {-depth}..{depth - 1}; -2 needs at least 2 blocks)")
         if qlip_model.text is not None:
             qlip_model.drop_text()
-        self.qlip = qlip_model
+        # not a registered submodule: kept out of state_dict() / parameters() (module docstring)
+        self.__dict__["_qlip"] = qlip_model
         self.layer, self.features = layer, features
-        for p in self.qlip.parameters():
+        for p in qlip_model.parameters():
             p.requires_grad_(False)
-        self.qlip.eval()
+        qlip_model.eval()
+
+    @property
+    def qlip(self) -> nn.Module:
+        """The frozen QLIP model (not in this module's ``state_dict``)."""
+        return self.__dict__["_qlip"]
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.float()``, ``.cuda()``, ... reach the unregistered QLIP model too."""
+        self.qlip._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def width(self) -> int:

@@ -3,20 +3,19 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from qlip.errors import ConfigError
 
 
 def test_demo_vlm_fast_writes_metrics_report_and_a_chat_model(tmp_path, qlip_dir):
-    import qlip
-    from qlip.demo.vlm import TYPES, run_vlm_demo
+    from qlip.demo.vlm import TYPES, checks, run_vlm_demo
     demo = tmp_path / "demo"
     shutil.copytree(qlip_dir, demo / "qlip")
     shutil.copytree(qlip_dir, demo / "recon_only" / "final")
     m = run_vlm_demo(str(demo), str(tmp_path / "out"), fast=True)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert set(saved) == {"layer_-2", "last_layer", "after_quantizer", "recon_only", "settings"}
+    assert set(saved) == {"layer_-2", "last_layer", "after_quantizer", "recon_only", "checks", "settings"}
+    assert saved["checks"] == checks(saved, None) and saved["settings"]["lanes"] == 1  # 1 thread: one lane
     for name in ("layer_-2", "last_layer", "after_quantizer", "recon_only"):
         assert set(saved[name]) == {"accuracy", *TYPES}
         assert all(0.0 <= v <= 1.0 for v in saved[name].values())
@@ -24,9 +23,22 @@ def test_demo_vlm_fast_writes_metrics_report_and_a_chat_model(tmp_path, qlip_dir
     assert "layer_-2" in (tmp_path / "out" / "report.html").read_text()
     from qlip.vlm import load
     assert load(str(tmp_path / "out" / "vlm")).config.layer == -2
-    # a one-block QLIP (today's demo recipe) has no layer -2: refused with a message
-    shallow = tmp_path / "shallow"
-    torch.manual_seed(0)
-    qlip.load("qlip-tiny", pretrained=False, **{"vision.depth": 1}).save_pretrained(str(shallow / "qlip"))
-    with pytest.raises(ConfigError, match="1 encoder block"):
-        run_vlm_demo(str(shallow), str(tmp_path / "out2"), fast=True, recon_path=str(qlip_dir))
+    with pytest.raises(ConfigError, match="not found: run `qlip demo` first"):
+        run_vlm_demo(str(tmp_path / "nowhere"), str(tmp_path / "out2"), fast=True)
+
+
+def test_checks_are_the_issue_targets_and_table6_direction():
+    from qlip.demo.vlm import checks
+
+    def row(acc, colour=1.0, kind=0.5, position=1.0, size=1.0):
+        return {"accuracy": acc, "colour": colour, "kind": kind, "position": position, "size": size}
+
+    m = {"layer_-2": row(0.8, colour=0.95, position=0.90, kind=0.6), "last_layer": row(0.9),
+         "after_quantizer": row(0.8), "recon_only": row(0.7)}
+    assert all(checks(m, 0.6).values())
+    assert checks(m, None)["layer_-2 kind >= QLIP zero-shot kind"] is None
+    assert checks(m, 0.61)["layer_-2 kind >= QLIP zero-shot kind"] is False
+    m["after_quantizer"] = row(0.81)
+    m["layer_-2"]["colour"] = 0.94
+    got = checks(m, 0.6)
+    assert [k for k, v in got.items() if not v] == ["layer_-2 colour >= 0.95", "layer_-2 >= after_quantizer"]

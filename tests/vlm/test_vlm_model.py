@@ -83,7 +83,11 @@ def test_vision_tower_layers_codes_and_range(vlm, qlip_dir, llm_dir):
     x = torch.randn(2, 3, 32, 32)
     q = vlm.vision.qlip
     assert torch.equal(vlm.vision(x), q.encode_image_features(x, layer=-2))
-    assert not any(p.requires_grad for p in vlm.vision.parameters())
+    assert not any(p.requires_grad for p in q.parameters())
+    # frozen: not in the VLM's parameters or state_dict (saved once, in vision/), but moved with it
+    assert not list(vlm.vision.parameters()) and not any(k.startswith("vision") for k in vlm.state_dict())
+    assert vlm.double().vision.qlip.dtype == torch.float64
+    vlm.float()
     vlm.train()
     assert not vlm.vision.training and vlm.projector.training
     codes = build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(features="codes"))
@@ -126,6 +130,44 @@ def test_save_load_round_trip_and_hf_folders(vlm, tmp_path, qa_dir):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m" / "llm"))  # plain HF, no qlip involved
     assert all(torch.equal(v, vlm.llm.state_dict()[k]) for k, v in hf.state_dict().items())
     assert qlip.load(str(tmp_path / "m" / "vision")).config.vision.depth == 2
+
+
+def _tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_saved_folder_stores_every_tensor_once(vlm, tmp_path):
+    """One copy of every weight: the LLM's and the projector's in model.safetensors (the LLM under
+    its Hugging Face names, which llm/'s index points to), the frozen QLIP's in vision/."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    vlm.save_pretrained(str(tmp_path / "m"))
+    stored = []
+    for f in sorted((tmp_path / "m").rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            stored += [h.get_tensor(k) for k in h.keys()]
+    own = list(vlm.state_dict().values()) + list(vlm.vision.qlip.state_dict().values())
+    assert _tensor_bytes(stored) == _tensor_bytes(own)
+    total = sum(f.stat().st_size for f in (tmp_path / "m").rglob("*") if f.is_file())
+    assert total < _tensor_bytes(own) + 300_000  # + the json, tokenizer and safetensors headers
+    index = json.loads((tmp_path / "m" / "llm" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(vlm.llm.state_dict())
+    # a standalone HF copy of the LLM, and a format-1 folder (LLM and QLIP stored twice) still loads
+    from qlip.vlm.model import export_llm
+    export_llm(vlm, str(tmp_path / "v1" / "llm"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "v1" / "llm"))
+    assert all(torch.equal(v, vlm.llm.state_dict()[k]) for k, v in hf.state_dict().items())
+    import shutil
+    from qlip.io import write_safetensors
+    shutil.copytree(tmp_path / "m" / "vision", tmp_path / "v1" / "vision")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "v1" / "config.json").write_text(json.dumps({**meta, "format_version": 1}))
+    old = {"projector." + k: v for k, v in vlm.projector.state_dict().items()}
+    old.update({"llm." + k: v for k, v in vlm.llm.state_dict().items()})
+    old.update({"vision.qlip." + k: v for k, v in vlm.vision.qlip.state_dict().items()})
+    write_safetensors(old, str(tmp_path / "v1" / "model.safetensors"))
+    back = load(str(tmp_path / "v1"))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), vlm.state_dict().values()))
 
 
 def test_missing_llm_is_one_line_error(qlip_dir):

@@ -67,8 +67,9 @@ def test_stage1_trains_only_the_projector_then_stage2_the_llm(tmp_path, qlip_dir
     log = _log(s1)
     assert log[-1]["ce"] < log[0]["ce"]
     llm0 = load_file(str(llm_dir / "model.safetensors"))
-    llm1 = load_file(str(s1 / "final" / "llm" / "model.safetensors"))
-    assert llm0.keys() == llm1.keys() and all(torch.equal(llm0[k], llm1[k]) for k in llm0)  # bit-identical
+    llm1 = load_file(str(s1 / "final" / "model.safetensors"))  # the LLM under its own HF names
+    assert set(llm1) == set(llm0) | {k for k in llm1 if k.startswith("projector.")}
+    assert all(torch.equal(llm0[k], llm1[k]) for k in llm0)  # bit-identical
     q0 = load_file(str(qlip_dir / "model.safetensors"))
     q1 = load_file(str(s1 / "final" / "vision" / "model.safetensors"))
     assert all(torch.equal(q0[k], q1[k]) for k in q0)
@@ -80,7 +81,7 @@ def test_stage1_trains_only_the_projector_then_stage2_the_llm(tmp_path, qlip_dir
     m2 = load(str(s2 / "final"))
     assert not torch.equal(m1.llm.lm_head.weight, m2.llm.lm_head.weight)
     assert not torch.equal(m1.projector[0].weight, m2.projector[0].weight)
-    assert all(torch.equal(a, b) for a, b in zip(m1.vision.parameters(), m2.vision.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m1.vision.qlip.parameters(), m2.vision.qlip.parameters()))
 
 
 _KILL_AT_3 = """
