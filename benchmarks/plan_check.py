@@ -45,6 +45,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from qlip.train.distributed import clip_grad_norm_  # noqa: E402  (the engine's: float64 sums)
 from qlip.train.memtrace import AllocatorTrace  # noqa: E402
 from qlip.train.optim import build_optimizer  # noqa: E402
 from qlip.train.plan import (_cpu_attention_flops, _NullLog, _synthetic_batch, _variant, build_task,  # noqa: E402
@@ -99,7 +100,7 @@ class Step:
         del loss
         mark("optimizer")
         clip = self.r.optim.grad_clip
-        torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.opt.step()
         self.task.after_step(step)
 

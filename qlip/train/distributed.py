@@ -206,6 +206,15 @@ def shard_optimizer_state_(optimizer) -> None:
                 s[k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
 
 
+def _sum_squares_f64(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """Sum of squares in float64, in chunks of ``chunk`` elements: float64 accuracy with
+    temporaries of at most 16 MB, not a float64 copy of the largest gradient."""
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for part in t.reshape(-1).split(chunk):
+        total += part.double().pow(2).sum()
+    return total
+
+
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """Global-norm gradient clipping over sharded and replicated gradients; returns the total norm
     (the same on every rank). Replicated gradients must already be averaged across ranks.
@@ -222,9 +231,9 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     sq_repl = torch.zeros((), dtype=torch.float64, device=dev)
     for g in grads:
         if is_sharded(g):
-            sq_sharded += g.to_local().double().pow(2).sum()
+            sq_sharded += _sum_squares_f64(g.to_local())
         else:
-            sq_repl += g.double().pow(2).sum()
+            sq_repl += _sum_squares_f64(g)
     if sharded:
         dist.all_reduce(sq_sharded)  # every rank holds one shard of each sharded gradient
     total = (sq_sharded + sq_repl).sqrt().float()

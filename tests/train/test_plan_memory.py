@@ -4,6 +4,7 @@ allocator (qlip.train.memtrace.AllocatorTrace)."""
 import pytest
 import torch
 
+from qlip.train.distributed import clip_grad_norm_
 from qlip.train.memtrace import AllocatorTrace
 from qlip.train.optim import build_optimizer
 from qlip.train.plan import (Measurement, _NullLog, _synthetic_batch, _variant, build_task, count_parameters,
@@ -41,7 +42,7 @@ def _steps(recipe: Recipe, batch: int, n: int, trace: AllocatorTrace = None):
         del loss
         if trace is not None:
             trace.mark(f"{i}.optimizer")
-        torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
+        clip_grad_norm_(params, recipe.optim.grad_clip)
         opt.step()
         task.after_step(i)
     return model, opt, params, data
