@@ -5,7 +5,9 @@ CLIP encoder (``hidden_states[-2]``, CLS dropped). QLIP's paper (Section 5.4, Ta
 QLIP's encoder the same way and compares three places to read it:
 
 * ``features: hidden``, ``layer: -2`` (default): :meth:`qlip.QLIP.encode_image_features` of the
-  penultimate block, patch tokens only (python indexing: ``-1`` is the last block);
+  second-to-last hidden state, patch tokens only (numbered like transformers' ``hidden_states``:
+  0 = embeddings, ``k`` = block ``k``, ``-1`` = the last block; for a one-block encoder ``-2`` is
+  the embeddings);
 * ``features: hidden``, ``layer: -1``: the last block, before the quantizer;
 * ``features: codes``: after the quantizer, the binary codes ``q = sign(u) / sqrt(L)`` (B, N, L)
   whose signs are the image's token bits (what a VLM built on QLIP's discrete tokens would see).
@@ -31,16 +33,17 @@ class VisionTower(nn.Module):
     """``forward(pixel_values) -> (B, N, width)`` features of a frozen QLIP model.
 
     ``qlip_model``: a :class:`qlip.QLIP` (its text tower and decoder are not used and are dropped
-    to save memory); ``layer``: the encoder block read with ``features="hidden"``."""
+    to save memory); ``layer``: the hidden state read with ``features="hidden"``."""
 
     def __init__(self, qlip_model: nn.Module, layer: int = -2, features: str = "hidden"):
         super().__init__()
         if features not in FEATURES:
             raise ConfigError(f"vision features must be one of {', '.join(FEATURES)}, got {features!r}")
         depth = qlip_model.config.vision.depth
-        if features == "hidden" and not -depth <= layer < depth:
-            raise ConfigError(f"vision layer {layer} is out of range for a QLIP encoder with {depth} block(s) "
-                              f"(valid: {-depth}..{depth - 1}; -2 needs at least 2 blocks)")
+        if features == "hidden" and not -(depth + 1) <= layer <= depth:  # hidden states: embeddings + blocks
+            raise ConfigError(f"vision layer {layer} is out of range for a QLIP encoder with {depth} block(s): "
+                              f"{depth + 1} hidden states (0 = embeddings, {depth} = last block; valid "
+                              f"{-(depth + 1)}..{depth})")
         if qlip_model.text is not None:
             qlip_model.drop_text()
         # not a registered submodule: kept out of state_dict() / parameters() (module docstring)

@@ -98,8 +98,11 @@ def test_vision_tower_layers_codes_and_range(vlm, qlip_dir, llm_dir):
     bits = q.quantizer.ids_to_bits(q.tokenize(x).flatten(1))  # the codes' signs are the token bits
     assert torch.equal((c > 0).long(), bits.long())
     assert len(build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(projector="linear")).projector) == 1
-    with pytest.raises(ConfigError, match="layer -3 is out of range for a QLIP encoder with 2 block"):
-        build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(layer=-3))
+    depth = q.config.vision.depth  # hidden states: 0 = embeddings, depth = last block (transformers' numbering)
+    with pytest.raises(ConfigError, match=f"layer {-(depth + 2)} is out of range for a QLIP encoder with {depth} block"):
+        build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(layer=-(depth + 2)))
+    emb = build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(layer=-(depth + 1)))
+    assert torch.equal(emb.vision(x), q.visual.embed(x)[:, 1:])
 
 
 def test_cached_generation_equals_uncached(vlm, qa_dir):
