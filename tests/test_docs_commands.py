@@ -262,6 +262,16 @@ CHEAP: Dict[str, Cheap] = {
         Cheap("qlip gen sample --model runs/t2i/final --prompt 'a photo of a red circle' -n 2 --cfg 4 --seed 0 "
               "-o samples/", needs=[GEN_TRAIN]),
     "python benchmarks/sample.py": Cheap("python benchmarks/sample.py --help"),
+    # docs/demo.md, fourth round (a stage-2 training of minutes)
+    "python benchmarks/demo_recon.py --stage1 runs/demo/qlip_stage1/final --out runs/rec/conv --head conv "
+    "--head-channels 8 optim.lr=1e-3 optim.lr_generator=1e-3": Cheap("python benchmarks/demo_recon.py --help"),
+    # docs/gen.md "Demo" (its pipeline is run by tests/gen/test_demo_t2i.py)
+    "qlip demo t2i": Cheap("qlip demo t2i --help"),
+    "qlip demo t2i --fast --out /tmp/t2i-fast": Cheap("qlip demo t2i --help"),
+    "qlip demo t2i --resume": Cheap("qlip demo t2i --help"),
+    "qlip demo t2i --compare-heads --heads-time 180": Cheap("qlip demo t2i --help"),
+    "qlip gen sample --model runs/demo-t2i/qlip --prompt 'a photo of a red circle' -n 8 -o samples/":
+        Cheap("qlip gen sample --help"),
     # docs/um3.md (training and generation are run by tests/um3/test_um3_engine.py)
     "qlip um3 tiny-llama --out runs/tiny-llama": Cheap("qlip um3 tiny-llama --out runs/tiny-llama"),
     "qlip um3 train RECIPE --out runs/um3 '[--resume]'": Cheap("qlip um3 train --help"),
@@ -271,6 +281,10 @@ CHEAP: Dict[str, Cheap] = {
         Cheap("qlip um3 generate --help"),
     "qlip um3 generate --model runs/um3/final --draw 'a red circle' --qlip runs/demo/qlip --cfg 3 -n 4 "
     "-o drawing.png": Cheap("qlip um3 generate --help"),
+    # docs/um3.md "Demo" (its pipeline is run by tests/um3/test_demo_um3.py)
+    "qlip demo um3": Cheap("qlip demo um3 --help"),
+    "qlip demo um3 --fast --out /tmp/um3-fast": Cheap("qlip demo um3 --help"),
+    "qlip demo um3 --resume": Cheap("qlip demo um3 --help"),
     # docs/scaling.md
     "qlip train qlip/configs/qlip-l-14-392-stage1.yaml --dry-run --out runs/dry": Cheap(
         "qlip train qlip/configs/qlip-l-14-392-stage1.yaml --dry-run --out runs/dry"),  # meta device: seconds

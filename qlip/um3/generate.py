@@ -43,14 +43,14 @@ class _Stream:
     def __init__(self, model: UM3, prompt: torch.Tensor, max_new: int, use_cache: bool):
         self.model, self.seq, self.use_cache = model, prompt, use_cache
         self.cache = model.make_cache(prompt.shape[0], prompt.shape[1] + max_new) if use_cache else None
-        self.logits = model(prompt, cache=self.cache)[:, -1].float()
+        self.logits = model.next_logits(prompt, cache=self.cache).float()
 
     def push(self, tok: torch.Tensor) -> None:
         self.seq = torch.cat([self.seq, tok[:, None]], 1)
         if self.use_cache:
-            self.logits = self.model(tok[:, None], cache=self.cache)[:, -1].float()
+            self.logits = self.model.next_logits(tok[:, None], cache=self.cache).float()
         else:
-            self.logits = self.model(self.seq)[:, -1].float()
+            self.logits = self.model.next_logits(self.seq).float()
 
 
 @torch.no_grad()
@@ -119,8 +119,13 @@ def draw(model: UM3, tok: TextTokenizer, captions: List[str], grid: Tuple[int, i
     v = model.vocab
     vis = v.visual
     prompts = [[model.bos_id] + tok.encode(c) + [v.boi] for c in captions]
-    if len({len(p) for p in prompts}) != 1:  # one batch needs one length: draw captions one by one
-        return torch.cat([draw(model, tok, [c], grid, sampling, use_cache) for c in captions])
+    lengths = sorted({len(p) for p in prompts})
+    if len(lengths) != 1:  # one batch needs one length: draw each length's captions together
+        out = torch.empty(len(captions), *grid, dtype=torch.int64)
+        for n in lengths:
+            which = [i for i, p in enumerate(prompts) if len(p) == n]
+            out[which] = draw(model, tok, [captions[i] for i in which], grid, sampling, use_cache)
+        return out
     prompt = torch.tensor(prompts)
     uncond = torch.tensor([[model.bos_id, v.boi]] * len(captions)) if sampling.cfg_scale != 1.0 else None
     n = grid[0] * grid[1] * v.groups

@@ -52,6 +52,18 @@ class UM3(nn.Module):
         """Logits over all rows ``(B, T, vocab.size)`` (see :meth:`CausalTransformer.forward`)."""
         return self.lm(tokens, **kw)
 
+    def nll(self, tokens: torch.Tensor, targets: torch.Tensor, softmax: str = "split") -> torch.Tensor:
+        """Per-position negative log-likelihoods ``(B, T)`` of ``targets`` (``IGNORE``: 0) after
+        ``tokens`` ``(B, T)``, under Eq. 6's split softmax or the joint one; logits are computed only
+        at target positions (:func:`qlip.um3.loss.head_nll`)."""
+        from .loss import head_nll
+        return head_nll(self.lm.forward_hidden(tokens), self.lm.output.weight, targets, self.vocab.visual_start,
+                        softmax)
+
+    def next_logits(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        """Logits ``(B, vocab.size)`` of the last position only (generation: the head on one position)."""
+        return self.lm.output(self.lm.forward_hidden(tokens, **kw)[:, -1])
+
     def make_cache(self, batch: int, max_len: Optional[int] = None):
         return self.lm.make_cache(batch, max_len)
 

@@ -97,7 +97,6 @@ class UM3Task(Task):
         model, self.tokenizer = from_llama(m.init, bits=m.bits, groups=m.groups, qk_norm=m.qk_norm)
         model.lm.grad_checkpointing = m.grad_checkpointing
         self.model = model
-        self.nll = LOSSES[self.r.loss.softmax]
         self._text_ids = None
         return model
 
@@ -127,9 +126,8 @@ class UM3Task(Task):
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         kind = batch["kind"].to(self.device)
-        with self.autocast():
-            logits = self.model(tokens[:, :-1])
-        nll = self.nll(logits, labels, self.model.vocab.visual_start)  # (b, T), 0 where no target
+        with self.autocast():  # logits only where there is a target (the same values as LOSSES[softmax])
+            nll = self.model.nll(tokens[:, :-1], labels, self.r.loss.softmax)  # (b, T), 0 where no target
         world = self.dist.world_size
         ce = nll.sum() * world / batch["n_targets"].clamp(min=1).to(nll.device)
         terms: Dict[str, Any] = {"ce": ce}
@@ -152,8 +150,7 @@ class UM3Task(Task):
         for i in range(d.eval_batches):
             t = text_windows(held, d.batch_size, d.seq_len, i).to(self.device)
             with self.autocast():
-                logits = model(t[:, :-1])
-            total += float(self.nll(logits, t[:, 1:], self.model.vocab.visual_start).mean())
+                total += float(model.nll(t[:, :-1], t[:, 1:], self.r.loss.softmax).mean())
         ce = mean_scalars({"ce": total / d.eval_batches}, self.dist)["ce"]
         return {"text_ce": ce, "text_ppl": math.exp(min(ce, 50.0))}
 
