@@ -40,7 +40,7 @@ from ..errors import ConfigError
 
 TYPES = ("colour", "kind", "position", "size")
 VARIANTS = ("layer_-2", "last_layer", "after_quantizer", "recon_only")
-FULL = {"train_images": 2000, "heldout_images": 100, "stage1_steps": 100, "stage2_steps": 300, "batch_size": 16}
+FULL = {"train_images": 2000, "heldout_images": 100, "stage1_steps": 100, "stage2_steps": 1500, "batch_size": 16}
 FAST = {"train_images": 48, "heldout_images": 8, "stage1_steps": 3, "stage2_steps": 3, "batch_size": 4}
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-3
 
