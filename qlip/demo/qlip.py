@@ -205,34 +205,13 @@ def _grid(rows: List[torch.Tensor], labels: List[str], path: str) -> None:
     canvas.save(path)
 
 
+BASELINES_LANE = "the baselines' training (CLIP-only / reconstruction-only)"  # the spawned lane, in errors
+
+
 def _lane(jobs, out: str, resume: bool, threads: int) -> Dict[str, Any]:
     """Train ``[(run name, recipe file, overrides)]`` one after the other with ``threads`` torch threads."""
     torch.set_num_threads(threads)
     return {name: _run(name, _recipe(cfg, ov), out, resume) for name, cfg, ov in jobs}
-
-
-def _lane_process(jobs, out: str, resume: bool, threads: int, results) -> None:
-    """Entry point of the spawned baselines process: ``("ok", summaries)`` or ``("error", text)``."""
-    import traceback
-    try:
-        results.put(("ok", _lane(jobs, out, resume, threads)))
-    except Exception:  # reported to the parent, which raises it
-        results.put(("error", traceback.format_exc()))
-
-
-def _wait_for_lane(proc, results, poll_s: float = 5.0) -> Dict[str, Any]:
-    import queue
-    while True:
-        try:
-            status, payload = results.get(timeout=poll_s)
-            break
-        except queue.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"the baselines' training process ended without a result "
-                                   f"(exit code {proc.exitcode}); rerun with --resume to continue it") from None
-    if status != "ok":
-        raise RuntimeError("the baselines' training (CLIP-only / reconstruction-only) failed:\n" + payload)
-    return payload
 
 
 def _qlip_lane(common: List[str], s2_common: List[str], out: str, resume: bool) -> Dict[str, Any]:
@@ -284,24 +263,18 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
         # two independent lanes, one process each: QLIP stage 1 -> stage 2 here, the baselines in a
         # spawned process. Small models use few threads badly; on 2 cores two 1-thread lanes train
         # ~1.15x faster than one 2-thread lane (benchmarks/demo_lanes.py, docs/demo.md "Third round").
-        import multiprocessing
+        from .lanes import run_two_lanes
         print(f"[demo] two lanes of {per_lane} thread(s): QLIP stage 1 -> stage 2 | CLIP-only -> reconstruction-only "
               "(the baselines' progress is logged to their log.jsonl)")
-        ctx = multiprocessing.get_context("spawn")
-        results = ctx.Queue()
         quiet = [(n, c, ov + ["train.progress=false"]) for n, c, ov in baselines]
-        other = ctx.Process(target=_lane_process, args=(quiet, out, resume, per_lane, results), name="qlip-demo-baselines")
-        other.start()
         torch.set_num_threads(per_lane)
         try:
-            summaries.update(_qlip_lane(common, s2_common, out, resume))
-            summaries.update(_wait_for_lane(other, results))
-        except BaseException:
-            if other.is_alive():  # fail fast: do not train the baselines for nothing
-                other.terminate()
-            raise
+            mine, theirs = run_two_lanes(lambda: _qlip_lane(common, s2_common, out, resume), _lane,
+                                         (quiet, out, resume, per_lane), name="qlip-demo-baselines",
+                                         what=BASELINES_LANE, hint="; rerun with --resume to continue it")
+            summaries.update(mine)
+            summaries.update(theirs)
         finally:
-            other.join()
             torch.set_num_threads(cores)
     else:
         torch.set_num_threads(cores)

@@ -44,7 +44,6 @@ import json
 import os
 import shutil
 import time
-import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -340,27 +339,10 @@ def _run_jobs(jobs: Sequence[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]
     return [fns[fn](**kw) for fn, kw in jobs]
 
 
-def _exit_with_parent(parent: int, poll_s: float = 5.0) -> None:
-    """A daemon thread that ends this (spawned) process once its parent is gone: a parent killed by
-    a signal runs no cleanup, and an orphaned lane would train on for nothing."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
-def _lane_process(jobs, threads: int, results, parent: int) -> None:
-    """Entry point of the spawned lane: ``("ok", results)`` or ``("error", traceback)``."""
-    _exit_with_parent(parent)
-    try:
-        torch.set_num_threads(threads)
-        results.put(("ok", _run_jobs(jobs)))
-    except Exception:  # reported to the parent, which raises it once its own lane is done; printed now
-        traceback.print_exc()
-        results.put(("error", traceback.format_exc()))
+def _lane_b(jobs, threads: int) -> List[Dict[str, Any]]:
+    """The spawned lane: ``jobs`` with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    return _run_jobs(jobs)
 
 
 def run_lanes(lane_a, lane_b, lanes: int, per_lane: int) -> List[Dict[str, Any]]:
@@ -368,32 +350,11 @@ def run_lanes(lane_a, lane_b, lanes: int, per_lane: int) -> List[Dict[str, Any]]
     (``lanes == 2``), or one after the other. Results in job order, lane a first."""
     if lanes == 1 or not lane_b:
         return _run_jobs(list(lane_a) + list(lane_b))
-    import multiprocessing
-    import queue
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    other = ctx.Process(target=_lane_process, args=(list(lane_b), per_lane, results, os.getpid()),
-                        name="qlip-demo-t2i-lane")
-    other.start()
-    try:
-        mine = _run_jobs(lane_a)
-        while True:
-            try:
-                status, payload = results.get(timeout=5.0)
-                break
-            except queue.Empty:
-                if not other.is_alive():
-                    raise RuntimeError(f"the second lane's process ended without a result (exit code "
-                                       f"{other.exitcode}); rerun with --resume to continue it") from None
-        if status != "ok":
-            raise RuntimeError("the second lane failed:\n" + payload)
-        return mine + payload
-    except BaseException:
-        if other.is_alive():
-            other.terminate()
-        raise
-    finally:
-        other.join()
+    from .lanes import run_two_lanes
+    mine, theirs = run_two_lanes(lambda: _run_jobs(lane_a), _lane_b, (list(lane_b), per_lane),
+                                 name="qlip-demo-t2i-lane", what="the second lane",
+                                 hint="; rerun with --resume to continue it")
+    return mine + theirs
 
 
 # ---- the demo ---------------------------------------------------------------------------------

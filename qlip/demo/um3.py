@@ -336,37 +336,12 @@ def _lane(names, prep: Dict[str, Any], qlip_dir: str, out: str, cfg: Dict[str, A
     return results
 
 
-def _lane_process(names, prep, qlip_dir, out, cfg, fast, resume, results) -> None:
-    """Entry point of the spawned second lane: ``("ok", results)`` or ``("error", text)``."""
-    import traceback
-    try:
-        results.put(("ok", _lane(names, prep, qlip_dir, out, cfg, fast, resume)))
-    except Exception:  # reported to the parent, which raises it
-        results.put(("error", traceback.format_exc()))
-
-
-def _wait(proc, results, poll_s: float = 2.0) -> Dict[str, Any]:
-    import queue
-    while True:
-        try:
-            status, payload = results.get(timeout=poll_s)
-            break
-        except queue.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"the second lane ended without a result (exit code {proc.exitcode}); "
-                                   "rerun with --resume to continue it") from None
-    proc.join()
-    if status != "ok":
-        raise RuntimeError("the second lane (" + ", ".join(LANES[1]) + ") failed:\n" + payload)
-    return payload
-
-
 # ---- the demo ------------------------------------------------------------------------------------
 def run_um3_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-um3", fast: bool = False, resume: bool = False,
                  lanes: Optional[int] = None) -> Dict[str, Any]:
-    import multiprocessing
-
     import torch
+
+    from .lanes import run_two_lanes
     cfg = FAST if fast else FULL
     qlip_dir, data = _demo_inputs(demo_dir)
     t_start = time.time()
@@ -379,18 +354,11 @@ def run_um3_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-um3", fast: 
     lanes = lanes or (2 if (os.cpu_count() or 1) >= 2 else 1)
     t_train = time.time()
     if lanes == 2:
-        ctx = multiprocessing.get_context("spawn")
-        q = ctx.Queue()
-        other = ctx.Process(target=_lane_process, args=(LANES[1], prep, qlip_dir, out, cfg, fast, resume, q),
-                            name="qlip-demo-um3-lane2")
-        other.start()
-        try:
-            results = _lane(LANES[0], prep, qlip_dir, out, cfg, fast, resume)
-            results.update(_wait(other, q))
-        finally:
-            if other.is_alive():
-                other.terminate()
-                other.join()
+        args = (prep, qlip_dir, out, cfg, fast, resume)
+        results, theirs = run_two_lanes(lambda: _lane(LANES[0], *args), _lane, (LANES[1], *args),
+                                        name="qlip-demo-um3-lane2", what="the second lane (" + ", ".join(LANES[1]) + ")",
+                                        hint="; rerun with --resume to continue it", poll_s=2.0)
+        results.update(theirs)
     else:
         results = _lane(LANES[0] + LANES[1], prep, qlip_dir, out, cfg, fast, resume)
     t_runs = time.time() - t_train

@@ -137,34 +137,6 @@ def _lane(jobs: List[tuple], job: Dict[str, Any], threads: int) -> Dict[str, Any
     return {spec[0]: _variant(*spec, job) for spec in jobs}
 
 
-def _lane_process(jobs, job, threads, results) -> None:
-    """Entry point of the spawned second lane: ``("ok", results)`` or ``("error", traceback)``."""
-    import traceback
-    try:
-        results.put(("ok", _lane(jobs, job, threads)))
-    except Exception:  # reported to the parent, which raises it
-        results.put(("error", traceback.format_exc()))
-
-
-def _wait_for_lane(proc, results, poll_s: float = 5.0) -> Dict[str, Any]:
-    import queue
-    while True:
-        try:
-            status, payload = results.get(timeout=poll_s)
-            break
-        except queue.Empty:
-            if not proc.is_alive():
-                try:  # it may have put its result and exited since the timeout
-                    status, payload = results.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    raise RuntimeError(f"the second VLM lane ended without a result "
-                                       f"(exit code {proc.exitcode})") from None
-    if status != "ok":
-        raise RuntimeError("the second VLM lane failed:\n" + payload)
-    return payload
-
-
 def _demo_kind_accuracy(demo_dir: str) -> Optional[float]:
     """The demo QLIP's zero-shot kind accuracy on its held-out images (``DEMO_DIR/metrics.json``)."""
     path = os.path.join(demo_dir, "metrics.json")
@@ -224,22 +196,14 @@ def run_vlm_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-vlm", fast: 
     per_lane = max(1, cores // lanes)
     t_train = time.time()
     if lanes == 2:
-        import multiprocessing
+        from .lanes import run_two_lanes
         print(f"[demo-vlm] two lanes of {per_lane} thread(s): layer_-2, last_layer | after_quantizer, recon_only",
               flush=True)
-        ctx = multiprocessing.get_context("spawn")
-        results = ctx.Queue()
-        other = ctx.Process(target=_lane_process, args=(second, job, per_lane, results), name="qlip-demo-vlm-lane2")
-        other.start()
         try:
-            res = _lane(first, job, per_lane)
-            res.update(_wait_for_lane(other, results))
-        except BaseException:
-            if other.is_alive():  # fail fast
-                other.terminate()
-            raise
+            res, theirs = run_two_lanes(lambda: _lane(first, job, per_lane), _lane, (second, job, per_lane),
+                                        name="qlip-demo-vlm-lane2", what="the second VLM lane")
+            res.update(theirs)
         finally:
-            other.join()
             torch.set_num_threads(cores)
     else:
         res = _lane(first + second, job, cores)

@@ -47,15 +47,16 @@ def test_a_failing_baselines_lane_is_reported(tmp_path):
     """The spawned baselines process reports its exception to the demo, which raises it."""
     import multiprocessing
 
-    from qlip.demo.qlip import _lane_process, _wait_for_lane
+    from qlip.demo.lanes import lane_entry, wait_for_lane
+    from qlip.demo.qlip import BASELINES_LANE, _lane
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    proc = ctx.Process(target=_lane_process, args=([("clip_only", "no-such-recipe.yaml", [])], str(tmp_path), False, 1,
-                                                   results))
+    proc = ctx.Process(target=lane_entry, args=(_lane, ([("clip_only", "no-such-recipe.yaml", [])], str(tmp_path),
+                                                        False, 1), results))
     proc.start()
     try:
         with pytest.raises(RuntimeError, match="baselines' training .* failed") as e:
-            _wait_for_lane(proc, results, poll_s=0.5)
+            wait_for_lane(proc, results, BASELINES_LANE, poll_s=0.5)
         assert "no-such-recipe.yaml" in str(e.value)
     finally:
         proc.join(timeout=60)
@@ -66,11 +67,12 @@ def test_a_dead_baselines_lane_is_reported():
     import multiprocessing
     import os
 
-    from qlip.demo.qlip import _wait_for_lane
+    from qlip.demo.lanes import wait_for_lane
+    from qlip.demo.qlip import BASELINES_LANE
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=os._exit, args=(7,))  # dies without putting a result
     proc.start()
     with pytest.raises(RuntimeError, match=r"ended without a result \(exit code 7\)"):
-        _wait_for_lane(proc, results, poll_s=0.2)
+        wait_for_lane(proc, results, BASELINES_LANE, poll_s=0.2)
     proc.join()
