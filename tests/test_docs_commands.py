@@ -187,8 +187,8 @@ CHEAP: Dict[str, Cheap] = {
     # docs/vlm.md
     "qlip vlm shapes-qa --out data/shapes-qa --n 2000 --split train --size 64 --multi-turn": Cheap(
         "qlip vlm shapes-qa --out data/shapes-qa --n 4 --split train --size 32 --multi-turn"),
-    "qlip vlm tiny-llm --out runs/tiny-llama --texts data/shapes-qa/train.json --vocab-size 512": Cheap(
-        "qlip vlm tiny-llm --out runs/tiny-llama --texts data/shapes-qa/train.json --vocab-size 300",
+    "qlip vlm tiny-llm --out runs/tiny-llm-vlm --texts data/shapes-qa/train.json --vocab-size 512": Cheap(
+        "qlip vlm tiny-llm --out runs/tiny-llm-vlm --texts data/shapes-qa/train.json --vocab-size 300",
         needs=["qlip vlm shapes-qa --out data/shapes-qa --n 2000 --split train --size 64 --multi-turn"]),
     "qlip vlm train vlm-stage1.yaml --out runs/vlm-s1": Cheap("qlip vlm train --help"),
     "qlip vlm train vlm-stage2.yaml model.init=runs/vlm-s1/final --out runs/vlm-s2 --resume": Cheap(

@@ -77,18 +77,13 @@ def make_byte_tokenizer() -> TextTokenizer:
 
 
 def train_byte_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
-    """A byte-level BPE trained on ``texts`` (``tokenizers``' trainer, no download): the 256 byte
-    tokens, merges up to ``vocab_size`` tokens (on a small corpus every frequent word becomes one
-    token, e.g. ``" circle"``), then ``<|begin_of_text|>`` / ``<|end_of_text|>``. Any text still
-    round-trips exactly. The demo's choice: a tiny model learns words in far fewer steps than bytes."""
-    tk = _tokenizers()
-    tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size - 2, show_progress=False,
-                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(texts), trainer)
-    tok.add_special_tokens([BOS, EOS])
+    """A byte-level BPE trained on ``texts`` (:func:`qlip.data.bpe.train_byte_level_bpe`, no
+    download): the 256 byte tokens, merges up to ``vocab_size`` tokens (on a small corpus every
+    frequent word becomes one token, e.g. ``" circle"``), then ``<|begin_of_text|>`` /
+    ``<|end_of_text|>`` (the last two ids). Any text still round-trips exactly. The demo's choice: a
+    tiny model learns words in far fewer steps than bytes."""
+    from ..data.bpe import train_byte_level_bpe
+    tok = train_byte_level_bpe(texts, vocab_size, special_tokens_last=(BOS, EOS))
     return TextTokenizer(tok, tok.token_to_id(BOS), tok.token_to_id(EOS))
 
 

@@ -1,10 +1,10 @@
 """A tiny random language model in Hugging Face format, built offline (tests and the demo).
 
-:func:`build_tokenizer` makes a byte-level BPE tokenizer with the ``tokenizers`` library: the 256
-byte symbols (GPT-2's byte-to-unicode alphabet, so any text encodes), merges learned from the
-given texts (none: one token per byte) and the special tokens ``<s>``, ``</s>``, ``<pad>`` and
-``<image>``; no download. :func:`build_tiny_llm` pairs it with a randomly initialised
-``LlamaForCausalLM`` from a ``LlamaConfig`` and saves both to a folder that
+:func:`build_tokenizer` makes a byte-level BPE tokenizer with :mod:`qlip.data.bpe` (the trainer of
+UM3's tiny tokenizer too): the 256 byte symbols (GPT-2's byte-to-unicode alphabet, so any text
+encodes), merges learned from the given texts (none: one token per byte) and the special tokens
+``<s>``, ``</s>``, ``<pad>`` and ``<image>``; no download. :func:`build_tiny_llm` pairs it with a
+randomly initialised ``LlamaForCausalLM`` from a ``LlamaConfig`` and saves both to a folder that
 ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` (and so ``model.llm`` of a VLM
 recipe) read offline. The tokenizer has no chat template: VLMs on it use the plain template
 (:mod:`qlip.vlm.conversation`).
@@ -21,18 +21,12 @@ SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<image>")
 
 def build_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 512):
     """A ``PreTrainedTokenizerFast``: byte-level BPE (merges from ``texts`` up to ``vocab_size``
-    tokens; no texts: bytes only), ``<s>`` bos, ``</s>`` eos, ``<pad>``, ``<image>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokens; no texts: bytes only; :func:`qlip.data.bpe.train_byte_level_bpe`), ``<s>`` bos,
+    ``</s>`` eos, ``<pad>``, ``<image>`` (ids 0-3, before the bytes)."""
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = list(texts or [])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size if texts else 0, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=sorted(alphabet), show_progress=False)
-    tok.train_from_iterator(texts or [""], trainer=trainer)
+    from ..data.bpe import train_byte_level_bpe
+    tok = train_byte_level_bpe(texts, vocab_size, special_tokens_first=SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    additional_special_tokens=["<image>"])
 
