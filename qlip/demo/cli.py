@@ -20,6 +20,10 @@ def register(sub) -> None:
     d.add_argument("--lanes", type=int, choices=(1, 2), default=None,
                    help="2: train QLIP and the baselines in two processes at once (default with >= 2 cores); "
                         "1: one after the other")
+    d.add_argument("--recipe", choices=("demo", "paper"), default="demo",
+                   help="demo: the tuned demo recipe (default); paper: the paper's recipe at the same scale "
+                        "(patchify stem, 4 encoder blocks, trained text tower, LAMB; stage 2 with GAN, without "
+                        "the embedding-consistency term; docs/demo.md)")
     d.set_defaults(func=_demo)
     names = [n for n in DOWNSTREAM if importlib.util.find_spec(f"qlip.demo.{n}") is not None]
     if names:
@@ -34,5 +38,5 @@ def register(sub) -> None:
 
 def _demo(args) -> int:
     from .qlip import run_demo
-    run_demo(args.out, fast=args.fast, resume=args.resume, threads=args.threads, lanes=args.lanes)
+    run_demo(args.out, fast=args.fast, resume=args.resume, threads=args.threads, lanes=args.lanes, recipe=args.recipe)
     return 0

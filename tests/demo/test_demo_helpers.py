@@ -6,7 +6,7 @@ import torch
 
 import qlip
 from qlip.data.shapes import generate_shapes
-from qlip.demo.qlip import _check_word, _checks, _claim_out, evaluate, merge_stages
+from qlip.demo.qlip import RECIPES, _check_word, _checks, _claim_out, _recipe, evaluate, merge_stages
 from qlip.errors import QLIPError
 
 
@@ -103,10 +103,38 @@ def test_merge_stages_with_a_new_pixel_head(tmp_path):
 
 def test_fast_then_resume_is_refused_with_a_clear_message(tmp_path):
     _claim_out(str(tmp_path), fast=True, resume=False)
-    assert json.loads((tmp_path / "demo-run.json").read_text()) == {"fast": True}
+    assert json.loads((tmp_path / "demo-run.json").read_text()) == {"fast": True, "recipe": "demo"}
     with pytest.raises(QLIPError, match=r"holds a --fast \(smoke\) run: --resume without --fast cannot continue it"):
         _claim_out(str(tmp_path), fast=False, resume=True)
     _claim_out(str(tmp_path), fast=True, resume=True)  # same kind: fine
     _claim_out(str(tmp_path), fast=False, resume=False)  # a fresh full run may take the folder
     with pytest.raises(QLIPError, match="holds a full run"):
         _claim_out(str(tmp_path), fast=True, resume=True)
+
+
+def test_resume_of_another_recipe_is_refused(tmp_path):
+    _claim_out(str(tmp_path), fast=False, resume=False, recipe="paper")
+    with pytest.raises(QLIPError, match="holds a run of --recipe paper: --resume with --recipe demo"):
+        _claim_out(str(tmp_path), fast=False, resume=True, recipe="demo")
+    _claim_out(str(tmp_path), fast=False, resume=True, recipe="paper")  # same recipe: fine
+    (tmp_path / "demo-run.json").write_text('{"fast": false}')  # a folder written before --recipe existed
+    _claim_out(str(tmp_path), fast=False, resume=True, recipe="demo")
+
+
+def test_paper_recipe_is_the_papers_choices_at_the_demos_scale():
+    """--recipe paper changes exactly the demo's deviations from the paper and nothing of its scale."""
+    demo1, paper1 = _recipe("demo-stage1.yaml", RECIPES["demo"]["stage1"]), _recipe("demo-stage1.yaml", RECIPES["paper"]["stage1"])
+    assert demo1.model.overrides == {"vision.stem": "conv", "vision.depth": 1}
+    assert paper1.model.overrides == {"vision.stem": "patch", "vision.depth": 4}
+    assert demo1.optim.lr_text == 0.0 and paper1.optim.lr_text > 0  # the text tower is trained
+    assert (demo1.optim.optimizer, paper1.optim.optimizer) == ("adamw", "lamb")
+    for key in ("steps", "warmup_steps"):
+        assert getattr(paper1.optim, key) == getattr(demo1.optim, key)
+    assert paper1.data.batch_size == demo1.data.batch_size
+    assert (paper1.loss.alpha_r, paper1.loss.alpha_q, paper1.loss.alpha_a) == (demo1.loss.alpha_r, demo1.loss.alpha_q, demo1.loss.alpha_a)
+    demo2, paper2 = _recipe("demo-stage2.yaml", RECIPES["demo"]["stage2"]), _recipe("demo-stage2.yaml", RECIPES["paper"]["stage2"])
+    assert demo2.loss.alpha_s > 0 and paper2.loss.alpha_s == 0  # no embedding consistency (ours)
+    assert demo2.loss.alpha_g == 0 and paper2.loss.alpha_g == 0.1  # the paper's GAN term
+    assert paper2.loss.alpha_p == 0  # LPIPS stays off: no VGG weights offline
+    assert paper2.gan.disc_start < paper2.optim.steps  # the discriminator does join
+    assert (paper2.optim.steps, paper2.data.batch_size) == (demo2.optim.steps, demo2.data.batch_size)

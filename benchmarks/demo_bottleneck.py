@@ -1,0 +1,236 @@
+"""What limits the demo tokenizer's reconstructions: the same data, the same steps, five autoencoders
+from a plain linear one to the demo's QLIP, judged on the validation split (docs/demo.md, "Fifth
+round: what limits the reconstructions").
+
+    # after `qlip demo` (its data in runs/demo/data); ~10 min on one core of a 2-core AMD EPYC
+    python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 300
+
+    # a subset, more steps
+    python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --only mlp-binary-p8 qlip-binary
+
+Rows (all recon-only, MSE on normalised pixels, AdamW 3e-3, batch 64, cosine schedule, 30 warm-up
+steps, 4,096 training images held in memory, one thread):
+
+* ``reference``: the judge on the original validation images after a Gaussian blur and after
+  8x8 average pooling (the per-patch mean colour): what sharpness a reconstruction needs;
+* ``linear-continuous``: each 8x8 patch -> Linear -> 28 real numbers -> Linear -> patch (no
+  quantiser; the 28 numbers are a continuous code of the token's size);
+* ``linear-continuous-l2``: the same with the code L2-normalised (what QLIP's bottleneck does
+  before BSQ);
+* ``mlp-binary-p8`` / ``mlp-binary-p4``: each 8x8 (4x4) patch -> 3-layer MLP (256 wide) -> 28
+  binary bits (sign of the L2-normalised code, straight-through gradient: BSQ's forward) -> MLP
+  -> patch; no context between patches;
+* ``qlip-continuous`` / ``qlip-binary``: the demo's QLIP (``qlip-demo`` preset, conv stem, one
+  encoder block, decoder 128 x 3) without the text tower, its bottleneck projection and
+  up-projection with the BSQ step skipped (continuous) or kept (binary, with the 0.1-weighted BSQ
+  entropy loss of the demo recipe).
+
+Prints one JSON line per row (PSNR on [0, 1] images, the independent shape judge's colour / kind
+accuracy on the reconstructions, training seconds) and writes ``--out`` (default
+runs/bottleneck.json). Only the validation split is read.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+# keep benchmarks/ off sys.path (its scripts are not modules of this program)
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+BITS = 28
+ROWS = ("linear-continuous", "linear-continuous-l2", "mlp-binary-p8", "mlp-binary-p4", "qlip-continuous", "qlip-binary")
+
+
+def load_train(data: str, n: int) -> torch.Tensor:
+    """The first ``n`` training images of the demo's shards as (n, 3, H, W) floats in [0, 1]."""
+    import collections
+
+    import numpy as np
+
+    from qlip.data.images import decode_image
+    from qlip.data.pipeline import read_tar_samples
+    out: List[torch.Tensor] = []
+    stats: collections.Counter = collections.Counter()
+    for shard in sorted(glob.glob(os.path.join(data, "shapes-train-*.tar"))):
+        for _, sample in read_tar_samples(shard, stats, print):
+            ext = next((e for e in ("png", "jpg", "webp") if e in sample), None)
+            if ext is None:
+                continue
+            arr = np.asarray(decode_image(sample[ext]).convert("RGB"))
+            out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            if len(out) >= n:
+                return torch.stack(out).float() / 255
+    if not out:
+        raise SystemExit(f"no training images in {data}/shapes-train-*.tar: run `qlip demo` first")
+    return torch.stack(out).float() / 255
+
+
+def load_val(data: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    import torchvision.transforms.functional as TF
+
+    from qlip.data.evalsets import open_dataset
+    pattern = os.path.join(data, "shapes-val-*.tar")
+    if not glob.glob(pattern):
+        raise SystemExit(f"no validation shards {pattern}: run `qlip demo` first")
+    xs, ys = [], []
+    for x, y in open_dataset(pattern).batches(lambda ims: torch.stack([TF.to_tensor(i.convert("RGB")) for i in ims]),
+                                              256, None):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, N, 3 p p), per-token order (c, y, x) like the decoder's unpatchify."""
+    B, C, H, W = x.shape
+    return x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatches(t: torch.Tensor, p: int, size: int) -> torch.Tensor:
+    B, g = t.shape[0], size // p
+    return t.reshape(B, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, size, size)
+
+
+def mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+class PatchAE(nn.Module):
+    """Patch -> code of BITS numbers -> patch, each patch on its own."""
+
+    def __init__(self, patch: int, hidden: int, mode: str):
+        super().__init__()
+        d = 3 * patch * patch
+        self.patch, self.mode = patch, mode
+        self.enc = mlp(d, hidden, BITS) if hidden else nn.Linear(d, BITS)
+        self.dec = mlp(BITS, hidden, d) if hidden else nn.Linear(BITS, d)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        u = self.enc(patches(x, self.patch))
+        if self.mode in ("l2", "binary"):
+            u = F.normalize(u, dim=-1)
+        if self.mode == "binary":  # BSQ's forward: sign / sqrt(L), straight-through
+            u = u + (torch.where(u > 0, 1.0, -1.0) / math.sqrt(BITS) - u).detach()
+        return unpatches(self.dec(u), self.patch, x.shape[-1]), x.new_zeros(())
+
+
+class QLIPAE(nn.Module):
+    """The demo's QLIP without its text tower; ``binary=False`` skips the BSQ step."""
+
+    def __init__(self, binary: bool):
+        super().__init__()
+        from qlip.model import QLIP, get_preset
+        self.m = QLIP(get_preset("qlip-demo", **{"vision.stem": "conv", "vision.depth": 1}))
+        self.m.text = None
+        self.binary = binary
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.binary:
+            p = self.m.image_pass(x, embed=False)
+            return p.recon, 0.1 * p.quant_loss  # the demo recipe's alpha_q
+        bn = self.m.bottleneck
+        return self.m.decoder(bn.up(bn.project(self.m.visual(x)[:, 1:]))), x.new_zeros(())
+
+
+def build(row: str) -> nn.Module:
+    return {"linear-continuous": lambda: PatchAE(8, 0, "continuous"),
+            "linear-continuous-l2": lambda: PatchAE(8, 0, "l2"),
+            "mlp-binary-p8": lambda: PatchAE(8, 256, "binary"),
+            "mlp-binary-p4": lambda: PatchAE(4, 256, "binary"),
+            "qlip-continuous": lambda: QLIPAE(False),
+            "qlip-binary": lambda: QLIPAE(True)}[row]()
+
+
+def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, seed: int) -> Tuple[nn.Module, float]:
+    from qlip.model.config import OPENAI_MEAN, OPENAI_STD
+    from qlip.model.preprocess import normalize
+    torch.manual_seed(seed)
+    model = build(row)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        factor = min(1.0, step / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+        x = normalize(train[torch.randint(0, len(train), (batch,), generator=g)], OPENAI_MEAN, OPENAI_STD)
+        recon, aux = model(x)
+        loss = F.mse_loss(recon, x) + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+    return model, time.time() - t0
+
+
+def judged(name: str, images01: torch.Tensor, val: torch.Tensor, labels: torch.Tensor, **extra) -> Dict:
+    from qlip.eval.recon import psnr_per_image
+    from qlip.eval.shape_judge import judge_accuracy
+    a = images01.clamp(0, 1)
+    j = judge_accuracy(a, labels)
+    out = {"row": name, "psnr": round(float(psnr_per_image(a, val).clamp(max=99).mean()), 2),
+           "judge_colour": round(j["colour"], 3), "judge_kind": round(j["kind"], 3)}
+    out.update(extra)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, val: torch.Tensor) -> torch.Tensor:
+    from qlip.model.config import OPENAI_MEAN, OPENAI_STD
+    from qlip.model.preprocess import denormalize, normalize
+    model.eval()
+    out = [denormalize(model(normalize(val[i:i + 64], OPENAI_MEAN, OPENAI_STD))[0], OPENAI_MEAN, OPENAI_STD)
+           for i in range(0, len(val), 64)]
+    return torch.cat(out)
+
+
+def references(val: torch.Tensor, labels: torch.Tensor) -> List[Dict]:
+    import torchvision.transforms.functional as TF
+    rows = [judged("reference: original", val, val, labels)]
+    for sigma in (1.0, 1.5, 2.0, 3.0):
+        rows.append(judged(f"reference: blur sigma {sigma}", TF.gaussian_blur(val, 2 * round(3 * sigma) + 1, sigma), val, labels))
+    pooled: Callable[[int], torch.Tensor] = lambda k: F.interpolate(F.avg_pool2d(val, k), scale_factor=k, mode="nearest")
+    rows.append(judged("reference: 8x8 patch mean", pooled(8), val, labels))
+    rows.append(judged("reference: 4x4 patch mean", pooled(4), val, labels))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="runs/demo/data", help="the demo's data folder")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--train-images", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", choices=ROWS, default=None, help="rows to train (default: all)")
+    ap.add_argument("--out", default="runs/bottleneck.json")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    val, labels = load_val(a.data)
+    train = load_train(a.data, a.train_images)
+    rows = references(val, labels)
+    for row in a.only or ROWS:
+        model, secs = train_row(row, train, a.steps, a.lr, a.batch, a.seed)
+        rows.append(judged(row, reconstruct(model, val), val, labels, steps=a.steps, train_s=round(secs, 1)))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"settings": vars(a), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
