@@ -265,6 +265,10 @@ CHEAP: Dict[str, Cheap] = {
     # docs/demo.md, fourth round (a stage-2 training of minutes)
     "python benchmarks/demo_recon.py --stage1 runs/demo/qlip_stage1/final --out runs/rec/conv --head conv "
     "--head-channels 8 optim.lr=1e-3 optim.lr_generator=1e-3": Cheap("python benchmarks/demo_recon.py --help"),
+    # docs/demo.md, fifth round (run on tiny data by tests/demo/test_demo_bottleneck.py)
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000": Cheap(
+        "python benchmarks/demo_bottleneck.py --help"),
+    "qlip demo --recipe paper --out runs/demo-paper": Cheap("qlip demo --help"),
     # docs/gen.md "Demo" (its pipeline is run by tests/gen/test_demo_t2i.py)
     "qlip demo t2i": Cheap("qlip demo t2i --help"),
     "qlip demo t2i --fast --out /tmp/t2i-fast": Cheap("qlip demo t2i --help"),
