@@ -269,6 +269,8 @@ CHEAP: Dict[str, Cheap] = {
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000": Cheap(
         "python benchmarks/demo_bottleneck.py --help"),
     "qlip demo --recipe paper --out runs/demo-paper": Cheap("qlip demo --help"),
+    "python benchmarks/demo_recon.py --stage1 runs/demo/qlip_stage1/final --out runs/rec/s0 loss.alpha_s=0": Cheap(
+        "python benchmarks/demo_recon.py --help"),
     # docs/gen.md "Demo" (its pipeline is run by tests/gen/test_demo_t2i.py)
     "qlip demo t2i": Cheap("qlip demo t2i --help"),
     "qlip demo t2i --fast --out /tmp/t2i-fast": Cheap("qlip demo t2i --help"),

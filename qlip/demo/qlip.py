@@ -2,7 +2,7 @@
 
 1. generate the captioned-shapes shards (if missing): 64x64 images, 1-3 shapes, captions;
 2. stage 1 (QLIP: MSE + BSQ + contrastive, AdamW, frozen random text tower), stage 2 (encoder
-   frozen, text dropped: MSE + BSQ + embedding consistency through the frozen encoder, AdamW);
+   frozen, text dropped: MSE + BSQ, AdamW);
 3. the paper's Figure 1 / Table 3a in miniature: a CLIP-only and a reconstruction-only model
    of the same size and budget;
 4. evaluation on the labelled validation split (320 images, for choosing the recipe) and the
