@@ -23,7 +23,10 @@ uses lr 3e-3 (LLaVA: 2e-5, which cannot teach a random LLM any words in a few hu
 1e-3 and 150 steps it had not even learnt which answers go with which question); stage 1 keeps
 LLaVA's 1e-3. The demo QLIP has one encoder block (a second one cost 14 points of zero-shot at
 the demo's budget, docs/demo.md "Fourth round"), so ``layer_-2`` there reads the embeddings and
-``last_layer`` the one block.
+``last_layer`` the one block. The frozen features are standardised per channel before the projector
+(``feature_norm: standardize``, :mod:`qlip.vlm.feature_norm`): the conv stem's output is small and
+offset, and with it standardised layer -2 answers position 0.94 and size 0.90 instead of 0.89 and
+0.74 (docs/vlm.md, "Issue 16"; ``RECIPE`` holds the choices, benchmarks/vlm_recipe.py compares them).
 """
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ VARIANTS = ("layer_-2", "last_layer", "after_quantizer", "recon_only")
 FULL = {"train_images": 2000, "heldout_images": 100, "stage1_steps": 100, "stage2_steps": 1500, "batch_size": 16}
 FAST = {"train_images": 48, "heldout_images": 8, "stage1_steps": 3, "stage2_steps": 3, "batch_size": 4}
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-3
+# How the VLM is trained (docs/vlm.md, "The demo's recipe"); benchmarks/vlm_recipe.py compares choices.
+RECIPE = {"feature_norm": "standardize", "multi_turn": True, "tokenizer_texts": "answers", "vocab_size": 384,
+          "max_length": 128,
+          "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "stage2_projector_lr": None}
 
 
 def add_arguments(p) -> None:
@@ -92,13 +99,13 @@ def evaluate(model, records: List[Dict[str, Any]], root: str, batch_size: int = 
 
 
 def _train(name: str, stage: int, model: Dict[str, Any], data: str, steps: int, batch: int, lr: float,
-           out: str) -> Dict[str, Any]:
+           out: str, train_extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from ..train import Recipe, train
     r = Recipe.from_dict({"task": "vlm", "model": model, "data": {"train": data, "batch_size": batch},
                           "optim": {"optimizer": "adamw", "lr": lr, "warmup_steps": max(1, steps // 20),
                                     "steps": steps, "weight_decay": 0.0},
                           "train": {"stage": stage, "log_every": max(1, steps // 10), "ckpt_every": 0,
-                                    "progress": False, "tensorboard": False}})
+                                    "progress": False, "tensorboard": False, **(train_extra or {})}})
     t0 = time.time()
     summary = train(r, out)
     took = time.time() - t0
@@ -110,14 +117,15 @@ def _train(name: str, stage: int, model: Dict[str, Any], data: str, steps: int, 
 def _variant(name: str, vision: str, layer: int, features: str, job: Dict[str, Any]) -> Dict[str, Any]:
     """One row of the table: stage 1 (projector), stage 2 (projector + LLM), held-out evaluation."""
     from ..vlm import load
-    cfg, out = job["cfg"], job["out"]
+    cfg, out, rec = job["cfg"], job["out"], job["recipe"]
     t0 = time.time()
-    m = {"qlip": vision, "llm": job["llm"], "layer": layer, "features": features, "max_length": 128}
-    s1 = _train(name, 1, m, job["train_json"], cfg["stage1_steps"], cfg["batch_size"], STAGE1_LR,
-                os.path.join(out, "runs", name, "stage1"))
-    m2 = {"init": s1["final"], "layer": layer, "features": features, "max_length": 128}
-    s2 = _train(name, 2, m2, job["train_json"], cfg["stage2_steps"], cfg["batch_size"], STAGE2_LR,
-                os.path.join(out, "runs", name, "stage2"))
+    keys = {"layer": layer, "features": features, "max_length": rec["max_length"], "feature_norm": rec["feature_norm"]}
+    s1 = _train(name, 1, {"qlip": vision, "llm": job["llm"], **keys}, job["train_json"], cfg["stage1_steps"],
+                cfg["batch_size"], rec["stage1_lr"], os.path.join(out, "runs", name, "stage1"))
+    plr = rec.get("stage2_projector_lr")
+    s2 = _train(name, 2, {"init": s1["final"], **keys}, job["train_json"], cfg["stage2_steps"], cfg["batch_size"],
+                rec["stage2_lr"], os.path.join(out, "runs", name, "stage2"),
+                train_extra=None if plr is None else {"projector_lr": plr})
     t_eval = time.time()
     with open(job["heldout_json"], encoding="utf-8") as f:
         heldout = json.load(f)
@@ -127,6 +135,38 @@ def _variant(name: str, vision: str, layer: int, features: str, job: Dict[str, A
                "eval": round(time.time() - t_eval, 1), "total": round(time.time() - t0, 1)}
     return {"metrics": ev["metrics"], "answers": ev["answers"], "final": s2["final"], "seconds": seconds,
             "loss": {"stage1": s1["loss"], "stage2": s2["loss"]}}
+
+
+def _tokenizer_texts(train_json: str, which: str) -> List[str]:
+    """Texts the tiny LLM's BPE merges are learned from: ``answers``, the conversations' turns;
+    ``rendered``, the conversations as the model reads them (template words included, so that
+    ``ASSISTANT:`` is one or two tokens rather than ten)."""
+    from ..vlm.conversation import from_llava, render_plain
+    with open(train_json, encoding="utf-8") as f:
+        recs = json.load(f)
+    if which == "answers":
+        return [t["value"] for r in recs for t in r["conversations"]]
+    if which == "rendered":
+        return [render_plain(from_llava(r["conversations"]), False) for r in recs]
+    raise ConfigError(f"tokenizer_texts must be answers or rendered, got {which!r}")
+
+
+def prepare(out: str, cfg: Dict[str, Any], recipe: Dict[str, Any], size: int) -> Dict[str, Any]:
+    """The shapes QA data (``OUT/data``) and the tiny random LLM (``OUT/tiny-llama``): the job
+    every variant trains on."""
+    from ..data.shapes_qa import write_shapes_qa
+    from ..vlm.tiny import build_tiny_llm
+    os.makedirs(out, exist_ok=True)
+    data = os.path.join(out, "data")
+    train_json = write_shapes_qa(data, cfg["train_images"], split="train", size=size,
+                                 multi_turn=recipe["multi_turn"])
+    heldout_json = write_shapes_qa(data, cfg["heldout_images"], split="heldout", size=size,
+                                   types=list(TYPES))
+    texts = _tokenizer_texts(train_json, recipe["tokenizer_texts"])
+    llm = build_tiny_llm(os.path.join(out, "tiny-llama"), texts, vocab_size=recipe["vocab_size"], hidden_size=64,
+                         layers=2)
+    return {"cfg": cfg, "recipe": recipe, "out": out, "llm": llm, "train_json": train_json,
+            "heldout_json": heldout_json, "data": data}
 
 
 def _lane(jobs: List[tuple], job: Dict[str, Any], threads: int) -> Dict[str, Any]:
@@ -166,9 +206,7 @@ def run_vlm_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-vlm", fast: 
     import torch
 
     import qlip.vlm  # noqa: F401  (registers task "vlm")
-    from ..data.shapes_qa import write_shapes_qa
     from ..io import load as qlip_load
-    from ..vlm.tiny import build_tiny_llm
 
     cfg = FAST if fast else FULL
     if lanes not in (None, 1, 2):
@@ -180,15 +218,7 @@ def run_vlm_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-vlm", fast: 
         if not os.path.isdir(path):
             raise ConfigError(f"{what} model {path!r} not found: run `qlip demo` first (or pass --qlip / --recon-only)")
     size = qlip_load(qlip_path).image_size
-    os.makedirs(out, exist_ok=True)
-    data = os.path.join(out, "data")
-    train_json = write_shapes_qa(data, cfg["train_images"], split="train", size=size, multi_turn=True)
-    heldout_json = write_shapes_qa(data, cfg["heldout_images"], split="heldout", size=size,
-                                   types=list(TYPES))
-    with open(train_json, encoding="utf-8") as f:
-        texts = [t["value"] for r in json.load(f) for t in r["conversations"]]
-    llm = build_tiny_llm(os.path.join(out, "tiny-llama"), texts, vocab_size=384, hidden_size=64, layers=2)
-    job = {"cfg": cfg, "out": out, "llm": llm, "train_json": train_json, "heldout_json": heldout_json, "data": data}
+    job = prepare(out, cfg, RECIPE, size)
     first = [("layer_-2", qlip_path, -2, "hidden"), ("last_layer", qlip_path, -1, "hidden")]
     second = [("after_quantizer", qlip_path, -2, "codes"), ("recon_only", recon_path, -2, "hidden")]
     cores = threads or torch.get_num_threads()
@@ -215,7 +245,7 @@ def run_vlm_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-vlm", fast: 
     if os.path.isdir(vlm_dir):
         shutil.rmtree(vlm_dir)
     shutil.copytree(res["layer_-2"]["final"], vlm_dir)
-    metrics["settings"] = {**cfg, "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "fast": fast,
+    metrics["settings"] = {**cfg, **RECIPE, "fast": fast,
                            "qlip": qlip_path, "recon_only": recon_path, "image_size": size,
                            "qlip_zero_shot_kind_acc": kind_target, "lanes": lanes, "threads_per_lane": per_lane,
                            "seconds": {n: res[n]["seconds"] for n in names},
@@ -224,7 +254,7 @@ def run_vlm_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-vlm", fast: 
                            "elapsed_s": round(time.time() - t_start, 1)}
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
-    _report(out, metrics, res["layer_-2"]["answers"][:12], data)
+    _report(out, metrics, res["layer_-2"]["answers"][:12], job["data"])
     for k, v in metrics["checks"].items():
         print(f"[demo-vlm] {'met' if v else ('not measured' if v is None else 'NOT MET')}: {k}")
     print(f"[demo-vlm] {metrics['settings']['elapsed_s']:.0f} s; metrics in {out}/metrics.json, "

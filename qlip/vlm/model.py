@@ -12,8 +12,9 @@ tensor is stored once::
     config.json          {"format": "qlip-vlm", "format_version": 2, "config": VLMConfig fields,
                           "image_token_id", "num_image_tokens", "vision_width", "llm_width"}
     model.safetensors    the trainable weights: the LLM's under its own Hugging Face names
-                         (``model.*``, ``lm_head.*``) and the projector's (``projector.*``); the
-                         training engine's checkpoints resume from it
+                         (``model.*``, ``lm_head.*``) and the projector's (``projector.*``), and
+                         the fixed feature statistics (``feature_norm.*``, with ``feature_norm:
+                         standardize``); the training engine's checkpoints resume from it
     vision/              the frozen QLIP encoder in qlip's format (qlip.load); not in
                          model.safetensors (:mod:`qlip.vlm.vision`)
     llm/                 the language model's config, generation config and tokenizer in Hugging
@@ -48,6 +49,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import read_json
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN, TEMPLATES
+from .feature_norm import FEATURE_NORMS, FeatureNorm
 from .projector import PROJECTORS, build_projector
 from .vision import FEATURES, VisionTower
 
@@ -63,12 +65,16 @@ class VLMConfig:
     image_token: str = IMAGE_TOKEN  # the placeholder in the text (added to the tokenizer if missing)
     max_length: int = 512           # tokens per sample, image positions included
     template: str = "auto"          # auto (the tokenizer's chat template if any, else plain) | plain
+    feature_norm: str = "none"      # none | layernorm | standardize (qlip.vlm.feature_norm)
 
     def validate(self) -> "VLMConfig":
         if self.features not in FEATURES:
             raise ConfigError(f"model.features must be one of {', '.join(FEATURES)}, got {self.features!r}")
         if self.projector not in PROJECTORS:
             raise ConfigError(f"model.projector must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ConfigError(f"model.feature_norm must be one of {', '.join(FEATURE_NORMS)}, "
+                              f"got {self.feature_norm!r}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"model.template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.max_length < 1:
@@ -131,9 +137,10 @@ class VLM(nn.Module):
         if any(True for _ in llm.named_parameters(recurse=False)) or any(True for _ in llm.named_buffers(recurse=False)):
             raise ConfigError(f"{type(llm).__name__} holds tensors outside its submodules: not supported as a VLM's LLM")
         for name, child in llm.named_children():
-            if name in ("vision", "projector") or hasattr(self, name):
+            if name in ("vision", "projector", "feature_norm") or hasattr(self, name):
                 raise ConfigError(f"{type(llm).__name__}'s submodule {name!r} clashes with a VLM attribute")
             self.add_module(name, child)
+        self.feature_norm = FeatureNorm(config.feature_norm, vision.width)
         self.projector = build_projector(config.projector, vision.width, self.llm_width)
 
     def train(self, mode: bool = True) -> "VLM":
@@ -157,7 +164,19 @@ class VLM(nn.Module):
         """Projected features (n_images, N, llm width) of normalised images (n_images, 3, H, W)."""
         if pixel_values is None or pixel_values.numel() == 0:
             return None
-        return self.projector(self.vision(pixel_values).to(self.projector[0].weight.dtype))
+        feats = self.feature_norm(self.vision(pixel_values).float())
+        return self.projector(feats.to(self.projector[0].weight.dtype))
+
+    @torch.no_grad()
+    def fit_feature_norm(self, pixel_values: torch.Tensor, batch_size: int = 64) -> None:
+        """Measure ``feature_norm``'s statistics on normalised images (n, 3, H, W) (a no-op
+        unless ``feature_norm`` is ``standardize``; :mod:`qlip.vlm.feature_norm`)."""
+        if self.config.feature_norm != "standardize":
+            return
+        dev = self.feature_norm.mean.device
+        feats = [self.vision(pixel_values[i:i + batch_size].to(dev)).float()
+                 for i in range(0, pixel_values.shape[0], batch_size)]
+        self.feature_norm.fit(torch.cat(feats))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
         return splice(self.llm.get_input_embeddings(), input_ids, self.image_features(pixel_values),

@@ -17,6 +17,7 @@ bf16 autocast and the rest; the trained model is saved with :meth:`qlip.vlm.mode
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -41,16 +42,21 @@ class VLMModelSection:
     max_length: int = 512
     template: str = "auto"           # auto | plain
     grad_checkpointing: bool = False  # the LLM's activation checkpointing (transformers')
+    feature_norm: str = "none"       # none | layernorm | standardize (qlip.vlm.feature_norm)
+    feature_norm_images: int = 256   # standardize: training images its statistics are measured on
 
     def config(self) -> VLMConfig:
         return VLMConfig(layer=self.layer, features=self.features, projector=self.projector,
-                         image_token=self.image_token, max_length=self.max_length, template=self.template)
+                         image_token=self.image_token, max_length=self.max_length, template=self.template,
+                         feature_norm=self.feature_norm)
 
     def validate(self) -> None:
         if self.init is None and not (self.qlip and self.llm):
             raise ConfigError("model.qlip and model.llm are required (or model.init: a saved VLM)")
         if self.init is not None and (self.qlip or self.llm):
             raise ConfigError("model.init is a whole VLM: leave model.qlip and model.llm empty")
+        if self.feature_norm_images < 2:
+            raise ConfigError(f"model.feature_norm_images must be >= 2, got {self.feature_norm_images}")
         self.config().validate()
 
 
@@ -62,10 +68,13 @@ class VLMDataSection(DataSection):
 @dataclass
 class VLMTrainSection(TrainSection):
     stage: int = 1                       # 1: projector only; 2: projector + LLM
+    projector_lr: Optional[float] = None  # the projector's lr (default optim.lr, as the LLM's)
 
     def validate(self) -> None:
         super().validate()
         check("train.stage", self.stage, "1 or 2", self.stage in (1, 2))
+        if self.projector_lr is not None:
+            check("train.projector_lr", self.projector_lr, "> 0", self.projector_lr > 0)
 
 
 class VLMTask(Task):
@@ -87,17 +96,35 @@ class VLMTask(Task):
                                   f"keys (layer, features, projector, ...) must match it")
         else:
             model = build_vlm(m.qlip, m.llm, m.config())
+            self._fit_feature_norm(model)
         model.llm.requires_grad_(self.r.train.stage == 2)
         if m.grad_checkpointing:
             enable_checkpointing(model.llm)
         self.model = model
         return model
 
+    def _fit_feature_norm(self, model: VLM) -> None:
+        """A fresh model's ``standardize`` statistics, from the first ``model.feature_norm_images``
+        distinct training images (in file order: every rank measures the same)."""
+        if model.config.feature_norm != "standardize":
+            return
+        from .data import VLMProcessor, read_llava_json
+        proc = VLMProcessor(model, self.r.data.image_folder)
+        paths: List[str] = []
+        for rec in read_llava_json(self.r.data.train):
+            path = os.path.join(proc.image_folder or rec.get("_root", ""), rec["image"]) if rec.get("image") else None
+            if path is not None and path not in paths and len(paths) < self.r.model.feature_norm_images:
+                paths.append(path)
+        if len(paths) < 2:
+            raise ConfigError("model.feature_norm: standardize needs at least two training images")
+        model.fit_feature_norm(torch.stack([proc.image(p) for p in paths]))
+
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
         from ..train.optim import param_groups
         lr = self.r.optim.lr
+        plr = self.r.train.projector_lr if self.r.train.projector_lr is not None else lr
         # the LLM's parameters carry its own names (model.*, lm_head.*, ...): everything but the projector
-        return param_groups(model, lambda name: ("projector" if name.startswith("projector.") else "llm", lr),
+        return param_groups(model, lambda name: ("projector", plr) if name.startswith("projector.") else ("llm", lr),
                             self.r.optim.weight_decay)
 
     def fsdp_units(self, model: VLM) -> List[nn.Module]:

@@ -1,0 +1,74 @@
+"""Compare VLM training recipes on the demo QLIP's ``layer_-2`` (issue 16: colour and kind).
+
+One variant (vision features at layer -2 of ``--qlip``), LLaVA's two stages through the
+training engine as ``qlip demo vlm`` runs them, the demo's held-out evaluation, one JSON line
+per run appended to ``--log`` (settings -> colour / kind / position / size, seconds)::
+
+    OMP_NUM_THREADS=1 python benchmarks/vlm_recipe.py --out /tmp/vlm-bench --tag base \\
+        --feature-norm none --tokenizer-texts answers --max-length 128
+    OMP_NUM_THREADS=1 python benchmarks/vlm_recipe.py --out /tmp/vlm-bench --tag std \\
+        --feature-norm standardize
+
+The data and the tiny LLM are written once per (images, tokenizer texts) under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def main() -> None:
+    from qlip.demo import vlm as demo
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--qlip", default="runs/demo/qlip")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", required=True, help="this run's name (folder and log entry)")
+    p.add_argument("--log", default=None, help="JSON lines log (default OUT/log.jsonl)")
+    p.add_argument("--layer", type=int, default=-2)
+    p.add_argument("--features", default="hidden")
+    p.add_argument("--feature-norm", default=demo.RECIPE["feature_norm"])
+    p.add_argument("--multi-turn", type=int, default=int(demo.RECIPE["multi_turn"]), choices=[0, 1],
+                   help="1: all of an image's questions in one conversation; 0: one question per record")
+    p.add_argument("--tokenizer-texts", default=demo.RECIPE["tokenizer_texts"], choices=["answers", "rendered"])
+    p.add_argument("--vocab-size", type=int, default=demo.RECIPE["vocab_size"])
+    p.add_argument("--max-length", type=int, default=demo.RECIPE["max_length"])
+    p.add_argument("--train-images", type=int, default=demo.FULL["train_images"])
+    p.add_argument("--heldout-images", type=int, default=demo.FULL["heldout_images"])
+    p.add_argument("--stage1-steps", type=int, default=demo.FULL["stage1_steps"])
+    p.add_argument("--stage2-steps", type=int, default=demo.FULL["stage2_steps"])
+    p.add_argument("--batch-size", type=int, default=demo.FULL["batch_size"])
+    p.add_argument("--stage1-lr", type=float, default=demo.RECIPE["stage1_lr"])
+    p.add_argument("--stage2-lr", type=float, default=demo.RECIPE["stage2_lr"])
+    p.add_argument("--projector-lr", type=float, default=demo.RECIPE["stage2_projector_lr"],
+                   help="stage 2's projector lr (default: stage 2's lr)")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    import qlip.vlm  # noqa: F401  (registers task "vlm")
+
+    cfg = {"train_images": a.train_images, "heldout_images": a.heldout_images, "stage1_steps": a.stage1_steps,
+           "stage2_steps": a.stage2_steps, "batch_size": a.batch_size}
+    recipe = {"feature_norm": a.feature_norm, "multi_turn": bool(a.multi_turn), "tokenizer_texts": a.tokenizer_texts,
+              "vocab_size": a.vocab_size,
+              "max_length": a.max_length,
+              "stage1_lr": a.stage1_lr, "stage2_lr": a.stage2_lr, "stage2_projector_lr": a.projector_lr}
+    shared = os.path.join(a.out, f"shared-{a.train_images}-{a.heldout_images}-{a.multi_turn}-"
+                                 f"{a.tokenizer_texts}-{a.vocab_size}")
+    job = demo.prepare(shared, cfg, recipe, 64)
+    job["out"] = os.path.join(a.out, a.tag)
+    t0 = time.time()
+    res = demo._variant("layer_-2" if a.features == "hidden" else a.features, a.qlip, a.layer, a.features, job)
+    entry = {"tag": a.tag, **cfg, **recipe, "layer": a.layer, "features": a.features, **res["metrics"],
+             "loss": res["loss"], "seconds": res["seconds"], "wall_s": round(time.time() - t0, 1)}
+    log = a.log or os.path.join(a.out, "log.jsonl")
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    print(json.dumps(entry))
+
+
+if __name__ == "__main__":
+    main()
