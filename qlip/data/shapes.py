@@ -187,14 +187,24 @@ def _shape_polygon(kind: str, cx: float, cy: float, d: float, rot_deg: float) ->
         pts = [(r * math.cos(math.radians(a)), -r * math.sin(math.radians(a))) for a in (90, 210, 330)]
         pts = [(x, y + 0.25 * r) for x, y in pts]  # center the bounding box, not the centroid
     elif kind == "star":
-        r_out, r_in = 0.55 * d, 0.55 * d * 0.5  # fat star: arms stay visible at 15 px
-        pts = []
-        for i in range(10):
-            r = r_out if i % 2 == 0 else r_in
-            a = math.radians(90 + 36 * i)
-            pts.append((r * math.cos(a), -r * math.sin(a)))
+        pts = _star_points(0.55 * d, 0.55 * d * 0.5)  # fat star: arms stay visible at 15 px
     else:
         raise ValueError(f"no polygon for {kind!r}")
+    return _rotate_about(pts, cx, cy, rot_deg)
+
+
+def _star_points(r_out: float, r_in: float) -> list[tuple[float, float]]:
+    """The 10 corners of a five-pointed star around the origin, first point up."""
+    pts = []
+    for i in range(10):
+        r = r_out if i % 2 == 0 else r_in
+        a = math.radians(90 + 36 * i)
+        pts.append((r * math.cos(a), -r * math.sin(a)))
+    return pts
+
+
+def _rotate_about(pts: Sequence[tuple[float, float]], cx: float, cy: float, rot_deg: float) -> list[tuple[float, float]]:
+    """``pts`` (around the origin) rotated by ``rot_deg`` and moved to (cx, cy)."""
     c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
 
@@ -379,15 +389,10 @@ def _wide_polygon(kind: str, cx: float, cy: float, d: float, rot_deg: float, sty
         pts = [(0.0, -height / 2), (base / 2, height / 2), (-base / 2, height / 2)]
     elif kind == "star":
         r_out = 0.55 * d
-        pts = []
-        for i in range(10):
-            r = r_out if i % 2 == 0 else r_out * style["inner"]
-            a = math.radians(90 + 36 * i)
-            pts.append((r * math.cos(a), -r * math.sin(a)))
+        pts = _star_points(r_out, r_out * style["inner"])
     else:
         raise ValueError(f"no polygon for {kind!r}")
-    c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
-    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    return _rotate_about(pts, cx, cy, rot_deg)
 
 
 def _wide_pattern(bg: dict, size: int) -> np.ndarray:

@@ -73,16 +73,13 @@ def _recipe(name: str, overrides: List[str]):
 
 def _run(name: str, recipe, out_dir: str, resume: bool) -> Dict[str, Any]:
     from ..train.engine import train
-    from ..train.state import latest_checkpoint
+    from .resume import can_resume, finished_run
     run_dir = os.path.join(out_dir, name)
-    summ = os.path.join(run_dir, "summary.json")
-    if resume and os.path.isfile(summ):
-        with open(summ, encoding="utf-8") as f:
-            s = json.load(f)
-        if s.get("steps") == recipe.optim.steps and os.path.isdir(s.get("final_model", "")):
-            print(f"[demo] {name}: finished earlier, reusing {s['final_model']}")
-            return s
-    again = resume and latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None
+    s = finished_run(run_dir, recipe.optim.steps, resume)
+    if s is not None:
+        print(f"[demo] {name}: finished earlier, reusing {s['final_model']}")
+        return s
+    again = can_resume(run_dir, resume)
     print(f"[demo] {name}: {recipe.optim.steps} steps x batch {recipe.data.batch_size}"
           + (" (resuming)" if again else ""))
     t0 = time.time()

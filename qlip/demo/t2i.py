@@ -167,18 +167,16 @@ def train_generator(name: str, recipe: Dict[str, Any], run_dir: str, resume: boo
     interrupted one continues from its latest checkpoint; otherwise it starts over."""
     import qlip.gen  # noqa: F401  (registers task "t2i")
     from ..train import Recipe, train
-    from ..train.state import latest_checkpoint
+    from .resume import can_resume, finished_run
     marker = os.path.join(run_dir, "demo-t2i-run.json")
     ident = {"recipe": recipe, "tokens": tokens, "text_model": _file_id(recipe["text"]["model"])}
     same = os.path.isfile(marker) and _read_json(marker) == ident
-    summ = os.path.join(run_dir, "summary.json")
-    if resume and same and os.path.isfile(summ):
-        s = _read_json(summ)
-        if (s.get("steps") == recipe["optim"]["steps"] or s.get("stopped_by") == "max_time_s") \
-                and os.path.isdir(s.get("final_model", "")):
-            print(f"[demo-t2i] {name}: finished earlier ({s['steps']} steps), reusing {s['final_model']}")
-            return s
-    again = resume and same and latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None
+    s = finished_run(run_dir, recipe["optim"]["steps"], resume and same,
+                     also_done=lambda summary: summary.get("stopped_by") == "max_time_s")
+    if s is not None:
+        print(f"[demo-t2i] {name}: finished earlier ({s['steps']} steps), reusing {s['final_model']}")
+        return s
+    again = can_resume(run_dir, resume and same)
     if not again and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)

@@ -214,15 +214,12 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
 def _train(name: str, recipe, run_dir: str, resume: bool) -> Dict[str, Any]:
     import qlip.um3.task  # noqa: F401  (registers the engine task "um3")
     from ..train import train
-    from ..train.state import latest_checkpoint
-    summ = os.path.join(run_dir, "summary.json")
-    if resume and os.path.isfile(summ):
-        with open(summ, encoding="utf-8") as f:
-            s = json.load(f)
-        if s.get("steps") == recipe.optim.steps and os.path.isdir(s.get("final_model", "")):
-            print(f"[demo-um3] {name}: finished earlier, reusing {s['final_model']}")
-            return s
-    again = resume and latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None
+    from .resume import can_resume, finished_run
+    s = finished_run(run_dir, recipe.optim.steps, resume)
+    if s is not None:
+        print(f"[demo-um3] {name}: finished earlier, reusing {s['final_model']}")
+        return s
+    again = can_resume(run_dir, resume)
     t0 = time.time()
     s = train(recipe, run_dir, resume=again)
     s["wall_s"] = round(time.time() - t0, 1)
