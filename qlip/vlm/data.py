@@ -107,12 +107,15 @@ class VLMProcessor:
         pix = self.image(image)[None] if image is not None else None
         return {"input_ids": ids, "labels": labels, "pixel_values": pix}
 
+    def image_path(self, rec: Dict[str, Any]) -> Optional[str]:
+        """The image file of a LLaVA record (relative to ``image_folder``, default the JSON's
+        folder), or None for a text-only record."""
+        if not rec.get("image"):
+            return None
+        return os.path.join(self.image_folder or rec.get("_root", ""), rec["image"])
+
     def encode_record(self, rec: Dict[str, Any]) -> Dict[str, Any]:
-        image = None
-        if rec.get("image"):
-            root = self.image_folder or rec.get("_root", "")
-            image = os.path.join(root, rec["image"])
-        return self.encode(from_llava(rec["conversations"]), image)
+        return self.encode(from_llava(rec["conversations"]), self.image_path(rec))
 
     def collate(self, samples: Sequence[Dict[str, Any]], padding_side: str = "right") -> Dict[str, torch.Tensor]:
         T = max(len(s["input_ids"]) for s in samples)

@@ -17,7 +17,6 @@ bf16 autocast and the rest; the trained model is saved with :meth:`qlip.vlm.mode
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -110,11 +109,13 @@ class VLMTask(Task):
             return
         from .data import VLMProcessor, read_llava_json
         proc = VLMProcessor(model, self.r.data.image_folder)
-        paths: List[str] = []
+        paths: Dict[str, None] = {}  # insertion-ordered set: file order, each image once
         for rec in read_llava_json(self.r.data.train):
-            path = os.path.join(proc.image_folder or rec.get("_root", ""), rec["image"]) if rec.get("image") else None
-            if path is not None and path not in paths and len(paths) < self.r.model.feature_norm_images:
-                paths.append(path)
+            if len(paths) == self.r.model.feature_norm_images:
+                break
+            path = proc.image_path(rec)
+            if path is not None:
+                paths.setdefault(path)
         if len(paths) < 2:
             raise ConfigError("model.feature_norm: standardize needs at least two training images")
         model.fit_feature_norm(torch.stack([proc.image(p) for p in paths]))
