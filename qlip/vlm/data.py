@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -117,6 +117,16 @@ class VLMProcessor:
     def encode_record(self, rec: Dict[str, Any]) -> Dict[str, Any]:
         return self.encode(from_llava(rec["conversations"]), self.image_path(rec))
 
+    def token_length(self, rec: Dict[str, Any]) -> int:
+        """Tokens of a record's whole conversation (image tokens included), before any cut at
+        ``max_length``; no image is read."""
+        messages = from_llava(rec["conversations"])
+        if self.image_path(rec) is not None:
+            messages = self.with_image_token(messages)
+        ids, _ = tokenize_conversation(self.tokenizer, messages, self.image_token_id, self.num_image_tokens,
+                                       1 << 30, self.template)
+        return len(ids)
+
     def collate(self, samples: Sequence[Dict[str, Any]], padding_side: str = "right") -> Dict[str, torch.Tensor]:
         T = max(len(s["input_ids"]) for s in samples)
         ids = torch.full((len(samples), T), self.pad_token_id, dtype=torch.long)
@@ -132,6 +142,14 @@ class VLMProcessor:
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         out["pixel_values"] = torch.cat(pix) if pix else torch.zeros(0)
         return out
+
+
+def count_cut(records: Sequence[Dict[str, Any]], processor: VLMProcessor, limit: int = 1000) -> Tuple[int, int]:
+    """``(cut, scanned)``: how many of the first ``limit`` records are longer than the processor's
+    ``max_length`` (training keeps only their first ``max_length`` tokens: the answers after the
+    cut are never trained)."""
+    scanned = list(records[:limit])
+    return sum(processor.token_length(r) > processor.max_length for r in scanned), len(scanned)
 
 
 class VLMLoader(IndexedLoader):

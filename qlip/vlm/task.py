@@ -17,6 +17,7 @@ bf16 autocast and the rest; the trained model is saved with :meth:`qlip.vlm.mode
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -27,6 +28,8 @@ from ..errors import ConfigError
 from ..train.recipe import DataSection, TrainSection, check
 from ..train.task import StepLog, Task
 from .model import VLM, VLMConfig, answer_loss, build_vlm, enable_checkpointing, load
+
+log = logging.getLogger("qlip.vlm")
 
 
 @dataclass
@@ -135,9 +138,16 @@ class VLMTask(Task):
         return list(getattr(inner, "layers", []))
 
     def build_loader(self):
-        from .data import VLMLoader, VLMProcessor, read_llava_json
+        from .data import VLMLoader, VLMProcessor, count_cut, read_llava_json
         d = self.r.data
-        return VLMLoader(read_llava_json(d.train), VLMProcessor(self.model, d.image_folder), d.batch_size,
+        records, proc = read_llava_json(d.train), VLMProcessor(self.model, d.image_folder)
+        if self.dist.rank == 0:
+            cut, scanned = count_cut(records, proc)
+            if cut:
+                log.warning("model.max_length %d cuts %d of the first %d training conversations: their answers "
+                            "after the cut are never trained (raise model.max_length, or use a tokenizer that "
+                            "writes the template in fewer tokens)", proc.max_length, cut, scanned)
+        return VLMLoader(records, proc, d.batch_size,
                          seed=self.r.train.seed, rank=self.dist.rank, world_size=self.dist.world_size)
 
     def micro_step(self, batch: Dict[str, Any], scale: float, log: StepLog, step: int) -> torch.Tensor:

@@ -217,3 +217,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(vlm, qa_dir):
     l1, g1 = grads()
     assert any(getattr(m, "gradient_checkpointing", False) for m in vlm.llm.modules()) and l0 == l1
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g0, g1)) and any(a.abs().sum() > 0 for a in g0)
+
+
+def test_token_length_and_count_cut_measure_conversations_before_the_cut(vlm, qa_dir):
+    from qlip.vlm.data import VLMProcessor, count_cut, read_llava_json
+    recs = read_llava_json(str(qa_dir / "train.json"))
+    proc = VLMProcessor(vlm)
+    lengths = [proc.token_length(r) for r in recs]
+    proc.max_length = max(lengths)
+    # what training encodes when nothing is cut, image tokens included
+    assert [len(proc.encode_record(r)["input_ids"]) for r in recs[:4]] == lengths[:4]
+    assert min(lengths) > vlm.num_image_tokens
+    assert count_cut(recs, proc) == (0, len(recs))
+    proc.max_length = min(lengths)
+    longer = [n > min(lengths) for n in lengths]
+    assert 0 < sum(longer) < len(recs)
+    assert count_cut(recs, proc) == (sum(longer), len(recs))
+    assert count_cut(recs, proc, limit=5) == (sum(longer[:5]), 5)

@@ -59,10 +59,12 @@ def _same_run(a, b, tol):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= tol
 
 
-def test_stage1_trains_only_the_projector_then_stage2_the_llm(tmp_path, qlip_dir, llm_dir, qa_dir):
+def test_stage1_trains_only_the_projector_then_stage2_the_llm(tmp_path, qlip_dir, llm_dir, qa_dir, caplog):
     from qlip.vlm import load
     s1 = tmp_path / "s1"
-    summary = train(load_recipe(_recipe(tmp_path / "s1.yaml", qlip_dir, llm_dir, qa_dir)), str(s1))
+    with caplog.at_level("WARNING", logger="qlip.vlm"):
+        summary = train(load_recipe(_recipe(tmp_path / "s1.yaml", qlip_dir, llm_dir, qa_dir)), str(s1))
+    assert "cuts" not in caplog.text  # every conversation fits max_length 64
     assert summary["task"] == "vlm" and summary["steps"] == STEPS
     log = _log(s1)
     assert log[-1]["ce"] < log[0]["ce"]
@@ -82,6 +84,25 @@ def test_stage1_trains_only_the_projector_then_stage2_the_llm(tmp_path, qlip_dir
     assert not torch.equal(m1.llm.lm_head.weight, m2.llm.lm_head.weight)
     assert not torch.equal(m1.projector[0].weight, m2.projector[0].weight)
     assert all(torch.equal(a, b) for a, b in zip(m1.vision.qlip.parameters(), m2.vision.qlip.parameters()))
+
+
+def test_a_max_length_that_cuts_conversations_is_reported(tmp_path, qlip_dir, llm_dir, caplog):
+    from qlip.data.shapes_qa import write_shapes_qa
+    from qlip.vlm import build_vlm
+    from qlip.vlm.data import VLMProcessor, read_llava_json
+    qa = tmp_path / "qa"
+    write_shapes_qa(str(qa), 12, split="train", size=32, multi_turn=True)
+    recs = read_llava_json(str(qa / "train.json"))
+    proc = VLMProcessor(build_vlm(str(qlip_dir), str(llm_dir)))
+    whole = [proc.token_length(r) for r in recs]
+    first_turn = [proc.token_length({**r, "conversations": r["conversations"][:2]}) for r in recs]
+    cut_at = max(first_turn)  # every conversation keeps its first answer; the longer ones lose the rest
+    n = sum(x > cut_at for x in whole)
+    assert 0 < n < len(recs)
+    path = _recipe(tmp_path / "r.yaml", qlip_dir, llm_dir, qa, model={"max_length": cut_at}, optim={"steps": 1})
+    with caplog.at_level("WARNING", logger="qlip.vlm"):
+        train(load_recipe(path), str(tmp_path / "run"))
+    assert f"model.max_length {cut_at} cuts {n} of the first {len(recs)} training conversations" in caplog.text
 
 
 _KILL_AT_3 = """
