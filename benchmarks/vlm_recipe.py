@@ -45,6 +45,12 @@ def main() -> None:
     p.add_argument("--stage2-lr", type=float, default=demo.RECIPE["stage2_lr"])
     p.add_argument("--projector-lr", type=float, default=demo.RECIPE["stage2_projector_lr"],
                    help="stage 2's projector lr (default: stage 2's lr)")
+    p.add_argument("--eval-split", default="val", choices=["val", "heldout"],
+                   help="where the answers are scored: the validation split (default; recipes are chosen "
+                        "there) or the held-out test split the demo reports")
+    p.add_argument("--eval-images", type=int, default=200, help="images of --eval-split scored (default 200)")
+    p.add_argument("--llm-hidden", type=int, default=demo.RECIPE["llm_hidden"], help="the tiny LLM's width")
+    p.add_argument("--llm-layers", type=int, default=demo.RECIPE["llm_layers"], help="the tiny LLM's depth")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -54,15 +60,19 @@ def main() -> None:
            "stage2_steps": a.stage2_steps, "batch_size": a.batch_size}
     recipe = {"feature_norm": a.feature_norm, "multi_turn": bool(a.multi_turn), "tokenizer_texts": a.tokenizer_texts,
               "vocab_size": a.vocab_size,
-              "max_length": a.max_length,
+              "max_length": a.max_length, "llm_hidden": a.llm_hidden, "llm_layers": a.llm_layers,
               "stage1_lr": a.stage1_lr, "stage2_lr": a.stage2_lr, "stage2_projector_lr": a.projector_lr}
     shared = os.path.join(a.out, f"shared-{a.train_images}-{a.heldout_images}-{a.multi_turn}-"
-                                 f"{a.tokenizer_texts}-{a.vocab_size}")
+                                 f"{a.tokenizer_texts}-{a.vocab_size}-{a.llm_hidden}x{a.llm_layers}")
     job = demo.prepare(shared, cfg, recipe, 64)
+    if a.eval_split != "heldout" or a.eval_images != a.heldout_images:
+        from qlip.data.shapes_qa import write_shapes_qa
+        job["heldout_json"] = write_shapes_qa(job["data"], a.eval_images, split=a.eval_split, size=64,
+                                              types=list(demo.TYPES))
     job["out"] = os.path.join(a.out, a.tag)
     t0 = time.time()
     res = demo._variant("layer_-2" if a.features == "hidden" else a.features, a.qlip, a.layer, a.features, job)
-    entry = {"tag": a.tag, **cfg, **recipe, "layer": a.layer, "features": a.features, **res["metrics"],
+    entry = {"tag": a.tag, **cfg, **recipe, "eval_split": a.eval_split, "eval_images": a.eval_images, "layer": a.layer, "features": a.features, **res["metrics"],
              "loss": res["loss"], "seconds": res["seconds"], "wall_s": round(time.time() - t0, 1)}
     log = a.log or os.path.join(a.out, "log.jsonl")
     with open(log, "a", encoding="utf-8") as f:

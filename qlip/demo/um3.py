@@ -136,8 +136,10 @@ def single_shape_tokens(src: str, dst: str) -> int:
     return len(keep)
 
 
-def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool, resume: bool) -> Dict[str, Any]:
-    """Corpus, tiny Llama, token shards (single shapes) and the tokenized test images in ``OUT/data``."""
+def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool, resume: bool,
+             eval_split: str = "heldout") -> Dict[str, Any]:
+    """Corpus, tiny Llama, token shards (single shapes) and the tokenized test images in ``OUT/data``
+    (``eval_split``: the demo's held-out test split; benchmarks/um3_recipe.py chooses on ``val``)."""
     import glob
 
     import torch
@@ -156,9 +158,9 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
     with open(corpus, "w", encoding="utf-8") as f:
         f.write(synthetic_corpus(cfg["corpus_sentences"], seed=SEED))
     shards = sorted(glob.glob(os.path.join(data, "shapes-train-*.tar")))[: cfg["train_shards"]]
-    tests = sorted(glob.glob(os.path.join(data, "shapes-heldout-*.tar")))
+    tests = sorted(glob.glob(os.path.join(data, f"shapes-{eval_split}-*.tar")))
     if not shards or not tests:
-        raise ConfigError(f"{data!r} has no shapes-train-*.tar or shapes-heldout-*.tar shards: run `qlip demo` first")
+        raise ConfigError(f"{data!r} has no shapes-train-*.tar or shapes-{eval_split}-*.tar shards: run `qlip demo` first")
     model = load(qlip_dir).eval()
     all_tokens, tokens = os.path.join(d, "tokens-all"), os.path.join(d, "tokens")
     tokenize_shards(shards, model, all_tokens, model_name=qlip_dir, batch_size=128, preprocess="model",
@@ -173,10 +175,11 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
                             max_seq_len=1024, seed=SEED, tokenizer=train_byte_bpe(texts, cfg["vocab"]))
     test_file = os.path.join(d, "test.pt")
     test = torch.load(test_file) if resume and os.path.isfile(test_file) else None
-    if test is None or test.get("source") != [qlip_dir, data, cfg["test_images"]]:
+    source = [qlip_dir, data, cfg["test_images"]] + ([] if eval_split == "heldout" else [eval_split])
+    if test is None or test.get("source") != source:
         ids, labels, recon, originals = [], [], [], []
         with torch.no_grad():
-            for x, y in open_dataset(os.path.join(data, "shapes-heldout-*.tar")).batches(
+            for x, y in open_dataset(os.path.join(data, f"shapes-{eval_split}-*.tar")).batches(
                     model.preprocess, 64, limit=cfg["test_images"]):
                 t = model.tokenize(x)
                 ids.append(t)
@@ -184,7 +187,7 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
                 originals.append(denormalize(x, model.image_mean, model.image_std).clamp(0, 1))
                 recon.append(denormalize(model.detokenize(t), model.image_mean, model.image_std).clamp(0, 1))
         test = {"ids": torch.cat(ids), "labels": torch.cat(labels), "recon": torch.cat(recon),
-                "originals": torch.cat(originals), "source": [qlip_dir, data, cfg["test_images"]]}
+                "originals": torch.cat(originals), "source": source}
         test["ceiling"] = judge_accuracy(test["recon"], test["labels"])
         torch.save(test, test_file)
     return {"corpus": corpus, "llama": llama, "tokens": tokens, "test": test_file, "grid": int(test["ids"].shape[-1]),

@@ -48,7 +48,7 @@ FAST = {"train_images": 48, "heldout_images": 8, "stage1_steps": 3, "stage2_step
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-3
 # How the VLM is trained (docs/vlm.md, "The demo's recipe"); benchmarks/vlm_recipe.py compares choices.
 RECIPE = {"feature_norm": "standardize", "multi_turn": True, "tokenizer_texts": "answers", "vocab_size": 384,
-          "max_length": 128,
+          "max_length": 128, "llm_hidden": 64, "llm_layers": 2,
           "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "stage2_projector_lr": None}
 
 
@@ -163,8 +163,8 @@ def prepare(out: str, cfg: Dict[str, Any], recipe: Dict[str, Any], size: int) ->
     heldout_json = write_shapes_qa(data, cfg["heldout_images"], split="heldout", size=size,
                                    types=list(TYPES))
     texts = _tokenizer_texts(train_json, recipe["tokenizer_texts"])
-    llm = build_tiny_llm(os.path.join(out, "tiny-llama"), texts, vocab_size=recipe["vocab_size"], hidden_size=64,
-                         layers=2)
+    llm = build_tiny_llm(os.path.join(out, "tiny-llama"), texts, vocab_size=recipe["vocab_size"],
+                         hidden_size=recipe.get("llm_hidden", 64), layers=recipe.get("llm_layers", 2))
     return {"cfg": cfg, "recipe": recipe, "out": out, "llm": llm, "train_json": train_json,
             "heldout_json": heldout_json, "data": data}
 

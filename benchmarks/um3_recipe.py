@@ -1,0 +1,65 @@
+"""Compare UM3 training recipes on the demo's data (issue 12: captioning and drawing).
+
+One run of ``qlip demo um3`` (default ``um3``: Eq. 6 split softmax + Eq. 7 calm-down), trained
+through the same engine task and data, then the demo's figures (text perplexity, caption colour /
+kind, drawings judged by the shape judge) on the **validation** split's images by default, so
+that a recipe is chosen without looking at the test split the demo reports. One JSON line per run
+is appended to ``--log`` (settings -> figures, seconds)::
+
+    OMP_NUM_THREADS=1 python benchmarks/um3_recipe.py --demo-dir runs/demo --out /tmp/um3-bench \\
+        --tag base
+    OMP_NUM_THREADS=1 python benchmarks/um3_recipe.py --demo-dir runs/demo --out /tmp/um3-bench \\
+        --tag steps600 --steps 600
+
+The data (corpus, tiny Llama, token shards, the tokenized evaluation images) is written once per
+(model size, vocabulary, evaluation split) under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def main() -> None:
+    from qlip.demo import um3 as demo
+    full = demo.FULL
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo-dir", default="runs/demo", help="a `qlip demo` output (its QLIP and shapes data)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", required=True, help="this run's name (folder and log entry)")
+    p.add_argument("--log", default=None, help="JSON lines log (default OUT/log.jsonl)")
+    p.add_argument("--run", default="um3", choices=sorted(demo.RUNS), help="which of the demo's runs")
+    p.add_argument("--eval-split", default="val", choices=["val", "heldout"])
+    for key in ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
+                "draws_per_class", "train_shards"):
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=full[key])
+    p.add_argument("--lr", type=float, default=full["lr"])
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = dict(full)
+    for key in ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
+                "draws_per_class", "train_shards", "lr"):
+        cfg[key] = getattr(a, key)
+    cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
+    qlip_dir, data = demo._demo_inputs(a.demo_dir)
+    shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-{cfg['ffn']}-{cfg['train_shards']}-"
+                                 f"{a.eval_split}{cfg['test_images']}")
+    t0 = time.time()
+    prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
+    res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, False)[a.run]
+    keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards")
+    entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
+             **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
+             "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}
+    log = a.log or os.path.join(a.out, "log.jsonl")
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    print(json.dumps(entry))
+
+
+if __name__ == "__main__":
+    main()
