@@ -43,12 +43,12 @@ from ..errors import ConfigError
 
 TYPES = ("colour", "kind", "position", "size")
 VARIANTS = ("layer_-2", "last_layer", "after_quantizer", "recon_only")
-FULL = {"train_images": 2000, "heldout_images": 100, "stage1_steps": 100, "stage2_steps": 1500, "batch_size": 16}
+FULL = {"train_images": 2000, "heldout_images": 200, "stage1_steps": 100, "stage2_steps": 1500, "batch_size": 16}
 FAST = {"train_images": 48, "heldout_images": 8, "stage1_steps": 3, "stage2_steps": 3, "batch_size": 4}
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-3
 # How the VLM is trained (docs/vlm.md, "The demo's recipe"); benchmarks/vlm_recipe.py compares choices.
-RECIPE = {"feature_norm": "standardize", "multi_turn": True, "tokenizer_texts": "answers", "vocab_size": 384,
-          "max_length": 128, "llm_hidden": 64, "llm_layers": 2,
+RECIPE = {"feature_norm": "standardize", "multi_turn": True, "tokenizer_texts": "rendered", "vocab_size": 448,
+          "max_length": 160, "llm_hidden": 64, "llm_layers": 2,
           "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "stage2_projector_lr": None}
 
 

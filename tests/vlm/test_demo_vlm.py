@@ -42,3 +42,25 @@ def test_checks_are_the_issue_targets_and_table6_direction():
     m["layer_-2"]["colour"] = 0.94
     got = checks(m, 0.6)
     assert [k for k, v in got.items() if not v] == ["layer_-2 colour >= 0.95", "layer_-2 >= after_quantizer"]
+
+
+def test_the_demo_recipe_fits_every_training_conversation_in_max_length(tmp_path):
+    """The demo's multi-turn conversations (64 image tokens at 64 px) must fit ``max_length`` whole:
+    with the template spelt letter by letter (merges learned on the answers only, the recipe before
+    issue 16's fix) over half of them were cut and lost most of their answers."""
+    from transformers import AutoTokenizer
+
+    from qlip.demo.vlm import RECIPE, prepare
+    from qlip.vlm.conversation import IGNORE_INDEX, from_llava, tokenize_conversation
+    cfg = {"train_images": 120, "heldout_images": 1}
+    job = prepare(str(tmp_path), cfg, RECIPE, 64)
+    tok = AutoTokenizer.from_pretrained(job["llm"])
+    image_id = tok.convert_tokens_to_ids("<image>")
+    records = json.loads(open(job["train_json"]).read())
+    assert any(len(r["qa"]) >= 4 for r in records)
+    for r in records:
+        ids, labels = tokenize_conversation(tok, from_llava(r["conversations"]), image_id, 64, 1 << 30)
+        assert len(ids) <= RECIPE["max_length"], (r["id"], len(ids))
+        # every answer is trained: one label span per assistant turn
+        starts = sum(1 for j, y in enumerate(labels) if y != IGNORE_INDEX and (j == 0 or labels[j - 1] == IGNORE_INDEX))
+        assert starts == len(r["qa"])
