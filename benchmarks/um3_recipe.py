@@ -38,6 +38,7 @@ def main() -> None:
                 "draws_per_class", "train_shards"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=full[key])
     p.add_argument("--lr", type=float, default=full["lr"])
+    p.add_argument("--visual-init", default=full.get("visual_init", "mean"), choices=["mean", "bits"])
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = dict(full)
@@ -45,13 +46,15 @@ def main() -> None:
                 "draws_per_class", "train_shards", "lr"):
         cfg[key] = getattr(a, key)
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
+    cfg["visual_init"] = a.visual_init
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
     shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-{cfg['ffn']}-{cfg['train_shards']}-"
                                  f"{a.eval_split}{cfg['test_images']}")
     t0 = time.time()
     prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, False)[a.run]
-    keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards")
+    keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
+            "visual_init")
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
              "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}

@@ -202,7 +202,8 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
     r0, rT = (1.0, 1.0) if text_only else (R0, RT)
     return Recipe.from_dict({
         "task": "um3",
-        "model": {"init": prep["llama"], "qk_norm": True, "bits": prep["bits"], "groups": 2},
+        "model": {"init": prep["llama"], "qk_norm": True, "bits": prep["bits"], "groups": 2,
+                  "visual_init": cfg.get("visual_init", "mean")},
         "data": {"text": prep["corpus"], "tokens": prep["tokens"], "batch_size": cfg["batch_size"],
                  "seq_len": seq_len, "r0": r0, "rT": rT, "calm_down_steps": cfg["calm_down_steps"],
                  "mixing": mixing, "i2t_share": I2T_SHARE, "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,

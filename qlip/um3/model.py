@@ -10,7 +10,11 @@ classes). :func:`from_llama` starts it from any Hugging Face ``LlamaForCausalLM`
 3. tied embeddings are untied (the output layer becomes a copy of the embedding);
 4. the embedding and the output layer get ``<boi>``, ``<eoi>`` and the visual rows
    (:class:`qlip.um3.vocab.UM3Vocab`), each new row the mean of that matrix's text rows (paper
-   Sec. 4.1: ``e_i = sum_j e_j / V_t`` for ``i > V_t``).
+   Sec. 4.1: ``e_i = sum_j e_j / V_t`` for ``i > V_t``); ``visual_init="bits"`` (ours, opt-in)
+   adds to each visual row a fixed random projection of its sub-token's bits
+   (:func:`bits_extend`), so that rows sharing bits start close and a row never seen in training
+   is not the text mean: a small model learns from few images what the paper's scale learns
+   from billions (docs/um3.md).
 
 Saved as ``config.json`` (``{"architecture": "um3", "lm": CausalLMConfig, "vocab": UM3Vocab,
 "bos_id", "eos_id"}``) + ``model.safetensors`` (the ``qlip.nn`` names) + ``tokenizer.json``.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -83,6 +88,34 @@ def mean_extend(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, mean.expand(rows, -1)], 0)
 
 
+VISUAL_INITS = ("mean", "bits")
+
+
+def bit_signs(group_bits: int) -> torch.Tensor:
+    """``(2**group_bits, group_bits)`` float64: the bits of every sub-token value as -1 / +1
+    (column k is bit k, least significant first)."""
+    values = torch.arange(1 << group_bits, dtype=torch.int64)
+    return ((values[:, None] >> torch.arange(group_bits)) & 1).double() * 2 - 1
+
+
+def bits_extend(weight: torch.Tensor, vocab: UM3Vocab, seed: int = 0) -> torch.Tensor:
+    """:func:`mean_extend`, then visual row ``v`` of group ``g`` plus ``sigma * R_g s(v)``:
+    ``s(v)`` the sub-token's bits as +-1 (:func:`bit_signs`), ``R_g`` a fixed ``(group_bits, d)``
+    Gaussian matrix with variance ``1 / group_bits`` (seeded: the same rows every time), ``sigma``
+    the standard deviation of the text rows' elements, so the added part has the text rows' scale.
+    ``<boi>`` / ``<eoi>`` stay the mean."""
+    out = mean_extend(weight, vocab.added)
+    vv = vocab.visual
+    sigma = float(weight[: vocab.text_size].double().std())
+    signs = bit_signs(vv.group_bits)
+    gen = torch.Generator().manual_seed(seed)
+    for g in range(vv.groups):
+        proj = torch.randn(vv.group_bits, weight.shape[1], generator=gen, dtype=torch.float64) / math.sqrt(vv.group_bits)
+        start = vv.group_start(g)
+        out[start:start + vv.group_size] += (sigma * signs @ proj).to(out.dtype)
+    return out
+
+
 def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
     """A Hugging Face checkpoint's tensors: ``model.safetensors`` or the shards named in
     ``model.safetensors.index.json``."""
@@ -103,8 +136,11 @@ def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
 
 
 def from_llama(folder: str, bits: int = 28, groups: int = 2, qk_norm: bool = True,
-               max_seq_len: Optional[int] = None) -> Tuple[UM3, TextTokenizer]:
-    """A UM3 model (float32) and its text tokenizer from a Hugging Face Llama (or Qwen3) folder."""
+               max_seq_len: Optional[int] = None, visual_init: str = "mean") -> Tuple[UM3, TextTokenizer]:
+    """A UM3 model (float32) and its text tokenizer from a Hugging Face Llama (or Qwen3) folder;
+    ``visual_init``: ``mean`` (the paper) or ``bits`` (:func:`bits_extend`)."""
+    if visual_init not in VISUAL_INITS:
+        raise CheckpointError(f"visual_init must be one of {', '.join(VISUAL_INITS)}, got {visual_init!r}")
     hf = read_json(os.path.join(folder, "config.json"))
     src_cfg = causal_lm_config_from_hf(hf)
     sd = state_dict_from_hf({k: v.float() for k, v in read_hf_weights(folder).items()}, src_cfg)
@@ -116,7 +152,8 @@ def from_llama(folder: str, bits: int = 28, groups: int = 2, qk_norm: bool = Tru
         if key not in sd:
             raise CheckpointError(f"{folder}: the checkpoint has no {key} (Hugging Face name of "
                                   f"{'model.embed_tokens' if key.startswith('tok') else 'lm_head'})")
-        sd[key] = mean_extend(sd[key].clone(), vocab.added)  # clone: untie
+        w = sd[key].clone()  # clone: untie
+        sd[key] = bits_extend(w, vocab) if visual_init == "bits" else mean_extend(w, vocab.added)
     tok = TextTokenizer.from_folder(folder, bos_id=_single_id(hf.get("bos_token_id")),
                                     eos_id=_single_id(hf.get("eos_token_id")))
     model = UM3(cfg, vocab, tok.bos_id, tok.eos_id)

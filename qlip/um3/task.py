@@ -39,8 +39,10 @@ class UM3ModelSection:
     bits: int = 28                      # QLIP token bits (must match the token shards)
     groups: int = 2                     # sub-tokens per QLIP token
     grad_checkpointing: bool = False
+    visual_init: str = "mean"           # mean (paper Sec. 4.1) | bits (ours: + a projection of the row's bits)
 
     def validate(self) -> None:
+        check("model.visual_init", self.visual_init, "mean or bits", self.visual_init in ("mean", "bits"))
         if not self.init:
             raise ConfigError("model.init is empty: give a Hugging Face Llama folder to start from "
                               "(qlip um3 tiny-llama writes a tiny random one)")
@@ -94,7 +96,8 @@ class UM3Task(Task):
     # ---- setup -----------------------------------------------------------------------------------
     def build_model(self) -> UM3:
         m = self.r.model
-        model, self.tokenizer = from_llama(m.init, bits=m.bits, groups=m.groups, qk_norm=m.qk_norm)
+        model, self.tokenizer = from_llama(m.init, bits=m.bits, groups=m.groups, qk_norm=m.qk_norm,
+                                           visual_init=m.visual_init)
         model.lm.grad_checkpointing = m.grad_checkpointing
         self.model = model
         self._text_ids = None
