@@ -7,7 +7,7 @@ import torch
 
 from _um3_utils import BITS, GROUPS, tiny_llama
 from qlip.errors import CheckpointError
-from qlip.um3.model import from_llama, load_um3, mean_extend, save_um3
+from qlip.um3.model import bit_signs, bits_extend, from_llama, load_um3, mean_extend, save_um3
 from qlip.um3.vocab import UM3Vocab
 
 transformers = pytest.importorskip("transformers")
@@ -109,6 +109,32 @@ def test_mean_extend_keeps_rows_and_dtype():
     w = torch.randn(5, 3, dtype=torch.bfloat16)
     out = mean_extend(w, 2)
     assert out.dtype == torch.bfloat16 and torch.equal(out[:5], w) and torch.equal(out[5], out[6])
+
+
+def test_bits_init_adds_a_fixed_projection_of_each_rows_bits(llama):
+    """visual_init="bits": text rows untouched, <boi>/<eoi> the mean, each group's visual rows the
+    mean plus an exact linear function of the +-1 bits of their sub-token value, at the text rows'
+    scale, the same on every call; the paper's mean init stays the default."""
+    model, _ = from_llama(llama, bits=BITS, groups=GROUPS, visual_init="bits")
+    E = transformers.LlamaForCausalLM.from_pretrained(llama).model.embed_tokens.weight.detach().double()
+    v = model.vocab
+    mean = E.mean(0)
+    for w in (model.lm.tok_embeddings.weight.double(), model.lm.output.weight.double()):
+        assert torch.equal(w[:v.text_size], E)
+        assert torch.allclose(w[v.boi], mean, atol=1e-6) and torch.allclose(w[v.eoi], mean, atol=1e-6)
+        S = bit_signs(v.visual.group_bits)
+        for g in range(v.groups):
+            start = v.visual.group_start(g)
+            rows = w[start:start + v.visual.group_size] - mean
+            coef = torch.linalg.lstsq(S, rows).solution          # rows = S @ coef exactly
+            assert (S @ coef - rows).abs().max() < 1e-5
+            assert 0.3 < float(rows.std() / E.std()) < 3.0
+        assert not torch.allclose(w[v.visual_start], w[v.visual_start + 1])
+    again, _ = from_llama(llama, bits=BITS, groups=GROUPS, visual_init="bits")
+    assert torch.equal(again.lm.tok_embeddings.weight, model.lm.tok_embeddings.weight)
+    assert torch.equal(bits_extend(E.float(), v), model.lm.tok_embeddings.weight)
+    with pytest.raises(CheckpointError, match="visual_init must be one of mean, bits"):
+        from_llama(llama, bits=BITS, groups=GROUPS, visual_init="random")
 
 
 def test_vocabulary_layout():
