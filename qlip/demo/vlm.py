@@ -101,7 +101,7 @@ def evaluate(model, records: List[Dict[str, Any]], root: str, batch_size: int = 
 def _train(name: str, stage: int, model: Dict[str, Any], data: str, steps: int, batch: int, lr: float,
            out: str, train_extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from ..train import Recipe, train
-    r = Recipe.from_dict({"task": "vlm", "model": model, "data": {"train": data, "batch_size": batch, "cache": True},
+    r = Recipe.from_dict({"task": "vlm", "model": model, "data": {"train": data, "batch_size": batch},
                           "optim": {"optimizer": "adamw", "lr": lr, "warmup_steps": max(1, steps // 20),
                                     "steps": steps, "weight_decay": 0.0},
                           "train": {"stage": stage, "log_every": max(1, steps // 10), "ckpt_every": 0,

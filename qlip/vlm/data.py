@@ -158,23 +158,13 @@ class VLMLoader(IndexedLoader):
     what = "VLM loader"
 
     def __init__(self, records: List[Dict[str, Any]], processor: VLMProcessor, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, cache: bool = False):
+                 rank: int = 0, world_size: int = 1):
         if not records:
             raise DataError("no training records")
         self.records, self.processor = records, processor
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         super().__init__()
         self._perm: Dict[int, List[int]] = {}
-        # cache: every encoded sample (token ids, labels, image tensor) kept after its first use;
-        # the same values as encoding again (the processing is deterministic), only faster
-        self._cache: Optional[Dict[int, Dict[str, Any]]] = {} if cache else None
-
-    def _sample(self, i: int) -> Dict[str, Any]:
-        if self._cache is None:
-            return self.processor.encode_record(self.records[i])
-        if i not in self._cache:
-            self._cache[i] = self.processor.encode_record(self.records[i])
-        return self._cache[i]
 
     def _order(self, epoch: int) -> List[int]:
         if epoch not in self._perm:
@@ -186,8 +176,10 @@ class VLMLoader(IndexedLoader):
         """Batch ``index`` of this rank (a pure function of seed, index and rank)."""
         G, n = self.batch_size * self.world_size, len(self.records)
         start = index * G + self.rank * self.batch_size
-        return self.processor.collate([self._sample(self._order(p // n)[p % n])
-                                       for p in range(start, start + self.batch_size)])
+        rows = []
+        for p in range(start, start + self.batch_size):
+            rows.append(self.records[self._order(p // n)[p % n]])
+        return self.processor.collate([self.processor.encode_record(r) for r in rows])
 
 
     def _settings(self) -> Dict[str, int]:

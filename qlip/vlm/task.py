@@ -65,7 +65,6 @@ class VLMModelSection:
 @dataclass
 class VLMDataSection(DataSection):
     image_folder: Optional[str] = None   # root of the records' image paths (default: each JSON's folder)
-    cache: bool = False                  # keep each encoded sample (ids, labels, image) in memory after first use
 
 
 @dataclass
@@ -148,8 +147,8 @@ class VLMTask(Task):
                 log.warning("model.max_length %d cuts %d of the first %d training conversations: their answers "
                             "after the cut are never trained (raise model.max_length, or use a tokenizer that "
                             "writes the template in fewer tokens)", proc.max_length, cut, scanned)
-        return VLMLoader(records, proc, d.batch_size, seed=self.r.train.seed, rank=self.dist.rank,
-                         world_size=self.dist.world_size, cache=d.cache)
+        return VLMLoader(records, proc, d.batch_size,
+                         seed=self.r.train.seed, rank=self.dist.rank, world_size=self.dist.world_size)
 
     def micro_step(self, batch: Dict[str, Any], scale: float, log: StepLog, step: int) -> torch.Tensor:
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

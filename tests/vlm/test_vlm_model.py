@@ -234,16 +234,3 @@ def test_token_length_and_count_cut_measure_conversations_before_the_cut(vlm, qa
     assert 0 < sum(longer) < len(recs)
     assert count_cut(recs, proc) == (sum(longer), len(recs))
     assert count_cut(recs, proc, limit=5) == (sum(longer[:5]), 5)
-
-
-def test_loader_cache_gives_the_same_batches(vlm, qa_dir):
-    """data.cache keeps encoded samples; every batch (second epoch included) equals the uncached one."""
-    from qlip.vlm.data import VLMLoader, VLMProcessor, read_llava_json
-    recs = read_llava_json(str(qa_dir / "train.json"))
-    plain = VLMLoader(recs, VLMProcessor(vlm), 5, seed=3)
-    cached = VLMLoader(recs, VLMProcessor(vlm), 5, seed=3, cache=True)
-    n_batches = 2 * len(recs) // 5 + 1  # past the first epoch: cached samples are reused
-    for i in list(range(n_batches)) + [1, 0]:
-        a, b = plain.batch(i), cached.batch(i)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
-    assert len(cached._cache) == len(recs)
