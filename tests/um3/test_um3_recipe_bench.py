@@ -1,0 +1,37 @@
+"""benchmarks/um3_recipe.py on a tiny stand-in demo: one run trains, is scored on the validation
+split (not the test split), and its settings and figures are logged."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
+    import qlip
+    from qlip.data.shapes import generate_shapes
+    demo = tmp_path / "demo"
+    torch.manual_seed(0)
+    m = qlip.load("qlip-tiny", pretrained=False)
+    m.drop_text()
+    m.save_pretrained(str(demo / "qlip"))
+    generate_shapes(str(demo / "data"), n=48, size=32, shard_size=48, heldout_n=8, val_n=6, progress=False)
+    (demo / "demo-run.json").write_text('{"fast": false}')
+    out = tmp_path / "bench"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "um3_recipe.py"), "--demo-dir", str(demo), "--out", str(out),
+           "--tag", "t", "--steps", "2", "--batch-size", "4", "--dim", "32", "--layers", "1", "--ffn", "64",
+           "--warmup", "1", "--calm-down-steps", "1", "--test-images", "6", "--draws-per-class", "1",
+           "--train-shards", "1", "--visual-init", "bits"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, cwd=REPO)
+    entry = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert entry["tag"] == "t" and entry["run"] == "um3" and entry["steps"] == 2 and entry["visual_init"] == "bits"
+    assert entry["eval_split"] == "val" and entry["eval_images"] == 6 and entry["ceiling"]["n"] == 6
+    for k in ("caption_colour", "caption_kind", "draw_colour", "draw_kind", "draw_adherence_top1"):
+        assert 0.0 <= entry[k] <= 1.0
+    assert entry["text_ppl"] > 1.0
+    test = torch.load(str(next(out.glob("shared-*")) / "data" / "test.pt"))
+    assert test["source"][-1] == "val" and len(test["labels"]) == 6  # the validation images, not the test split
