@@ -138,17 +138,12 @@ def _variant(name: str, vision: str, layer: int, features: str, job: Dict[str, A
 
 
 def _tokenizer_texts(train_json: str, which: str) -> List[str]:
-    """Texts the tiny LLM's BPE merges are learned from: ``answers``, the conversations' turns;
-    ``rendered``, the conversations as the model reads them (template words included, so that
-    ``ASSISTANT:`` is one or two tokens rather than ten)."""
-    from ..vlm.conversation import from_llava, render_plain
+    """Texts the tiny LLM's BPE merges are learned from (:func:`qlip.vlm.tiny.merge_texts`):
+    ``answers`` (the recipe before issue 16's fix: the turns alone) or ``rendered``."""
+    from ..vlm.tiny import merge_texts
     with open(train_json, encoding="utf-8") as f:
         recs = json.load(f)
-    if which == "answers":
-        return [t["value"] for r in recs for t in r["conversations"]]
-    if which == "rendered":
-        return [render_plain(from_llava(r["conversations"]), False) for r in recs]
-    raise ConfigError(f"tokenizer_texts must be answers or rendered, got {which!r}")
+    return merge_texts(recs, "turns" if which == "answers" else which)
 
 
 def prepare(out: str, cfg: Dict[str, Any], recipe: Dict[str, Any], size: int) -> Dict[str, Any]:

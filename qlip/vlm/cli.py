@@ -38,6 +38,9 @@ def register(sub) -> None:
     m = vs.add_parser("tiny-llm", help="save a tiny random Llama + byte-level BPE tokenizer (offline) to a folder")
     m.add_argument("--out", required=True)
     m.add_argument("--texts", default=None, help="LLaVA JSON whose conversations train the BPE merges")
+    m.add_argument("--merges-on", default="rendered", choices=["rendered", "turns"],
+                   help="rendered (default): the conversations as the model reads them, template included, so "
+                        "they stay short; turns: the turns' texts only")
     m.add_argument("--vocab-size", type=int, default=512)
     m.add_argument("--hidden-size", type=int, default=64)
     m.add_argument("--layers", type=int, default=2)
@@ -71,7 +74,8 @@ def _tiny_llm(args) -> int:
     texts = None
     if args.texts:
         from .data import read_llava_json
-        texts = [t["value"] for r in read_llava_json(args.texts) for t in r["conversations"]]
+        from .tiny import merge_texts
+        texts = merge_texts(read_llava_json(args.texts), args.merges_on)
     print(build_tiny_llm(args.out, texts, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                          layers=args.layers))
     return 0

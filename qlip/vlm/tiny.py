@@ -12,11 +12,28 @@ recipe) read offline. The tokenizer has no chat template: VLMs on it use the pla
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<image>")
+
+
+MERGE_TEXTS = ("rendered", "turns")
+
+
+def merge_texts(records: Sequence[Dict[str, Any]], which: str = "rendered") -> List[str]:
+    """The texts a tiny tokenizer's merges are learned from, from LLaVA records: ``rendered``, each
+    conversation as the model reads it (plain template, so ``USER:`` / ``ASSISTANT:`` become a few
+    tokens and multi-turn conversations stay short: docs/vlm.md "Issue 16, second round"); ``turns``,
+    the turns' texts alone (the template is then spelt nearly byte by byte)."""
+    from ..errors import ConfigError
+    from .conversation import from_llava, render_plain
+    if which == "rendered":
+        return [render_plain(from_llava(r["conversations"]), False) for r in records]
+    if which == "turns":
+        return [t["value"] for r in records for t in r["conversations"]]
+    raise ConfigError(f"merge texts must be one of {', '.join(MERGE_TEXTS)}, got {which!r}")
 
 
 def build_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 512):

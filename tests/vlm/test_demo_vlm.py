@@ -64,3 +64,15 @@ def test_the_demo_recipe_fits_every_training_conversation_in_max_length(tmp_path
         # every answer is trained: one label span per assistant turn
         starts = sum(1 for j, y in enumerate(labels) if y != IGNORE_INDEX and (j == 0 or labels[j - 1] == IGNORE_INDEX))
         assert starts == len(r["qa"])
+
+
+def test_merge_texts_rendered_includes_the_template_turns_do_not():
+    from qlip.vlm.tiny import merge_texts
+    rec = {"conversations": [{"from": "human", "value": "<image>\nWhat color is the shape?"},
+                             {"from": "gpt", "value": "red"},
+                             {"from": "human", "value": "Where is the shape?"}, {"from": "gpt", "value": "left"}]}
+    (rendered,) = merge_texts([rec])
+    assert rendered.count("ASSISTANT:") == 2 and "What color is the shape?" in rendered and "left" in rendered
+    assert merge_texts([rec], "turns") == ["<image>\nWhat color is the shape?", "red", "Where is the shape?", "left"]
+    with pytest.raises(ConfigError, match="merge texts must be one of rendered, turns"):
+        merge_texts([rec], "answers")
