@@ -119,7 +119,7 @@ def test_bits_init_adds_a_fixed_projection_of_each_rows_bits(llama):
     E = transformers.LlamaForCausalLM.from_pretrained(llama).model.embed_tokens.weight.detach().double()
     v = model.vocab
     mean = E.mean(0)
-    for w in (model.lm.tok_embeddings.weight.double(), model.lm.output.weight.double()):
+    for w in (model.lm.tok_embeddings.weight.detach().double(), model.lm.output.weight.detach().double()):
         assert torch.equal(w[:v.text_size], E)
         assert torch.allclose(w[v.boi], mean, atol=1e-6) and torch.allclose(w[v.eoi], mean, atol=1e-6)
         S = bit_signs(v.visual.group_bits)
