@@ -24,6 +24,10 @@ import time
 import torch
 
 
+INT_KEYS = ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
+            "draws_per_class", "train_shards")
+
+
 def main() -> None:
     from qlip.demo import um3 as demo
     full = demo.FULL
@@ -34,19 +38,16 @@ def main() -> None:
     p.add_argument("--log", default=None, help="JSON lines log (default OUT/log.jsonl)")
     p.add_argument("--run", default="um3", choices=sorted(demo.RUNS), help="which of the demo's runs")
     p.add_argument("--eval-split", default="val", choices=["val", "heldout"])
-    for key in ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
-                "draws_per_class", "train_shards"):
+    for key in INT_KEYS:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=full[key])
     p.add_argument("--lr", type=float, default=full["lr"])
-    p.add_argument("--visual-init", default=full.get("visual_init", "mean"), choices=["mean", "bits"])
+    p.add_argument("--visual-init", default=full["visual_init"], choices=["mean", "bits"])
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = dict(full)
-    for key in ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
-                "draws_per_class", "train_shards", "lr"):
+    for key in INT_KEYS + ("lr", "visual_init"):
         cfg[key] = getattr(a, key)
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
-    cfg["visual_init"] = a.visual_init
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
     shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-{cfg['ffn']}-{cfg['train_shards']}-"
                                  f"{a.eval_split}{cfg['test_images']}")

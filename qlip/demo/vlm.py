@@ -159,7 +159,7 @@ def prepare(out: str, cfg: Dict[str, Any], recipe: Dict[str, Any], size: int) ->
                                    types=list(TYPES))
     texts = _tokenizer_texts(train_json, recipe["tokenizer_texts"])
     llm = build_tiny_llm(os.path.join(out, "tiny-llama"), texts, vocab_size=recipe["vocab_size"],
-                         hidden_size=recipe.get("llm_hidden", 64), layers=recipe.get("llm_layers", 2))
+                         hidden_size=recipe["llm_hidden"], layers=recipe["llm_layers"])
     return {"cfg": cfg, "recipe": recipe, "out": out, "llm": llm, "train_json": train_json,
             "heldout_json": heldout_json, "data": data}
 

@@ -28,7 +28,7 @@ from ..train import StepLog, Task
 from ..train.recipe import DataSection, check
 from .loss import LOSSES
 from .mixing import KINDS, MixConfig, MixedLoader, text_windows, tokenize_corpus
-from .model import UM3, from_llama, save_um3
+from .model import UM3, VISUAL_INITS, from_llama, save_um3
 from .schedule import SCHEDULES
 
 
@@ -42,7 +42,7 @@ class UM3ModelSection:
     visual_init: str = "mean"           # mean (paper Sec. 4.1) | bits (ours: + a projection of the row's bits)
 
     def validate(self) -> None:
-        check("model.visual_init", self.visual_init, "mean or bits", self.visual_init in ("mean", "bits"))
+        check("model.visual_init", self.visual_init, " or ".join(VISUAL_INITS), self.visual_init in VISUAL_INITS)
         if not self.init:
             raise ConfigError("model.init is empty: give a Hugging Face Llama folder to start from "
                               "(qlip um3 tiny-llama writes a tiny random one)")
