@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--eval-images", type=int, default=200, help="images of --eval-split scored (default 200)")
     p.add_argument("--llm-hidden", type=int, default=demo.RECIPE["llm_hidden"], help="the tiny LLM's width")
     p.add_argument("--llm-layers", type=int, default=demo.RECIPE["llm_layers"], help="the tiny LLM's depth")
+    p.add_argument("--token-merge", type=int, default=demo.RECIPE["token_merge"],
+                   help="k x k patch tokens per LLM position (1: LLaVA-1.5)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -61,7 +63,7 @@ def main() -> None:
     recipe = {"feature_norm": a.feature_norm, "multi_turn": bool(a.multi_turn), "tokenizer_texts": a.tokenizer_texts,
               "vocab_size": a.vocab_size,
               "max_length": a.max_length, "llm_hidden": a.llm_hidden, "llm_layers": a.llm_layers,
-              "stage1_lr": a.stage1_lr, "stage2_lr": a.stage2_lr, "stage2_projector_lr": a.projector_lr}
+              "token_merge": a.token_merge, "stage1_lr": a.stage1_lr, "stage2_lr": a.stage2_lr, "stage2_projector_lr": a.projector_lr}
     shared = os.path.join(a.out, f"shared-{a.train_images}-{a.heldout_images}-{a.multi_turn}-"
                                  f"{a.tokenizer_texts}-{a.vocab_size}-{a.llm_hidden}x{a.llm_layers}")
     job = demo.prepare(shared, cfg, recipe, 64)

@@ -48,7 +48,7 @@ FAST = {"train_images": 48, "heldout_images": 8, "stage1_steps": 3, "stage2_step
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-3
 # How the VLM is trained (docs/vlm.md, "The demo's recipe"); benchmarks/vlm_recipe.py compares choices.
 RECIPE = {"feature_norm": "standardize", "multi_turn": True, "tokenizer_texts": "rendered", "vocab_size": 448,
-          "max_length": 160, "llm_hidden": 64, "llm_layers": 2,
+          "max_length": 160, "llm_hidden": 64, "llm_layers": 2, "token_merge": 1,
           "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "stage2_projector_lr": None}
 
 
@@ -119,7 +119,8 @@ def _variant(name: str, vision: str, layer: int, features: str, job: Dict[str, A
     from ..vlm import load
     cfg, out, rec = job["cfg"], job["out"], job["recipe"]
     t0 = time.time()
-    keys = {"layer": layer, "features": features, "max_length": rec["max_length"], "feature_norm": rec["feature_norm"]}
+    keys = {"layer": layer, "features": features, "max_length": rec["max_length"], "feature_norm": rec["feature_norm"],
+            "token_merge": rec["token_merge"]}
     s1 = _train(name, 1, {"qlip": vision, "llm": job["llm"], **keys}, job["train_json"], cfg["stage1_steps"],
                 cfg["batch_size"], rec["stage1_lr"], os.path.join(out, "runs", name, "stage1"))
     plr = rec.get("stage2_projector_lr")

@@ -50,7 +50,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..io import read_json
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN, TEMPLATES
 from .feature_norm import FEATURE_NORMS, FeatureNorm
-from .projector import PROJECTORS, build_projector
+from .projector import PROJECTORS, build_projector, merge_tokens
 from .vision import FEATURES, VisionTower
 
 FORMAT = "qlip-vlm"
@@ -66,6 +66,7 @@ class VLMConfig:
     max_length: int = 512           # tokens per sample, image positions included
     template: str = "auto"          # auto (the tokenizer's chat template if any, else plain) | plain
     feature_norm: str = "none"      # none | layernorm | standardize (qlip.vlm.feature_norm)
+    token_merge: int = 1            # k: each k x k block of patch tokens -> one LLM position (qlip.vlm.projector)
 
     def validate(self) -> "VLMConfig":
         if self.features not in FEATURES:
@@ -79,6 +80,8 @@ class VLMConfig:
             raise ConfigError(f"model.template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.max_length < 1:
             raise ConfigError(f"model.max_length must be >= 1, got {self.max_length}")
+        if self.token_merge < 1:
+            raise ConfigError(f"model.token_merge must be >= 1, got {self.token_merge}")
         if not self.image_token:
             raise ConfigError("model.image_token must not be empty")
         return self
@@ -141,7 +144,11 @@ class VLM(nn.Module):
                 raise ConfigError(f"{type(llm).__name__}'s submodule {name!r} clashes with a VLM attribute")
             self.add_module(name, child)
         self.feature_norm = FeatureNorm(config.feature_norm, vision.width)
-        self.projector = build_projector(config.projector, vision.width, self.llm_width)
+        grid = int(round(vision.num_tokens ** 0.5))
+        if grid % config.token_merge:
+            raise ConfigError(f"model.token_merge {config.token_merge} does not divide the encoder's "
+                              f"{grid}x{grid} patch grid")
+        self.projector = build_projector(config.projector, vision.width * config.token_merge ** 2, self.llm_width)
 
     def train(self, mode: bool = True) -> "VLM":
         super().train(mode)
@@ -154,7 +161,8 @@ class VLM(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_tokens
+        """LLM positions per image: the patch grid, divided by ``token_merge`` squared."""
+        return self.vision.num_tokens // self.config.token_merge ** 2
 
     @property
     def pad_token_id(self) -> int:
@@ -164,7 +172,7 @@ class VLM(nn.Module):
         """Projected features (n_images, N, llm width) of normalised images (n_images, 3, H, W)."""
         if pixel_values is None or pixel_values.numel() == 0:
             return None
-        feats = self.feature_norm(self.vision(pixel_values).float())
+        feats = merge_tokens(self.feature_norm(self.vision(pixel_values).float()), self.config.token_merge)
         return self.projector(feats.to(self.projector[0].weight.dtype))
 
     @torch.no_grad()

@@ -46,11 +46,12 @@ class VLMModelSection:
     grad_checkpointing: bool = False  # the LLM's activation checkpointing (transformers')
     feature_norm: str = "none"       # none | layernorm | standardize (qlip.vlm.feature_norm)
     feature_norm_images: int = 256   # standardize: training images its statistics are measured on
+    token_merge: int = 1             # k x k patch tokens -> one LLM position (qlip.vlm.projector)
 
     def config(self) -> VLMConfig:
         return VLMConfig(layer=self.layer, features=self.features, projector=self.projector,
                          image_token=self.image_token, max_length=self.max_length, template=self.template,
-                         feature_norm=self.feature_norm)
+                         feature_norm=self.feature_norm, token_merge=self.token_merge)
 
     def validate(self) -> None:
         if self.init is None and not (self.qlip and self.llm):
