@@ -234,3 +234,35 @@ def test_token_length_and_count_cut_measure_conversations_before_the_cut(vlm, qa
     assert 0 < sum(longer) < len(recs)
     assert count_cut(recs, proc) == (sum(longer), len(recs))
     assert count_cut(recs, proc, limit=5) == (sum(longer[:5]), 5)
+
+
+def test_token_merge_projects_each_2x2_block_of_patches(qlip_dir, llm_dir, tmp_path):
+    from qlip.vlm.projector import merge_tokens
+    x = torch.arange(2 * 16 * 3, dtype=torch.float32).reshape(2, 16, 3)  # a 4x4 grid of 3-d tokens
+    got = merge_tokens(x, 2)
+    grid = x.reshape(2, 4, 4, 3)
+    want = torch.stack([torch.cat([grid[:, 2 * i, 2 * j], grid[:, 2 * i, 2 * j + 1],
+                                   grid[:, 2 * i + 1, 2 * j], grid[:, 2 * i + 1, 2 * j + 1]], -1)
+                        for i in range(2) for j in range(2)], 1)
+    assert got.shape == (2, 4, 12) and torch.equal(got, want) and merge_tokens(x, 1) is x
+    with pytest.raises(ConfigError, match="divisible by 3"):
+        merge_tokens(x, 3)
+
+    torch.manual_seed(0)
+    m = build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(token_merge=2)).eval()
+    assert m.num_image_tokens == 4 and m.projector[0].in_features == 4 * m.vision.width
+    img = torch.randn(1, 3, 32, 32)
+    ids = torch.tensor([[5] + [m.image_token_id] * 4 + [7]])
+    with torch.no_grad():
+        feats = m.projector(merge_tokens(m.vision.qlip.encode_image_features(img, layer=-2), 2))[0]
+        tok = m.llm.get_input_embeddings().weight
+        assert torch.equal(m.embed(ids, img), torch.cat([tok[[5]], feats, tok[[7]]])[None])
+    m.save_pretrained(str(tmp_path / "m"))
+    back = load(str(tmp_path / "m"))
+    assert back.config.token_merge == 2 and back.num_image_tokens == 4
+    with torch.no_grad():
+        assert torch.equal(back(ids, None, img), m(ids, None, img))
+    with pytest.raises(ConfigError, match="token_merge 3 does not divide"):
+        build_vlm(str(qlip_dir), str(llm_dir), VLMConfig(token_merge=3))
+    with pytest.raises(ConfigError, match="token_merge must be >= 1"):
+        VLMConfig(token_merge=0).validate()
