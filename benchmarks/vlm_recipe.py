@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--llm-layers", type=int, default=demo.RECIPE["llm_layers"], help="the tiny LLM's depth")
     p.add_argument("--token-merge", type=int, default=demo.RECIPE["token_merge"],
                    help="k x k patch tokens per LLM position (1: LLaVA-1.5)")
+    p.add_argument("--multi-shape-fraction", type=float, default=demo.RECIPE["multi_shape_fraction"],
+                   help="at most this share of multi-shape (count-only) training images (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -63,9 +65,10 @@ def main() -> None:
     recipe = {"feature_norm": a.feature_norm, "multi_turn": bool(a.multi_turn), "tokenizer_texts": a.tokenizer_texts,
               "vocab_size": a.vocab_size,
               "max_length": a.max_length, "llm_hidden": a.llm_hidden, "llm_layers": a.llm_layers,
-              "token_merge": a.token_merge, "stage1_lr": a.stage1_lr, "stage2_lr": a.stage2_lr, "stage2_projector_lr": a.projector_lr}
+              "token_merge": a.token_merge, "multi_shape_fraction": a.multi_shape_fraction, "stage1_lr": a.stage1_lr, "stage2_lr": a.stage2_lr, "stage2_projector_lr": a.projector_lr}
     shared = os.path.join(a.out, f"shared-{a.train_images}-{a.heldout_images}-{a.multi_turn}-"
-                                 f"{a.tokenizer_texts}-{a.vocab_size}-{a.llm_hidden}x{a.llm_layers}")
+                                 f"{a.tokenizer_texts}-{a.vocab_size}-{a.llm_hidden}x{a.llm_layers}"
+                                 + ("" if a.multi_shape_fraction is None else f"-multi{a.multi_shape_fraction:g}"))
     job = demo.prepare(shared, cfg, recipe, 64)
     if a.eval_split != "heldout" or a.eval_images != a.heldout_images:
         from qlip.data.shapes_qa import write_shapes_qa

@@ -18,7 +18,10 @@ half of the training split), ``count`` about every image. :func:`write_shapes_qa
 ``OUT/{split}.json`` (LLaVA's JSON: ``image``, ``conversations``; plus ``qa``, the
 ``[{"type", "question", "answer"}]`` list for scoring) and the PNGs under ``OUT/images/``.
 ``multi_turn=True`` asks all of an image's questions in one conversation (a shuffled order);
-otherwise each question is its own record.
+otherwise each question is its own record. ``multi_shape_fraction`` caps the share of
+multi-shape images (count questions only) among the ``n`` written: skipped multi-shape samples
+make room for single-shape ones, which carry the four other questions (the VLM demo's recipe,
+docs/vlm.md "Issue 16, third round").
 """
 from __future__ import annotations
 
@@ -63,15 +66,29 @@ def qa_pairs(meta: dict, types: Optional[List[str]] = None) -> List[Dict[str, st
 
 
 def write_shapes_qa(out_dir: str, n: int, split: str = "train", size: int = 64, seed: int = 0,
-                    multi_turn: bool = False, types: Optional[List[str]] = None) -> str:
-    """Write ``n`` images of ``split`` and their questions; returns the JSON path."""
+                    multi_turn: bool = False, types: Optional[List[str]] = None,
+                    multi_shape_fraction: Optional[float] = None) -> str:
+    """Write ``n`` images of ``split`` and their questions; returns the JSON path.
+
+    ``multi_shape_fraction`` (0..1, default: the generator's own mix, about half): a multi-shape
+    sample is written only while the multi-shape images stay within this fraction of the images
+    written; the others are skipped (image files keep their sample index)."""
     if n < 1:
         raise DataError(f"n must be >= 1, got {n}")
+    if multi_shape_fraction is not None and not 0.0 <= multi_shape_fraction <= 1.0:
+        raise DataError(f"multi_shape_fraction must be in [0, 1], got {multi_shape_fraction}")
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     records = []
-    for i in range(n):
+    written = multi = 0
+    i = -1
+    while written < n:
+        i += 1
         img, _, meta = make_sample(i, size=size, seed=seed, split=split)
+        several = len(meta["shapes"]) > 1
+        if several and multi_shape_fraction is not None and multi + 1 > multi_shape_fraction * (written + 1):
+            continue
+        written, multi = written + 1, multi + int(several)
         rel = f"images/{split}-{i:06d}.png"
         img.save(os.path.join(out_dir, rel))
         qa = qa_pairs(meta, types)

@@ -49,6 +49,7 @@ STAGE1_LR, STAGE2_LR = 1e-3, 3e-3
 # How the VLM is trained (docs/vlm.md, "The demo's recipe"); benchmarks/vlm_recipe.py compares choices.
 RECIPE = {"feature_norm": "standardize", "multi_turn": True, "tokenizer_texts": "rendered", "vocab_size": 448,
           "max_length": 160, "llm_hidden": 64, "llm_layers": 2, "token_merge": 1,
+          "multi_shape_fraction": None,
           "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "stage2_projector_lr": None}
 
 
@@ -155,7 +156,7 @@ def prepare(out: str, cfg: Dict[str, Any], recipe: Dict[str, Any], size: int) ->
     os.makedirs(out, exist_ok=True)
     data = os.path.join(out, "data")
     train_json = write_shapes_qa(data, cfg["train_images"], split="train", size=size,
-                                 multi_turn=recipe["multi_turn"])
+                                 multi_turn=recipe["multi_turn"], multi_shape_fraction=recipe["multi_shape_fraction"])
     heldout_json = write_shapes_qa(data, cfg["heldout_images"], split="heldout", size=size,
                                    types=list(TYPES))
     texts = _tokenizer_texts(train_json, recipe["tokenizer_texts"])

@@ -33,3 +33,23 @@ def test_questions_are_verbatim_and_answers_come_from_the_scene(tmp_path):
     assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in conv) == 1
     assert [t["from"] for t in conv] == ["human", "gpt"] * 5
     assert [t["value"] for t in conv[1::2]] == [q["answer"] for q in recs[0]["qa"]]
+
+
+def test_multi_shape_fraction_caps_the_count_only_images(tmp_path):
+    import pytest
+    from qlip.errors import DataError
+    free = json.loads(open(write_shapes_qa(str(tmp_path / "free"), 40, size=32, multi_turn=True)).read())
+    capped = json.loads(open(write_shapes_qa(str(tmp_path / "cap"), 40, size=32, multi_turn=True,
+                                             multi_shape_fraction=0.2)).read())
+    def multi(recs):
+        return sum(r["qa"][0]["type"] == "count" and len(r["qa"]) == 1 for r in recs)
+    assert len(free) == len(capped) == 40  # n images written either way
+    assert multi(free) > 8 and multi(capped) == 8  # 20% of 40
+    assert {r["image"] for r in free} - {r["image"] for r in capped}  # multi-shape samples skipped ...
+    kept = {r["image"]: r for r in free}
+    assert all(kept[r["image"]] == r for r in capped if r["image"] in kept)  # ... the others unchanged
+    assert len(list((tmp_path / "cap" / "images").iterdir())) == 40
+    assert multi(json.loads(open(write_shapes_qa(str(tmp_path / "none"), 10, size=32, multi_turn=True,
+                                                 multi_shape_fraction=0.0)).read())) == 0
+    with pytest.raises(DataError, match="multi_shape_fraction must be in"):
+        write_shapes_qa(str(tmp_path / "bad"), 4, multi_shape_fraction=1.5)
