@@ -27,6 +27,11 @@ the demo's budget, docs/demo.md "Fourth round"), so ``layer_-2`` there reads the
 (``feature_norm: standardize``, :mod:`qlip.vlm.feature_norm`): the conv stem's output is small and
 offset, and with it standardised layer -2 answers position 0.94 and size 0.90 instead of 0.89 and
 0.74 (docs/vlm.md, "Issue 16"; ``RECIPE`` holds the choices, benchmarks/vlm_recipe.py compares them).
+Two more departures make the tiny LLM read the shape kind (docs/vlm.md, "Issue 16, third round"):
+each 2x2 block of patch tokens is one LLM position (``token_merge: 2``, Qwen2-VL's merger: 16 image
+positions instead of 64, each projected from a 16x16-pixel region), and at most 10% of the training
+images have several shapes (``multi_shape_fraction: 0.1``; those carry only the count question, so
+the default mix of about half spent half of every batch on images without a kind answer).
 """
 from __future__ import annotations
 
@@ -43,13 +48,13 @@ from ..errors import ConfigError
 
 TYPES = ("colour", "kind", "position", "size")
 VARIANTS = ("layer_-2", "last_layer", "after_quantizer", "recon_only")
-FULL = {"train_images": 2000, "heldout_images": 200, "stage1_steps": 100, "stage2_steps": 1500, "batch_size": 16}
+FULL = {"train_images": 2000, "heldout_images": 200, "stage1_steps": 100, "stage2_steps": 2500, "batch_size": 16}
 FAST = {"train_images": 48, "heldout_images": 8, "stage1_steps": 3, "stage2_steps": 3, "batch_size": 4}
 STAGE1_LR, STAGE2_LR = 1e-3, 3e-3
 # How the VLM is trained (docs/vlm.md, "The demo's recipe"); benchmarks/vlm_recipe.py compares choices.
 RECIPE = {"feature_norm": "standardize", "multi_turn": True, "tokenizer_texts": "rendered", "vocab_size": 448,
-          "max_length": 160, "llm_hidden": 64, "llm_layers": 2, "token_merge": 1,
-          "multi_shape_fraction": None,
+          "max_length": 160, "llm_hidden": 64, "llm_layers": 2, "token_merge": 2,
+          "multi_shape_fraction": 0.1,
           "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "stage2_projector_lr": None}
 
 
