@@ -14,7 +14,11 @@ classes). :func:`from_llama` starts it from any Hugging Face ``LlamaForCausalLM`
    adds to each visual row a fixed random projection of its sub-token's bits
    (:func:`bits_extend`), so that rows sharing bits start close and a row never seen in training
    is not the text mean: a small model learns from few images what the paper's scale learns
-   from billions (docs/um3.md).
+   from billions (docs/um3.md);
+5. ``visual_bits=True`` (ours, opt-in; :class:`VisualBits`): a learned projection of each visual
+   row's bits is added to that row of the embedding and of the output layer, zero at the start.
+   Every image then trains what its bits mean for all rows that share them, not only its own rows.
+   Saved models fold it into the two matrices (:func:`fold_visual_bits`): a plain UM3 / Llama.
 
 Saved as ``config.json`` (``{"architecture": "um3", "lm": CausalLMConfig, "vocab": UM3Vocab,
 "bos_id", "eos_id"}``) + ``model.safetensors`` (the ``qlip.nn`` names) + ``tokenizer.json``.
@@ -28,6 +32,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
@@ -39,35 +44,114 @@ from .vocab import UM3Vocab
 ARCHITECTURE = "um3"
 
 
-class UM3(nn.Module):
-    """``lm`` (a :class:`CausalTransformer` over ``vocab.size`` rows) + the vocabulary layout."""
+def bit_signs(group_bits: int) -> torch.Tensor:
+    """``(2**group_bits, group_bits)`` float64: the bits of every sub-token value as -1 / +1
+    (column k is bit k, least significant first)."""
+    values = torch.arange(1 << group_bits, dtype=torch.int64)
+    return ((values[:, None] >> torch.arange(group_bits)) & 1).double() * 2 - 1
 
-    def __init__(self, cfg: CausalLMConfig, vocab: UM3Vocab, bos_id: int, eos_id: int):
+
+class VisualBits(nn.Module):
+    """Learned per-bit vectors added to the visual rows (``model.visual_bits``; ours, opt-in).
+
+    Visual row ``v`` of group ``g`` (sub-token value ``v``, bits ``s(v)`` as +-1, :func:`bit_signs`)
+    is used as ``E[row] + s(v) A_g`` in the embedding and ``W[row] + s(v) B_g`` in the output layer;
+    ``A``, ``B`` ``(groups, group_bits, dim)`` start at zero, so the model starts exactly as without
+    them. A row is seen a few times in a small run, each bit in every image: what the bits mean for
+    captioning and drawing is learned from all of them (the embedding-side counterpart of the
+    bitwise heads of Infinity). The same function as 2 x 16,384 free rows, reparametrised; folded
+    into the rows for saving (:func:`fold_visual_bits`)."""
+
+    def __init__(self, vocab: UM3Vocab, dim: int):
+        super().__init__()
+        vv = vocab.visual
+        self.start, self.groups, self.group_bits, self.group_size = vocab.visual_start, vv.groups, vv.group_bits, vv.group_size
+        self.inp = nn.Parameter(torch.zeros(vv.groups, vv.group_bits, dim))
+        self.out = nn.Parameter(torch.zeros(vv.groups, vv.group_bits, dim))
+
+    def rows(self, proj: torch.Tensor) -> torch.Tensor:
+        """``(groups * group_size, dim)``: ``s(v) proj_g`` for every visual row, in row order."""
+        signs = bit_signs(self.group_bits).to(device=proj.device, dtype=proj.dtype)
+        return torch.cat([signs @ proj[g] for g in range(self.groups)], 0)
+
+    def embed(self, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``emb`` ``(B, T, dim)`` (the rows of ``tokens``) plus ``s(v) A_g`` at the visual tokens."""
+        rel = tokens.long() - self.start
+        visual = rel >= 0
+        rel = rel.clamp(min=0)
+        group, value = rel // self.group_size, rel % self.group_size
+        signs = ((value[..., None] >> torch.arange(self.group_bits, device=tokens.device)) & 1).to(emb.dtype) * 2 - 1
+        for g in range(self.groups):
+            emb = emb + (signs @ self.inp[g].to(emb.dtype)) * (visual & (group == g))[..., None].to(emb.dtype)
+        return emb
+
+    def output_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The output layer's ``weight`` ``(V, dim)`` with ``s(v) B_g`` added to its visual rows."""
+        vis = weight[self.start:] + self.rows(self.out).to(weight.dtype)
+        return torch.cat([weight[: self.start], vis], 0)
+
+
+def fold_visual_bits(state_dict: Dict[str, torch.Tensor], vocab: UM3Vocab) -> Dict[str, torch.Tensor]:
+    """A UM3 state dict with ``visual_bits.inp`` / ``.out`` folded into ``lm.tok_embeddings.weight`` and
+    ``lm.output.weight`` (and removed): the same function as a plain UM3 (tested). Unchanged without them."""
+    if "visual_bits.inp" not in state_dict:
+        return dict(state_dict)
+    sd = dict(state_dict)
+    inp, out = sd.pop("visual_bits.inp"), sd.pop("visual_bits.out")
+    vb = VisualBits(vocab, inp.shape[-1])
+    with torch.no_grad():
+        for key, proj in (("lm.tok_embeddings.weight", inp), ("lm.output.weight", out)):
+            w = sd[key].clone()
+            w[vb.start:] += vb.rows(proj.double()).to(w.dtype)
+            sd[key] = w
+    return sd
+
+
+class UM3(nn.Module):
+    """``lm`` (a :class:`CausalTransformer` over ``vocab.size`` rows) + the vocabulary layout
+    (+ :class:`VisualBits` with ``visual_bits``)."""
+
+    def __init__(self, cfg: CausalLMConfig, vocab: UM3Vocab, bos_id: int, eos_id: int, visual_bits: bool = False):
         super().__init__()
         if cfg.vocab_size != vocab.size:
             raise CheckpointError(f"UM3: the model has {cfg.vocab_size} rows, the vocabulary {vocab.size}")
         self.lm = CausalTransformer(cfg)
         self.vocab, self.bos_id, self.eos_id = vocab, int(bos_id), int(eos_id)
+        self.visual_bits = VisualBits(vocab, cfg.dim) if visual_bits else None
 
     @property
     def cfg(self) -> CausalLMConfig:
         return self.lm.cfg
 
+    def hidden(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        """The final hidden states ``(B, T, dim)`` of ``tokens`` (:meth:`CausalTransformer.forward_hidden`)."""
+        if self.visual_bits is None:
+            return self.lm.forward_hidden(tokens, **kw)
+        return self.lm.forward_hidden(embeds=self.visual_bits.embed(self.lm.tok_embeddings(tokens), tokens), **kw)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight ``(vocab.size, dim)`` (with the visual bits' part)."""
+        w = self.lm.output.weight
+        return w if self.visual_bits is None else self.visual_bits.output_weight(w)
+
     def forward(self, tokens: torch.Tensor, **kw):
-        """Logits over all rows ``(B, T, vocab.size)`` (see :meth:`CausalTransformer.forward`)."""
-        return self.lm(tokens, **kw)
+        """Logits over all rows ``(B, T, vocab.size)`` (the arguments of :meth:`CausalTransformer.forward_hidden`)."""
+        return F.linear(self.hidden(tokens, **kw), self.output_weight())
 
     def nll(self, tokens: torch.Tensor, targets: torch.Tensor, softmax: str = "split") -> torch.Tensor:
         """Per-position negative log-likelihoods ``(B, T)`` of ``targets`` (``IGNORE``: 0) after
         ``tokens`` ``(B, T)``, under Eq. 6's split softmax or the joint one; logits are computed only
         at target positions (:func:`qlip.um3.loss.head_nll`)."""
         from .loss import head_nll
-        return head_nll(self.lm.forward_hidden(tokens), self.lm.output.weight, targets, self.vocab.visual_start,
-                        softmax)
+        return head_nll(self.hidden(tokens), self.output_weight(), targets, self.vocab.visual_start, softmax)
 
     def next_logits(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         """Logits ``(B, vocab.size)`` of the last position only (generation: the head on one position)."""
-        return self.lm.output(self.lm.forward_hidden(tokens, **kw)[:, -1])
+        return F.linear(self.hidden(tokens, **kw)[:, -1], self.output_weight())
+
+    def folded_state_dict(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The state dict of the plain UM3 computing the same function (:func:`fold_visual_bits`)."""
+        return fold_visual_bits(self.state_dict() if state_dict is None else state_dict, self.vocab)
 
     def make_cache(self, batch: int, max_len: Optional[int] = None):
         return self.lm.make_cache(batch, max_len)
@@ -89,13 +173,6 @@ def mean_extend(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 VISUAL_INITS = ("mean", "bits")
-
-
-def bit_signs(group_bits: int) -> torch.Tensor:
-    """``(2**group_bits, group_bits)`` float64: the bits of every sub-token value as -1 / +1
-    (column k is bit k, least significant first)."""
-    values = torch.arange(1 << group_bits, dtype=torch.int64)
-    return ((values[:, None] >> torch.arange(group_bits)) & 1).double() * 2 - 1
 
 
 def bits_extend(weight: torch.Tensor, vocab: UM3Vocab, seed: int = 0) -> torch.Tensor:
@@ -136,9 +213,11 @@ def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
 
 
 def from_llama(folder: str, bits: int = 28, groups: int = 2, qk_norm: bool = True,
-               max_seq_len: Optional[int] = None, visual_init: str = "mean") -> Tuple[UM3, TextTokenizer]:
+               max_seq_len: Optional[int] = None, visual_init: str = "mean",
+               visual_bits: bool = False) -> Tuple[UM3, TextTokenizer]:
     """A UM3 model (float32) and its text tokenizer from a Hugging Face Llama (or Qwen3) folder;
-    ``visual_init``: ``mean`` (the paper) or ``bits`` (:func:`bits_extend`)."""
+    ``visual_init``: ``mean`` (the paper) or ``bits`` (:func:`bits_extend`); ``visual_bits``: add
+    the learned :class:`VisualBits` (zero at the start)."""
     if visual_init not in VISUAL_INITS:
         raise CheckpointError(f"visual_init must be one of {', '.join(VISUAL_INITS)}, got {visual_init!r}")
     hf = read_json(os.path.join(folder, "config.json"))
@@ -156,7 +235,7 @@ def from_llama(folder: str, bits: int = 28, groups: int = 2, qk_norm: bool = Tru
         sd[key] = bits_extend(w, vocab) if visual_init == "bits" else mean_extend(w, vocab.added)
     tok = TextTokenizer.from_folder(folder, bos_id=_single_id(hf.get("bos_token_id")),
                                     eos_id=_single_id(hf.get("eos_token_id")))
-    model = UM3(cfg, vocab, tok.bos_id, tok.eos_id)
+    model = UM3(cfg, vocab, tok.bos_id, tok.eos_id, visual_bits=visual_bits)
     own = model.lm.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -181,9 +260,8 @@ def _single_id(x) -> Optional[int]:
 def save_um3(model: UM3, tokenizer: TextTokenizer, folder: str,
              state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     from ..io import atomic_write_text, write_safetensors
-    os.makedirs(folder, exist_ok=True)
-    write_safetensors(state_dict if state_dict is not None else model.state_dict(),
-                      os.path.join(folder, "model.safetensors"))
+    os.makedirs(folder, exist_ok=True)  # visual bits folded: a plain UM3 with the same outputs
+    write_safetensors(model.folded_state_dict(state_dict), os.path.join(folder, "model.safetensors"))
     tokenizer.save(folder)
     atomic_write_text(os.path.join(folder, "config.json"), json.dumps(model.meta(), indent=2) + "\n")
 

@@ -40,6 +40,7 @@ class UM3ModelSection:
     groups: int = 2                     # sub-tokens per QLIP token
     grad_checkpointing: bool = False
     visual_init: str = "mean"           # mean (paper Sec. 4.1) | bits (ours: + a projection of the row's bits)
+    visual_bits: bool = False           # ours: + learned per-bit vectors on the visual rows (qlip.um3.model.VisualBits)
 
     def validate(self) -> None:
         check("model.visual_init", self.visual_init, " or ".join(VISUAL_INITS), self.visual_init in VISUAL_INITS)
@@ -97,7 +98,7 @@ class UM3Task(Task):
     def build_model(self) -> UM3:
         m = self.r.model
         model, self.tokenizer = from_llama(m.init, bits=m.bits, groups=m.groups, qk_norm=m.qk_norm,
-                                           visual_init=m.visual_init)
+                                           visual_init=m.visual_init, visual_bits=m.visual_bits)
         model.lm.grad_checkpointing = m.grad_checkpointing
         self.model = model
         self._text_ids = None

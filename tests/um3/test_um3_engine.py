@@ -111,11 +111,12 @@ def _free_port():
 def test_two_fsdp_ranks_equal_one_process(setup, tmp_path):
     """2 gloo ranks x 2 rows (decoder blocks sharded with FSDP2) == 1 process x 4 rows: the mixed
     batch is a function of (seed, index), ranks keep disjoint rows, the loss divides by the global
-    number of targets."""
+    number of targets. With the learned visual bits (model.visual_bits), kept with the root module."""
     from qlip.train import load_recipe, train
     import qlip.um3  # noqa: F401
-    train(load_recipe(recipe(tmp_path, setup, "one.yaml")), str(tmp_path / "one"))
-    two = recipe(tmp_path, setup, "two.yaml", data={"batch_size": 2}, train={"fsdp": True})
+    bits = {"init": setup["llama"], "bits": 8, "groups": 2, "visual_bits": True}
+    train(load_recipe(recipe(tmp_path, setup, "one.yaml", model=bits)), str(tmp_path / "one"))
+    two = recipe(tmp_path, setup, "two.yaml", model=bits, data={"batch_size": 2}, train={"fsdp": True})
     _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "qlip", "um3", "train", two,
           "--out", str(tmp_path / "two")], timeout=300)

@@ -162,3 +162,70 @@ def test_save_load_roundtrip_and_errors(llama, tmp_path):
     (tmp_path / "empty" / "config.json").write_text(open(f"{llama}/config.json").read())
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         from_llama(str(tmp_path / "empty"))
+
+
+def _with_random_visual_bits(llama, seed=0):
+    model, tok = from_llama(llama, bits=BITS, groups=GROUPS, visual_bits=True)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (model.visual_bits.inp, model.visual_bits.out):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval(), tok
+
+
+def test_visual_bits_start_at_zero_and_change_only_visual_rows(llama):
+    """visual_bits=True: at the start the same logits as the plain model (the vectors are zero);
+    with vectors, a visual token's embedding and output row are its row plus s(v) A_g / s(v) B_g,
+    computed here directly from the bits; text tokens and text rows are untouched."""
+    plain, _ = from_llama(llama, bits=BITS, groups=GROUPS)
+    fresh, _ = from_llama(llama, bits=BITS, groups=GROUPS, visual_bits=True)
+    x = _tokens(5, V=plain.vocab.size, shape=(2, 13))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), plain.eval()(x))
+    model, _ = _with_random_visual_bits(llama)
+    v, vb = model.vocab, model.visual_bits
+    E, W = model.lm.tok_embeddings.weight.detach(), model.lm.output.weight.detach()
+    with torch.no_grad():
+        emb = vb.embed(model.lm.tok_embeddings(x), x)
+        wout = model.output_weight()
+    gb = v.visual.group_bits
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            row = int(x[b, t])
+            want = E[row].clone()
+            if row >= v.visual_start:
+                g, val = divmod(row - v.visual_start, v.visual.group_size)
+                s = torch.tensor([((val >> k) & 1) * 2 - 1 for k in range(gb)], dtype=torch.float32)
+                want += s @ vb.inp[g].detach()
+            assert torch.allclose(emb[b, t], want, atol=1e-6)
+    assert torch.equal(wout[:v.visual_start], W[:v.visual_start])
+    g, val = 1, 5
+    s = torch.tensor([((val >> k) & 1) * 2 - 1 for k in range(gb)], dtype=torch.float32)
+    row = v.visual.group_start(g) + val
+    assert torch.allclose(wout[row], W[row] + s @ vb.out[g].detach(), atol=1e-6)
+
+
+def test_visual_bits_fold_into_a_plain_model_and_train(llama, tmp_path):
+    """Saved models fold the vectors into the rows: load_um3 gives a plain UM3 with the same
+    logits, and so does the Hugging Face export; from the paper's mean init (all visual rows
+    equal) the loss has a gradient on the vectors, so they tell visual tokens apart at once."""
+    from qlip.um3.hf_export import export_hf
+    model, tok = _with_random_visual_bits(llama)
+    x = _tokens(6, V=model.vocab.size, shape=(2, 9))
+    save_um3(model, tok, str(tmp_path / "m"))
+    loaded, _ = load_um3(str(tmp_path / "m"))
+    assert loaded.visual_bits is None
+    assert not any(k.startswith("visual_bits") for k in loaded.state_dict())
+    with torch.no_grad():
+        want = model(x)
+        assert (loaded(x) - want).abs().max() < 1e-5
+        assert (loaded.next_logits(x) - model.next_logits(x)).abs().max() < 1e-5
+    export_hf(model, tok, str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        assert (hf(x).logits - want).abs().max() < 1e-5
+    fresh, _ = from_llama(llama, bits=BITS, groups=GROUPS, visual_bits=True)
+    v = fresh.vocab
+    img = torch.tensor([[1, v.boi] + list(range(v.visual_start, v.visual_start + 6)) + [v.eoi, 2]])
+    fresh.nll(img[:, :-1], img[:, 1:]).sum().backward()
+    assert fresh.visual_bits.inp.grad.abs().sum() > 0 and fresh.visual_bits.out.grad.abs().sum() > 0
