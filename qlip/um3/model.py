@@ -55,9 +55,11 @@ class VisualBits(nn.Module):
     """Learned per-bit vectors added to the visual rows (``model.visual_bits``; ours, opt-in).
 
     Visual row ``v`` of group ``g`` (sub-token value ``v``, bits ``s(v)`` as +-1, :func:`bit_signs`)
-    is used as ``E[row] + s(v) A_g`` in the embedding and ``W[row] + s(v) B_g`` in the output layer;
-    ``A``, ``B`` ``(groups, group_bits, dim)`` start at zero, so the model starts exactly as without
-    them. A row is seen a few times in a small run, each bit in every image: what the bits mean for
+    is used as ``E[row] + s(v) A_g / k`` in the embedding and ``W[row] + s(v) B_g / k`` in the output
+    layer, ``k = group_bits``; ``A``, ``B`` ``(groups, group_bits, dim)`` start at zero, so the model
+    starts exactly as without them. The ``1 / k`` keeps an optimizer step on ``A`` from moving a
+    row ``k`` times as far as a step on the row itself (Adam moves every element by about the
+    learning rate: without it the visual rows outgrew the text rows within 200 steps). A row is seen a few times in a small run, each bit in every image: what the bits mean for
     captioning and drawing is learned from all of them (the embedding-side counterpart of the
     bitwise heads of Infinity). The same function as 2 x 16,384 free rows, reparametrised; folded
     into the rows for saving (:func:`fold_visual_bits`)."""
@@ -71,7 +73,7 @@ class VisualBits(nn.Module):
 
     def rows(self, proj: torch.Tensor) -> torch.Tensor:
         """``(groups * group_size, dim)``: ``s(v) proj_g`` for every visual row, in row order."""
-        signs = bit_signs(self.group_bits).to(device=proj.device, dtype=proj.dtype)
+        signs = bit_signs(self.group_bits).to(device=proj.device, dtype=proj.dtype) / self.group_bits
         return torch.cat([signs @ proj[g] for g in range(self.groups)], 0)
 
     def embed(self, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,8 @@ class VisualBits(nn.Module):
         visual = rel >= 0
         rel = rel.clamp(min=0)
         group, value = rel // self.group_size, rel % self.group_size
-        signs = ((value[..., None] >> torch.arange(self.group_bits, device=tokens.device)) & 1).to(emb.dtype) * 2 - 1
+        bits = (value[..., None] >> torch.arange(self.group_bits, device=tokens.device)) & 1
+        signs = (bits.to(emb.dtype) * 2 - 1) / self.group_bits
         for g in range(self.groups):
             emb = emb + (signs @ self.inp[g].to(emb.dtype)) * (visual & (group == g))[..., None].to(emb.dtype)
         return emb

@@ -175,8 +175,8 @@ def _with_random_visual_bits(llama, seed=0):
 
 def test_visual_bits_start_at_zero_and_change_only_visual_rows(llama):
     """visual_bits=True: at the start the same logits as the plain model (the vectors are zero);
-    with vectors, a visual token's embedding and output row are its row plus s(v) A_g / s(v) B_g,
-    computed here directly from the bits; text tokens and text rows are untouched."""
+    with vectors, a visual token's embedding and output row are its row plus s(v) A_g / k and
+    s(v) B_g / k (k = bits per group), computed here directly from the bits; text tokens and text rows are untouched."""
     plain, _ = from_llama(llama, bits=BITS, groups=GROUPS)
     fresh, _ = from_llama(llama, bits=BITS, groups=GROUPS, visual_bits=True)
     x = _tokens(5, V=plain.vocab.size, shape=(2, 13))
@@ -196,13 +196,13 @@ def test_visual_bits_start_at_zero_and_change_only_visual_rows(llama):
             if row >= v.visual_start:
                 g, val = divmod(row - v.visual_start, v.visual.group_size)
                 s = torch.tensor([((val >> k) & 1) * 2 - 1 for k in range(gb)], dtype=torch.float32)
-                want += s @ vb.inp[g].detach()
+                want += s @ vb.inp[g].detach() / gb
             assert torch.allclose(emb[b, t], want, atol=1e-6)
     assert torch.equal(wout[:v.visual_start], W[:v.visual_start])
     g, val = 1, 5
     s = torch.tensor([((val >> k) & 1) * 2 - 1 for k in range(gb)], dtype=torch.float32)
     row = v.visual.group_start(g) + val
-    assert torch.allclose(wout[row], W[row] + s @ vb.out[g].detach(), atol=1e-6)
+    assert torch.allclose(wout[row], W[row] + s @ vb.out[g].detach() / gb, atol=1e-6)
 
 
 def test_visual_bits_fold_into_a_plain_model_and_train(llama, tmp_path):
