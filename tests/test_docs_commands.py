@@ -226,6 +226,9 @@ CHEAP: Dict[str, Cheap] = {
         f"qlip eval linear-probe {RAND} --data imagenet --batch-size 256 -q"),
     # docs/performance.md
     "python benchmarks/tokenizer_speed.py": Cheap("python benchmarks/tokenizer_speed.py --help"),
+    "python benchmarks/vlm_kind_probe.py --qlip runs/demo/qlip": Cheap("python benchmarks/vlm_kind_probe.py --help"),
+    ("python benchmarks/vlm_recipe.py --qlip runs/demo/qlip --out /tmp/vb --tag demo --token-merge 2 "
+     "--multi-shape-fraction 0.1 --stage2-steps 2500"): Cheap("python benchmarks/vlm_recipe.py --help"),
     "python benchmarks/throughput.py": Cheap("python benchmarks/throughput.py --help"),
     "python benchmarks/compile_step.py": Cheap("python benchmarks/compile_step.py --help"),
     "python benchmarks/tokenizer_speed.py --threads 1 --repeats 5 --json out.json": Cheap(
