@@ -59,37 +59,34 @@ class VisualBits(nn.Module):
     layer, ``k = group_bits``; ``A``, ``B`` ``(groups, group_bits, dim)`` start at zero, so the model
     starts exactly as without them. The ``1 / k`` keeps an optimizer step on ``A`` from moving a
     row ``k`` times as far as a step on the row itself (Adam moves every element by about the
-    learning rate: without it the visual rows outgrew the text rows within 200 steps). A row is seen a few times in a small run, each bit in every image: what the bits mean for
-    captioning and drawing is learned from all of them (the embedding-side counterpart of the
-    bitwise heads of Infinity). The same function as 2 x 16,384 free rows, reparametrised; folded
-    into the rows for saving (:func:`fold_visual_bits`)."""
+    learning rate: without it the visual rows outgrew the text rows within 200 steps). A row is
+    seen a few times in a small run, each bit in every image: what the bits mean for captioning
+    and drawing is learned from all of them (the embedding-side counterpart of the bitwise heads of
+    Infinity). The same function as 2 x 16,384 free rows, reparametrised; folded into the rows for
+    saving (:func:`fold_visual_bits`)."""
 
     def __init__(self, vocab: UM3Vocab, dim: int):
         super().__init__()
         vv = vocab.visual
-        self.start, self.groups, self.group_bits, self.group_size = vocab.visual_start, vv.groups, vv.group_bits, vv.group_size
+        self.start, self.groups, self.group_bits = vocab.visual_start, vv.groups, vv.group_bits
         self.inp = nn.Parameter(torch.zeros(vv.groups, vv.group_bits, dim))
         self.out = nn.Parameter(torch.zeros(vv.groups, vv.group_bits, dim))
+        # +-1 bits of every sub-token value, made once (not saved: a function of group_bits)
+        self.register_buffer("signs", bit_signs(vv.group_bits).float(), persistent=False)
 
     def rows(self, proj: torch.Tensor) -> torch.Tensor:
-        """``(groups * group_size, dim)``: ``s(v) proj_g`` for every visual row, in row order."""
-        signs = bit_signs(self.group_bits).to(device=proj.device, dtype=proj.dtype) / self.group_bits
-        return torch.cat([signs @ proj[g] for g in range(self.groups)], 0)
+        """``(groups * group_size, dim)``: ``s(v) proj_g / k`` for every visual row, in row order."""
+        signs = self.signs.to(device=proj.device, dtype=proj.dtype)
+        return torch.cat([signs @ proj[g] for g in range(self.groups)], 0) / self.group_bits
 
     def embed(self, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``emb`` ``(B, T, dim)`` (the rows of ``tokens``) plus ``s(v) A_g`` at the visual tokens."""
+        """``emb`` ``(B, T, dim)`` (the rows of ``tokens``) plus the visual part of each visual token's row."""
         rel = tokens.long() - self.start
-        visual = rel >= 0
-        rel = rel.clamp(min=0)
-        group, value = rel // self.group_size, rel % self.group_size
-        bits = (value[..., None] >> torch.arange(self.group_bits, device=tokens.device)) & 1
-        signs = (bits.to(emb.dtype) * 2 - 1) / self.group_bits
-        for g in range(self.groups):
-            emb = emb + (signs @ self.inp[g].to(emb.dtype)) * (visual & (group == g))[..., None].to(emb.dtype)
-        return emb
+        extra = F.embedding(rel.clamp(min=0), self.rows(self.inp).to(emb.dtype))
+        return emb + extra * (rel >= 0)[..., None].to(emb.dtype)
 
     def output_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The output layer's ``weight`` ``(V, dim)`` with ``s(v) B_g`` added to its visual rows."""
+        """The output layer's ``weight`` ``(V, dim)`` with ``s(v) B_g / k`` added to its visual rows."""
         vis = weight[self.start:] + self.rows(self.out).to(weight.dtype)
         return torch.cat([weight[: self.start], vis], 0)
 
