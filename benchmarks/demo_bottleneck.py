@@ -23,6 +23,19 @@ steps, 4,096 training images held in memory, one thread):
 * with ``--only``: ``mlp-binary-p8-commit`` (+ a 0.25-weighted commitment term ``|u - sign(u)/sqrt(L)|^2``
   pulling the code to the cube's corners) and ``mlp-binary-p8-anneal`` (a tanh relaxation
   ``tanh(k u)`` with k rising from 1 to 10 over the first half of training, the hard sign after);
+* with ``--only``, the sixth round's rows (docs/demo.md), each a per-8x8-patch variant of
+  ``mlp-binary-p8`` that tests one reason the binary code might train slowly:
+  ``mlp-binary-p8-bernoulli`` (stochastic binary neurons: bits sampled with probability
+  ``sigmoid(u)`` in training, straight-through to the probability; thresholded at 0.5 in
+  evaluation), ``mlp-binary-p8-edge`` (+ MSE between the image gradients of the reconstruction and
+  the original, weight 1: a non-learned stand-in for LPIPS that rewards edges),
+  ``mlp-binary-p8-frozen-enc`` (the encoder left at its random init, only the decoder trained: is
+  the decoder the slow part?), ``mlp-binary-p8-linear-dec`` (a linear decoder),
+  ``mlp-binary-p8-64bits`` (64 bits instead of 28), ``mlp-continuous-p8`` (the MLPs with a
+  continuous code: how fast the MLPs learn without the quantiser), ``pca-thermometer-p8`` (a
+  designed code, not learned: the 7 leading principal components of the training patches, each
+  cut at 4 quantiles, i.e. 4 sign bits of a shifted projection, the only code a sign of a linear
+  map can give one number; the encoder fixed, an MLP decoder trained);
 * ``qlip-continuous`` / ``qlip-binary``: the demo's QLIP (``qlip-demo`` preset, conv stem, one
   encoder block, decoder 128 x 3) without the text tower, its bottleneck projection and
   up-projection with the BSQ step skipped (continuous) or kept (binary, with the 0.1-weighted BSQ
@@ -53,7 +66,16 @@ import torch.nn.functional as F  # noqa: E402
 BITS = 28
 ROWS = ("linear-continuous", "linear-continuous-l2", "mlp-binary-p8", "mlp-binary-p4", "qlip-continuous", "qlip-binary")
 # ways to train the binary code faster, tried on the per-patch MLP (rows only with --only)
-EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal")
+EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli", "mlp-binary-p8-edge",
+         "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits", "mlp-continuous-p8",
+         "pca-thermometer-p8")
+EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
+
+
+def gradient_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MSE between the horizontal and vertical pixel differences of two image batches."""
+    return (F.mse_loss(a[..., :, 1:] - a[..., :, :-1], b[..., :, 1:] - b[..., :, :-1])
+            + F.mse_loss(a[..., 1:, :] - a[..., :-1, :], b[..., 1:, :] - b[..., :-1, :]))
 
 
 def load_train(data: str, n: int) -> torch.Tensor:
@@ -111,29 +133,72 @@ def mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
 
 
 class PatchAE(nn.Module):
-    """Patch -> code of BITS numbers -> patch, each patch on its own."""
+    """Patch -> code of ``bits`` numbers -> patch, each patch on its own.
 
-    def __init__(self, patch: int, hidden: int, mode: str):
+    ``mode``: ``continuous`` (no quantiser), ``l2`` (L2-normalised, no quantiser), ``binary`` (BSQ's
+    forward, straight-through), ``commit``, ``anneal``, ``bernoulli``, ``edge`` (the rows of the same
+    names in the module's docstring). ``hidden=0``: linear encoder and decoder; ``linear_dec``: a
+    linear decoder behind the MLP encoder.
+    """
+
+    def __init__(self, patch: int, hidden: int, mode: str, bits: int = BITS, linear_dec: bool = False):
         super().__init__()
         d = 3 * patch * patch
-        self.patch, self.mode = patch, mode
+        self.patch, self.mode, self.bits = patch, mode, bits
         self.progress = 0.0  # fraction of training done (set by the loop; the annealed relaxation reads it)
-        self.enc = mlp(d, hidden, BITS) if hidden else nn.Linear(d, BITS)
-        self.dec = mlp(BITS, hidden, d) if hidden else nn.Linear(BITS, d)
+        self.enc = mlp(d, hidden, bits) if hidden else nn.Linear(d, bits)
+        self.dec = mlp(bits, hidden, d) if hidden and not linear_dec else nn.Linear(bits, d)
+
+    def code(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pre-quantisation outputs -> (the decoder's input, an auxiliary loss)."""
+        aux = u.new_zeros(())
+        scale = 1 / math.sqrt(self.bits)
+        if self.mode == "continuous":
+            return u, aux
+        if self.mode == "bernoulli":  # stochastic binary neuron, straight-through to the probability
+            prob = torch.sigmoid(u)
+            bit = (torch.rand_like(prob) < prob).to(prob.dtype) if self.training else (prob > 0.5).to(prob.dtype)
+            return (2 * (bit + prob - prob.detach()) - 1) * scale, aux
+        if self.mode == "anneal" and self.training and self.progress < 0.5:  # soft codes first
+            return torch.tanh(u * (1 + 18 * self.progress)) * scale, aux
+        u = F.normalize(u, dim=-1)
+        if self.mode == "l2":
+            return u, aux
+        hard = torch.where(u > 0, 1.0, -1.0) * scale  # BSQ's forward: sign / sqrt(L)
+        if self.mode == "commit":
+            aux = 0.25 * ((u - hard) ** 2).sum(-1).mean()
+        return u + (hard - u).detach(), aux  # straight-through
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        u = self.enc(patches(x, self.patch))
-        aux = x.new_zeros(())
-        if self.mode == "anneal" and self.training and self.progress < 0.5:  # soft codes first
-            u = torch.tanh(u * (1 + 18 * self.progress)) / math.sqrt(BITS)
-        elif self.mode != "continuous":
-            u = F.normalize(u, dim=-1)
-        if self.mode in ("binary", "commit", "anneal") and not (self.mode == "anneal" and self.training and self.progress < 0.5):
-            hard = torch.where(u > 0, 1.0, -1.0) / math.sqrt(BITS)  # BSQ's forward: sign / sqrt(L)
-            if self.mode == "commit":
-                aux = 0.25 * ((u - hard) ** 2).sum(-1).mean()
-            u = u + (hard - u).detach()  # straight-through
-        return unpatches(self.dec(u), self.patch, x.shape[-1]), aux
+        q, aux = self.code(self.enc(patches(x, self.patch)))
+        recon = unpatches(self.dec(q), self.patch, x.shape[-1])
+        if self.mode == "edge" and self.training:
+            aux = aux + EDGE_WEIGHT * gradient_mse(recon, x)
+        return recon, aux
+
+
+def pca_thermometer(train: torch.Tensor, patch: int = 8, components: int = 7, cuts: int = 4, hidden: int = 256) -> PatchAE:
+    """A designed binary code: the leading principal components of normalised training patches,
+    each cut at ``cuts`` quantiles (bit = sign(projection - quantile)); the encoder is fixed."""
+    from qlip.model.config import OPENAI_MEAN, OPENAI_STD
+    from qlip.model.preprocess import normalize
+    x = patches(normalize(train[:1024], OPENAI_MEAN, OPENAI_STD), patch).reshape(-1, 3 * patch * patch)
+    mean = x.mean(0)
+    _, _, v = torch.pca_lowrank(x - mean, q=components + 8, center=False, niter=4)
+    levels = torch.arange(1, cuts + 1, dtype=x.dtype) / (cuts + 1)
+    weight, bias = [], []
+    for j in range(components):
+        proj = (x - mean) @ v[:, j]
+        for t in torch.quantile(proj[:200_000], levels):
+            weight.append(v[:, j])
+            bias.append(-(mean @ v[:, j]) - t)
+    model = PatchAE(patch, hidden, "binary", bits=components * cuts)
+    model.enc = nn.Linear(3 * patch * patch, components * cuts)
+    with torch.no_grad():
+        model.enc.weight.copy_(torch.stack(weight))
+        model.enc.bias.copy_(torch.stack(bias))
+    model.enc.requires_grad_(False)
+    return model
 
 
 class QLIPAE(nn.Module):
@@ -154,13 +219,25 @@ class QLIPAE(nn.Module):
         return self.m.decoder(bn.up(bn.project(self.m.visual(x)[:, 1:]))), x.new_zeros(())
 
 
-def build(row: str) -> nn.Module:
+def frozen_encoder(model: PatchAE) -> PatchAE:
+    model.enc.requires_grad_(False)
+    return model
+
+
+def build(row: str, train: torch.Tensor) -> nn.Module:
     return {"linear-continuous": lambda: PatchAE(8, 0, "continuous"),
             "linear-continuous-l2": lambda: PatchAE(8, 0, "l2"),
             "mlp-binary-p8": lambda: PatchAE(8, 256, "binary"),
             "mlp-binary-p4": lambda: PatchAE(4, 256, "binary"),
             "mlp-binary-p8-commit": lambda: PatchAE(8, 256, "commit"),
             "mlp-binary-p8-anneal": lambda: PatchAE(8, 256, "anneal"),
+            "mlp-binary-p8-bernoulli": lambda: PatchAE(8, 256, "bernoulli"),
+            "mlp-binary-p8-edge": lambda: PatchAE(8, 256, "edge"),
+            "mlp-binary-p8-frozen-enc": lambda: frozen_encoder(PatchAE(8, 256, "binary")),
+            "mlp-binary-p8-linear-dec": lambda: PatchAE(8, 256, "binary", linear_dec=True),
+            "mlp-binary-p8-64bits": lambda: PatchAE(8, 256, "binary", bits=64),
+            "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
+            "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),
             "qlip-binary": lambda: QLIPAE(True)}[row]()
 
@@ -169,8 +246,8 @@ def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, 
     from qlip.model.config import OPENAI_MEAN, OPENAI_STD
     from qlip.model.preprocess import normalize
     torch.manual_seed(seed)
-    model = build(row)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    model = build(row, train)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     model.train()
@@ -185,7 +262,7 @@ def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, 
         loss = F.mse_loss(recon, x) + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
         opt.step()
     return model, time.time() - t0
 

@@ -271,6 +271,14 @@ CHEAP: Dict[str, Cheap] = {
     # docs/demo.md, fifth round (run on tiny data by tests/demo/test_demo_bottleneck.py)
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000": Cheap(
         "python benchmarks/demo_bottleneck.py --help"),
+    # docs/demo.md, sixth round (every row run on tiny data by tests/demo/test_demo_bottleneck.py)
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 300 --only mlp-binary-p8 mlp-binary-p8-bernoulli "
+    "mlp-binary-p8-edge mlp-binary-p8-frozen-enc mlp-binary-p8-linear-dec mlp-binary-p8-64bits mlp-continuous-p8 "
+    "pca-thermometer-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --only mlp-binary-p8 mlp-binary-p8-64bits "
+    "mlp-continuous-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 3000 --only mlp-binary-p8": Cheap(
+        "python benchmarks/demo_bottleneck.py --help"),
     "qlip demo --recipe paper --out runs/demo-paper": Cheap("qlip demo --help"),
     "python benchmarks/demo_recon.py --stage1 runs/demo/qlip_stage1/final --out runs/rec/s0 loss.alpha_s=0": Cheap(
         "python benchmarks/demo_recon.py --help"),

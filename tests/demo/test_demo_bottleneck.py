@@ -6,6 +6,9 @@ import sys
 
 from qlip.data.shapes import generate_shapes
 
+ROWS = ("linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli",
+        "mlp-binary-p8-edge", "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits",
+        "mlp-continuous-p8", "pca-thermometer-p8", "qlip-continuous", "qlip-binary")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -15,16 +18,53 @@ def test_bottleneck_benchmark_rows(tmp_path):
     out = tmp_path / "bn.json"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "demo_bottleneck.py"), "--data", str(data), "--steps", "2",
            "--batch", "4", "--train-images", "16", "--out", str(out),
-           "--only", "linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal",
-           "qlip-continuous", "qlip-binary"]
+           "--only", *ROWS]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     # the references are exact properties of the originals: the judge reads them perfectly
     assert rows["reference: original"]["judge_colour"] == 1.0 and rows["reference: original"]["judge_kind"] == 1.0
     assert rows["reference: blur sigma 1.0"]["psnr"] > rows["reference: blur sigma 3.0"]["psnr"]
     assert rows["reference: 4x4 patch mean"]["psnr"] > rows["reference: 8x8 patch mean"]["psnr"]
-    for name in ("linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal", "qlip-continuous",
-                 "qlip-binary"):
+    for name in ROWS:
         r = rows[name]
         assert r["steps"] == 2 and r["train_s"] >= 0
         assert 0.0 <= r["judge_colour"] <= 1.0 and 0.0 <= r["judge_kind"] <= 1.0 and 0 < r["psnr"] < 60
+
+
+def test_patch_codes_are_what_the_rows_say():
+    """The per-patch codes: binary rows give +-1/sqrt(L) codes (Bernoulli ones too, in evaluation),
+    the frozen encoder and the designed PCA code do not train their encoder, the PCA code's bits
+    are quantile cuts of the leading component (a thermometer: bits of one component are ordered)."""
+    import importlib.util
+    import math
+
+    import torch
+    spec = importlib.util.spec_from_file_location("demo_bottleneck", os.path.join(REPO, "benchmarks", "demo_bottleneck.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    train = torch.rand(32, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
+    for row in ("mlp-binary-p8", "mlp-binary-p8-bernoulli", "mlp-binary-p8-64bits", "pca-thermometer-p8"):
+        m = mod.build(row, train).eval()
+        q, aux = m.code(m.enc(mod.patches(x, 8)))
+        assert torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(m.bits))), row
+        assert float(aux) == 0.0
+    assert mod.build("mlp-binary-p8-64bits", train).bits == 64
+    frozen = mod.build("mlp-binary-p8-frozen-enc", train)
+    assert not any(p.requires_grad for p in frozen.enc.parameters()) and all(p.requires_grad for p in frozen.dec.parameters())
+    pca = mod.build("pca-thermometer-p8", train)
+    assert not any(p.requires_grad for p in pca.enc.parameters()) and pca.bits == 28
+    from qlip.model.config import OPENAI_MEAN, OPENAI_STD
+    from qlip.model.preprocess import normalize
+    bits = pca.enc(mod.patches(normalize(train, OPENAI_MEAN, OPENAI_STD), 8)) > 0   # (B, N, 28): 7 components x 4 cuts
+    first = bits[..., :4].reshape(-1, 4).float()
+    # a thermometer: a patch above the higher quantile cut is above every lower cut
+    assert torch.all(first[:, 1:] <= first[:, :-1])
+    # ... cut at the 20/40/60/80% quantiles of the training patches' projections
+    assert torch.allclose(first.mean(0), torch.tensor([0.8, 0.6, 0.4, 0.2]), atol=0.01)
+    # the edge row adds the image-gradient term in training only
+    edge = mod.build("mlp-binary-p8-edge", train)
+    _, aux_train = edge.train()(x)
+    _, aux_eval = edge.eval()(x)
+    assert float(aux_train) > 0 and float(aux_eval) == 0.0
