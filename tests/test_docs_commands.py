@@ -271,6 +271,11 @@ CHEAP: Dict[str, Cheap] = {
     # docs/demo.md, fifth round (run on tiny data by tests/demo/test_demo_bottleneck.py)
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000": Cheap(
         "python benchmarks/demo_bottleneck.py --help"),
+    # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
+    "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(
+        "python benchmarks/demo_style.py --help"),
+    "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/mix --style mixed --wide-data runs/wide/data": Cheap(
+        "python benchmarks/demo_style.py --help"),
     # docs/demo.md, sixth round (every row run on tiny data by tests/demo/test_demo_bottleneck.py)
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 300 --only mlp-binary-p8 mlp-binary-p8-bernoulli "
     "mlp-binary-p8-edge mlp-binary-p8-frozen-enc mlp-binary-p8-linear-dec mlp-binary-p8-64bits mlp-continuous-p8 "
