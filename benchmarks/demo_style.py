@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/wide")
     ap.add_argument("--style", default="wide", choices=("plain", "wide", "mixed"),
                     help="training images: wide, plain, or mixed (half the demo's plain shards, half wide ones "
-                         "from --wide-data or generated into OUT/data-wide)")
+                         "from --wide-data or generated into OUT/wide/data)")
     ap.add_argument("--wide-data", default=None, help="--style mixed: an existing wide-style data folder")
     ap.add_argument("--n", type=int, default=10240, help="training images")
     ap.add_argument("--heldout", type=int, default=640, help="plain test images (the demo's: 640)")

@@ -271,6 +271,13 @@ CHEAP: Dict[str, Cheap] = {
     # docs/demo.md, fifth round (run on tiny data by tests/demo/test_demo_bottleneck.py)
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000": Cheap(
         "python benchmarks/demo_bottleneck.py --help"),
+    # docs/gen.md, recipe screens (run on tiny inputs by tests/gen/test_demo_t2i.py)
+    "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v3 --out runs/t2ib --tag lr3e-3 "
+    "--lr 3e-3": Cheap("python benchmarks/t2i_recipe.py --help"),
+    "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v3 --out runs/t2ib --tag lr6e-3 "
+    "--lr 6e-3": Cheap("python benchmarks/t2i_recipe.py --help"),
+    "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v3 --out runs/demo-t2i-v3/runs "
+    "--tag qlip --resume": Cheap("python benchmarks/t2i_recipe.py --help"),
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
     "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(
         "python benchmarks/demo_style.py --help"),

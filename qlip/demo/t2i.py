@@ -225,11 +225,12 @@ def _features(fid, images: torch.Tensor, batch: int = 32) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str, Any], samples_dir: str,
-                       ceiling: bool = True, sweep: bool = True) -> Dict[str, Any]:
+                       ceiling: bool = True, sweep: bool = True, seed: int = SEED) -> Dict[str, Any]:
     """Adherence (the shape judge on samples of the 32 prompts), zero-shot top-1 of the demo QLIP
     on them, the CFG sweep, samples/s, the ceiling (the judge on the tokenizer's reconstructions of
     real test images), the first ``fid_n`` samples (sample-major: every prompt evenly) as uint8
-    for gFID, PNG strips per prompt."""
+    for gFID, PNG strips per prompt. ``seed``: the sampling seed (benchmarks/t2i_recipe.py screens
+    recipes on another seed than the demo reports)."""
     import qlip.gen
     from ..data.shapes import SHAPE_CLASSNAMES, SHAPE_PROMPT, shape_prompts
     from ..eval.zeroshot import zero_shot_classifier
@@ -238,7 +239,7 @@ def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str,
     gen = qlip.gen.load(gen_dir)
     prompts, n = shape_prompts(), st["samples_per_prompt"]
     t0 = time.time()
-    ids = gen.generate(prompts, n=n, cfg=st["cfg"], seed=SEED, batch_size=st["sample_batch"])
+    ids = gen.generate(prompts, n=n, cfg=st["cfg"], seed=seed, batch_size=st["sample_batch"])
     images = gen.decode(ids)
     per_s = len(images) / max(time.time() - t0, 1e-9)
     labels = _prompt_labels(n)
@@ -256,7 +257,7 @@ def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str,
                 a = out["adherence"]
             else:
                 k = st["sweep_samples"]
-                a = _judge(gen.decode(gen.generate(prompts, n=k, cfg=c, seed=SEED, batch_size=st["sample_batch"])),
+                a = _judge(gen.decode(gen.generate(prompts, n=k, cfg=c, seed=seed, batch_size=st["sample_batch"])),
                            _prompt_labels(k))
             rows.append([c, a["top1"], a["colour"], a["kind"]])
         out["cfg_sweep"] = rows

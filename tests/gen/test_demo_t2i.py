@@ -4,6 +4,7 @@ the saved generator samples through `qlip.gen` and `qlip gen sample`; a --resume
 the token shards and the training of an unchanged tokenizer (same figures) and redoes both for a
 changed one; a missing demo is one line; the sample-space gFID formula."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from qlip.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BLOCK_KEYS = {"adherence_top1", "adherence_colour", "adherence_kind", "ceiling_top1", "ceiling_colour", "ceiling_kind",
               "zero_shot_top1", "gfid", "cfg_sweep", "samples_per_s"}
@@ -126,3 +129,27 @@ def test_gfid_equals_the_frechet_distance_of_mean_and_covariance(n1, n2, d):
     want = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert gfid(a, b) == pytest.approx(want, rel=1e-6, abs=1e-8)
     assert gfid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
+    """benchmarks/t2i_recipe.py: a variant trains on the t2i demo's QLIP token shards, is judged on
+    another sampling seed than the demo's, and appends one row; a missing demo is one line."""
+    import importlib.util
+
+    from qlip.demo.t2i import tokenize
+    t2i_dir = tmp_path / "t2i"
+    tokenize(str(demo_dir / "qlip"), str(demo_dir / "data" / "shapes-train-*.tar"), str(t2i_dir / "tokens" / "qlip"))
+    spec = importlib.util.spec_from_file_location("t2i_recipe", os.path.join(REPO, "benchmarks", "t2i_recipe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--demo-dir", str(demo_dir), "--t2i-dir", str(t2i_dir), "--out", str(tmp_path / "b"), "--tag", "lr3e-3",
+            "--lr", "3e-3", "--steps", "2", "--batch", "4", "--samples", "1"]
+    assert mod.main(args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["tag"] == "lr3e-3" and rows[0]["steps"] == 2 and rows[0]["lr"] == 3e-3
+    assert rows[0]["sample_seed"] == 1 and rows[0]["head"] == {"kind": "split", "groups": 4}
+    assert all(0.0 <= rows[0][k] <= 1.0 for k in ("adherence_top1", "adherence_colour", "adherence_kind"))
+    assert (tmp_path / "b" / "lr3e-3" / "samples").is_dir()
+    with pytest.raises(SystemExit, match="qlip demo t2i"):
+        mod.main(["--demo-dir", str(demo_dir), "--t2i-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c"),
+                  "--tag", "x"])
