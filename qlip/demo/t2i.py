@@ -53,7 +53,7 @@ from ..errors import ConfigError
 
 TOKENIZERS = ("qlip", "recon_only")
 FULL: Dict[str, Any] = {
-    "preset": "gpt-demo", "head": "split", "groups": 4, "text_len": 16, "batch_size": 64, "lr": 1e-3,
+    "preset": "gpt-demo", "head": "split", "groups": 4, "text_len": 16, "batch_size": 64, "lr": 3e-3,
     "warmup_steps": 30, "steps": 500, "ckpt_every": 50, "cfg": 4.0, "cfg_sweep": [1.0, 2.0, 4.0, 6.0],
     "samples_per_prompt": 8, "sweep_samples": 4, "sample_batch": 64, "fid_n": 128, "ceiling_n": 640,
     "grid_samples": 4, "heads_time_s": 180.0,
