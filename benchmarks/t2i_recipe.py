@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=4, help="samples per prompt")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default: the demo's 4)")
     ap.add_argument("--sample-seed", type=int, default=1)
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                    help="training precision (default: the demo's, auto = bf16 on a CPU with AMX or a GPU)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="reuse or continue this tag's run")
     a = ap.parse_args(argv)
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
         if not os.path.exists(path):
             raise SystemExit(f"{what} not found at {os.path.dirname(path)}: run `qlip demo` and `qlip demo t2i` first")
     st = dict(t2i.FULL)
-    for key, value in (("steps", a.steps), ("lr", a.lr), ("batch_size", a.batch), ("cfg", a.cfg)):
+    for key, value in (("steps", a.steps), ("lr", a.lr), ("batch_size", a.batch), ("cfg", a.cfg),
+                       ("precision", a.precision)):
         if value is not None:
             st[key] = value
     st["samples_per_prompt"] = a.samples
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
                                 ceiling=False, sweep=False, seed=a.sample_seed)
     adh = ev["adherence"]
     row = {"tag": a.tag, "steps": s["steps"], "train_s": round(s["elapsed_s"], 1), "nll": s["last_log"].get("nll"),
-           "lr": st["lr"], "batch": st["batch_size"], "head": recipe["head"], "cfg": st["cfg"],
+           "lr": st["lr"], "batch": st["batch_size"], "precision": s.get("precision"), "head": recipe["head"], "cfg": st["cfg"],
            "samples_per_prompt": a.samples, "sample_seed": a.sample_seed,
            "adherence_top1": round(adh["top1"], 4), "adherence_colour": round(adh["colour"], 4),
            "adherence_kind": round(adh["kind"], 4), "zero_shot_top1": round(ev["zero_shot_top1"], 4)}

@@ -56,13 +56,13 @@ FULL: Dict[str, Any] = {
     "preset": "gpt-demo", "head": "split", "groups": 4, "text_len": 16, "batch_size": 64, "lr": 3e-3,
     "warmup_steps": 30, "steps": 500, "ckpt_every": 50, "cfg": 4.0, "cfg_sweep": [1.0, 2.0, 4.0, 6.0],
     "samples_per_prompt": 8, "sweep_samples": 4, "sample_batch": 64, "fid_n": 128, "ceiling_n": 640,
-    "grid_samples": 4, "heads_time_s": 180.0,
+    "grid_samples": 4, "heads_time_s": 180.0, "precision": "auto",
 }
 FAST: Dict[str, Any] = {
     "preset": "gpt-tiny", "head": "split", "groups": 4, "text_len": 8, "batch_size": 8, "lr": 3e-3,
     "warmup_steps": 1, "steps": 4, "ckpt_every": 2, "cfg": 4.0, "cfg_sweep": [1.0, 4.0],
     "samples_per_prompt": 1, "sweep_samples": 1, "sample_batch": 32, "fid_n": 8, "ceiling_n": 16,
-    "grid_samples": 1, "heads_time_s": 2.0,
+    "grid_samples": 1, "heads_time_s": 2.0, "precision": "auto",
 }
 # --compare-heads: (head kind, groups) per entry, each trained for settings["heads_time_s"] seconds
 # (groups matter for split only)
@@ -146,7 +146,8 @@ def generator_recipe(tokens: str, text_model: str, tokenizer: str, st: Dict[str,
             "optim": {"optimizer": "adamw", "lr": st["lr"], "betas": [0.9, 0.95], "weight_decay": 0.05,
                       "grad_clip": 1.0, "warmup_steps": st["warmup_steps"],
                       "steps": 1_000_000 if timed else st["steps"], "schedule": "constant" if timed else "cosine"},
-            "train": {"seed": SEED, "log_every": max(1, min(10, st["steps"] // 4)), "ckpt_every": st["ckpt_every"],
+            "train": {"seed": SEED, "precision": st.get("precision", "fp32"),
+                      "log_every": max(1, min(10, st["steps"] // 4)), "ckpt_every": st["ckpt_every"],
                       "keep_ckpts": 1, "progress": False, "tensorboard": False, "max_time_s": max_time_s}}
 
 

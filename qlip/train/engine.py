@@ -51,6 +51,7 @@ class Engine:
         self.task: Task = get_task(recipe.task)(recipe, self.dist)
         self.model = self.task.build_model().to(self.device)
         self.task.model = self.model
+        log.info("precision: %s (%s)", self.task.precision.name, self.task.precision.reason)
         self.fsdp = bool(t.fsdp) and self.dist.enabled
         self.fsdp_units = 0
         if t.fsdp and not self.dist.enabled:
@@ -162,7 +163,8 @@ class Engine:
         summary = {"task": r.task, "steps": self.step, "stopped_by": stop_reason,
                    "elapsed_s": round(self.elapsed, 1), "steps_this_run": self.step - start_step,
                    "skipped_samples": skipped, "nonfinite_steps": self.nonfinite_steps,
-                   "fsdp_sharded_units": self.fsdp_units, "final_model": final, "last_log": last}
+                   "fsdp_sharded_units": self.fsdp_units, "precision": self.task.precision.name,
+                   "final_model": final, "last_log": last}
         if evals:
             summary["eval"] = evals
         if self.dist.is_main:

@@ -342,7 +342,7 @@ def memory_terms(recipe: Recipe, m: Measurement, params: Dict[str, Any], batch: 
     activations are alive at once (default ``batch``; a chunk with gradient caching); ``world``:
     FSDP ranks sharding the transformer blocks (1: none); ``foreach``: the multi-tensor optimizer
     update (CUDA's default without FSDP) instead of the single-tensor one (CPU, or FSDP's mixed
-    DTensor lists). Autocast copies are counted when ``train.precision`` is bf16. Returns the terms,
+    DTensor lists). Autocast copies are counted when ``train.precision`` is bf16 or auto (bf16 on a GPU). Returns the terms,
     the two phases (``backward``, ``optimizer``), ``peak_phase`` (1.0: backward, 0.0: optimizer)
     and ``total``."""
     t, o = recipe.train, recipe.optim
@@ -362,7 +362,7 @@ def memory_terms(recipe: Recipe, m: Measurement, params: Dict[str, Any], batch: 
         "inputs": params["input_bytes_per_sample"] * batch,
         "activations": m.activation_bytes_per_sample * live,
         "autocast_copies": (2 * shard(params["autocast_parameters"], params.get("autocast_parameters_sharded", 0))
-                            if t.precision == "bf16" else 0.0),
+                            if t.precision in ("bf16", "auto") else 0.0),
         "gradients": 4 * (trainable + disc),
     }
     accumulating = t.grad_accum > 1 or live < batch  # the gradients exist in full from the first backward on
@@ -461,7 +461,7 @@ def make_plan(recipe: Recipe, m: Measurement, params: Dict[str, Any], gpu: str =
     step_flops = flops * d.batch_size * t.grad_accum
     step_s = step_flops / (g.peak_bf16_flops * mfu)
     total_s = step_s * o.steps
-    if t.precision != "bf16":
+    if t.precision == "fp32":  # "auto" is bf16 on the GPUs planned for
         notes.append("train.precision is fp32: the bf16 peak overstates the speed (TF32 at best)")
     fits = mem["total"] <= g.memory_gib
     if not fits:

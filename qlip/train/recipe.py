@@ -77,7 +77,7 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    precision: str = "fp32"    # fp32 | bf16 (autocast)
+    precision: str = "fp32"    # fp32 | bf16 (autocast) | auto (bf16 on a CUDA GPU with bf16 or a CPU with AMX, else fp32)
     grad_accum: int = 1
     fsdp: bool = False         # shard the task's FSDP units across ranks (FSDP2; AdamW only)
     compile: bool = False      # torch.compile each of the task's units (blocks); benchmarks/compile_step.py
@@ -92,8 +92,8 @@ class TrainSection:
     tensorboard: bool = True
 
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"train.precision must be fp32, bf16 or auto, got {self.precision!r}")
         if self.grad_accum < 1:
             raise ConfigError("train.grad_accum must be >= 1")
         check("train.log_every", self.log_every, ">= 1", self.log_every >= 1)

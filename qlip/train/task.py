@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
+from ..model.precision import resolve_precision
 from .distributed import DistInfo
 from .recipe import Recipe
 
@@ -61,6 +62,8 @@ class Task:
     def __init__(self, recipe: Recipe, dist: DistInfo):
         self.r, self.dist, self.device = recipe, dist, dist.device
         self.model: Optional[nn.Module] = None
+        # train.precision "auto" resolved on this device: bf16 autocast where bf16 matmul is fast
+        self.precision = resolve_precision(recipe.train.precision, dist.device)
 
     # ---- recipe ----------------------------------------------------------------------------
     @classmethod
@@ -125,7 +128,7 @@ class Task:
         return {}
 
     def autocast(self):
-        if self.r.train.precision == "bf16":
+        if self.precision.name == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

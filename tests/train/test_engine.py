@@ -215,3 +215,34 @@ def test_scalar_collectives_use_the_groups_device_as_nccl_requires():
         assert all_reduce_floats([1.5, 2.0]) == [1.5, 2.0]  # the fake backend leaves values as they are
     finally:
         dist.destroy_process_group()
+
+
+class _DtypeToyTask(ToyTask):
+    """ToyTask whose forward runs under the task's autocast and records its output dtype."""
+    seen = set()
+
+    def micro_step(self, batch, scale, log, step):
+        with self.autocast():
+            y = self.model(batch["x"])
+        _DtypeToyTask.seen.add(y.dtype)
+        terms = {"mse": torch.nn.functional.mse_loss(y.float(), batch["y"])}
+        log.add(terms, scale)
+        return self.total(terms)
+
+
+@pytest.mark.parametrize("amx, expected", [(True, "bf16"), (False, "fp32")])
+def test_train_precision_auto_is_bf16_only_where_bf16_matmul_is_fast(tmp_path, monkeypatch, amx, expected):
+    import qlip.model.precision as P
+    from qlip.errors import ConfigError
+    from qlip.train import Recipe, train
+    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: amx)
+    _DtypeToyTask.seen = set()
+    d = {"task": f"{__name__}:_DtypeToyTask", "data": {"batch_size": 4},
+         "optim": {"optimizer": "adamw", "lr": 0.05, "warmup_steps": 0, "steps": 2},
+         "train": {"precision": "auto", "device": "cpu", "log_every": 1, "ckpt_every": 0, "progress": False,
+                   "tensorboard": False}}
+    summary = train(Recipe.from_dict(d), str(tmp_path / "toy"))
+    assert summary["precision"] == expected
+    assert _DtypeToyTask.seen == {torch.bfloat16 if expected == "bf16" else torch.float32}
+    with pytest.raises(ConfigError, match="fp32, bf16 or auto"):
+        Recipe.from_dict({**d, "train": {**d["train"], "precision": "fp16"}})

@@ -59,7 +59,7 @@ def test_overrides(tmp_path):
     ("", ["optim.schedule=linear"], "cosine or constant"),
     ("", ["optim.min_lr_ratio=2"], "min_lr_ratio"),
     ("", ["train.stage=3"], "train.stage"),
-    ("", ["train.precision=fp16"], "fp32 or bf16"),
+    ("", ["train.precision=fp16"], "fp32, bf16 or auto"),
     ("", ["train.progress=maybe"], "true or false"),
     ("", ["train.log_every=0"], "train.log_every"),
     ("", ["train.contrastive_chunk=-1"], "contrastive_chunk"),
