@@ -71,7 +71,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import qlip  # noqa: E402
-from qlip.model.precision import cast_for_inference, cpu_has_amx_bf16, resolve_precision  # noqa: E402
+from qlip.model.precision import cast_for_inference  # noqa: E402
+from qlip.nn.precision import cpu_has_amx_bf16, resolve_precision  # noqa: E402
 from qlip.model.preprocess import denormalize  # noqa: E402
 
 PRESET = "qlip-b-16-256"

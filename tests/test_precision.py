@@ -11,6 +11,7 @@ import qlip
 from qlip.cli import main
 from qlip.errors import ConfigError, QLIPError
 from qlip.model import precision as P
+from qlip.nn import precision as DP  # the device choice (monkeypatched there)
 
 # measured (docs/performance.md): qlip-tiny 99.79 %, official eva 99.63 %, clip 99.79 % of id bits
 MIN_BIT_AGREEMENT = 0.99
@@ -39,10 +40,10 @@ def test_resolve_precision(monkeypatch):
     assert P.resolve_precision("bf16", "cpu").name == "bf16"
     with pytest.raises(ConfigError, match="precision must be one of"):
         P.resolve_precision("fp16")
-    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: True)
-    assert P.resolve_precision("auto", "cpu") == P.PrecisionChoice("bf16", "auto: CPU with AMX (amx_bf16)")
-    monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: False)
-    choice = P.resolve_precision("auto", "cpu")
+    monkeypatch.setattr(DP, "cpu_has_amx_bf16", lambda: True)
+    assert DP.resolve_precision("auto", "cpu") == P.PrecisionChoice("bf16", "auto: CPU with AMX (amx_bf16)")
+    monkeypatch.setattr(DP, "cpu_has_amx_bf16", lambda: False)
+    choice = DP.resolve_precision("auto", "cpu")
     assert choice.name == "fp32" and "without AMX" in choice.reason
 
 

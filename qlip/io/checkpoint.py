@@ -15,7 +15,8 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, QLIPError
 from ..model import QLIP, QLIPConfig, get_preset, list_presets, preset_hub_id
-from ..model.precision import cast_for_inference, resolve_precision
+from ..model.precision import cast_for_inference
+from ..nn.precision import resolve_precision
 from . import official
 from .atomic import atomic_folder, atomic_write, atomic_write_text
 

@@ -12,74 +12,24 @@ keep was measured (docs/performance.md, "bf16 that keeps the ids"): keeping the 
 block(s) in float32 as well gains little, because the bf16 rounding of the residual stream built up
 by all earlier blocks is what flips most of the remaining bits.
 
-``precision="auto"`` chooses bf16 only where it is faster than fp32: on a CUDA GPU with bf16
-support, and on a CPU with AMX (``amx_bf16`` in ``/proc/cpuinfo``). On other CPUs bf16 matmuls run
-slower than fp32 ones (0.5-0.6x measured), so auto picks fp32 there.
+``precision="auto"`` chooses bf16 only where it is faster than fp32 (``qlip.nn.precision``, shared
+with the training engine, which must not import model code; its names are re-exported here).
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..nn.precision import PRECISIONS, PrecisionChoice, cpu_flags, cpu_has_amx_bf16, resolve_precision
 
-PRECISIONS = ("fp32", "bf16", "auto")
+__all__ = ["FP32_MODULES", "PRECISIONS", "PrecisionChoice", "cast_for_inference", "cpu_flags",
+           "cpu_has_amx_bf16", "resolve_precision"]
+
 # modules kept in float32 by the bf16 cast-once path (names relative to the QLIP model)
 FP32_MODULES: Tuple[str, ...] = ("bottleneck.down",)
-
-
-@dataclass(frozen=True)
-class PrecisionChoice:
-    """The precision a model runs in (``"fp32"`` or ``"bf16"``) and why (for verbose output)."""
-    name: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.reason})"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where the file does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_has_amx_bf16() -> bool:
-    """True where the CPU has AMX bf16 tiles, the hardware on which bf16 matmul beats fp32 on CPU."""
-    return "amx_bf16" in cpu_flags()
-
-
-def resolve_precision(precision: Optional[str],
-                      device: Union[str, torch.device, None] = None) -> PrecisionChoice:
-    """``"fp32"`` / ``"bf16"`` / ``"auto"`` (or None = fp32) -> the concrete choice for ``device``."""
-    if precision is None:
-        precision = "fp32"
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return PrecisionChoice(precision, "asked for")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return PrecisionChoice("bf16", "auto: CUDA GPU with bf16 support")
-        return PrecisionChoice("fp32", "auto: CUDA device without bf16 support")
-    if dev.type == "cpu":
-        if cpu_has_amx_bf16():
-            return PrecisionChoice("bf16", "auto: CPU with AMX (amx_bf16)")
-        return PrecisionChoice("fp32", "auto: CPU without AMX (amx_bf16 not in /proc/cpuinfo), where bf16 "
-                                       "matmul is slower than fp32")
-    return PrecisionChoice("fp32", f"auto: {dev.type} device")
 
 
 def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:

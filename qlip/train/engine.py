@@ -251,8 +251,8 @@ class Engine:
         if path is None:
             log.info("no checkpoint in %s: starting from scratch", self.ckpt_root)
             return
-        from ..io import load_state_dict_strict, read_state_dict
-        sd = read_state_dict(path)
+        from ..io import load_state_dict_strict
+        sd = self.task.read_model_state(path)
         load_state_dict_strict(self.model, D.shard_state_like(self.model, sd) if self.fsdp else sd, path)
         st = load_train_state(path)
         try:

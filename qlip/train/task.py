@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from ..model.precision import resolve_precision
+from ..nn.precision import resolve_precision
 from .distributed import DistInfo
 from .recipe import Recipe
 
@@ -141,6 +141,13 @@ class Task:
 
     def save_model(self, model: nn.Module, folder: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         raise NotImplementedError
+
+    def read_model_state(self, folder: str) -> Dict[str, torch.Tensor]:
+        """The model's full state dict from a folder written by :meth:`save_model` (a checkpoint,
+        to resume from). Default: the folder's ``model.safetensors``; a task whose save format
+        splits the weights over several files joins them here."""
+        from ..io import read_state_dict
+        return read_state_dict(folder)
 
     def evaluate(self, model: nn.Module, step: int) -> Dict[str, float]:
         return {}

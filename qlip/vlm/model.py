@@ -9,25 +9,25 @@ labelled (assistant) positions.
 Saved format (one folder; ``qlip.vlm.load(folder)`` rebuilds the model in one call). Every
 tensor is stored once::
 
-    config.json          {"format": "qlip-vlm", "format_version": 2, "config": VLMConfig fields,
+    config.json          {"format": "qlip-vlm", "format_version": 3, "config": VLMConfig fields,
                           "image_token_id", "num_image_tokens", "vision_width", "llm_width"}
-    model.safetensors    the trainable weights: the LLM's under its own Hugging Face names
-                         (``model.*``, ``lm_head.*``) and the projector's (``projector.*``), and
-                         the fixed feature statistics (``feature_norm.*``, with ``feature_norm:
-                         standardize``); the training engine's checkpoints resume from it
+    model.safetensors    the VLM's own trainable weights (``projector.*``) and the fixed feature
+                         statistics (``feature_norm.*``, with ``feature_norm: standardize``)
+    llm/                 the language model as a plain Hugging Face folder: config, generation
+                         config, tokenizer and ``model.safetensors`` (its weights under their own
+                         names, ``model.*``, ``lm_head.*``): AutoModelForCausalLM.from_pretrained
+                         loads it as it is, in any transformers version
     vision/              the frozen QLIP encoder in qlip's format (qlip.load); not in
                          model.safetensors (:mod:`qlip.vlm.vision`)
-    llm/                 the language model's config, generation config and tokenizer in Hugging
-                         Face format, and ``model.safetensors.index.json`` mapping every LLM
-                         weight to ``../model.safetensors``: AutoModelForCausalLM.from_pretrained
-                         loads the folder in place (it reports the ``projector.*`` entries of the
-                         shared file as unexpected keys); :func:`export_llm` writes a standalone copy
 
 The VLM registers the LLM's children (``model``, ``lm_head``, ...) as its own, so its parameter
-names for the LLM are exactly the LLM's Hugging Face names: that is what lets one file serve both
-the engine (which loads a folder's ``model.safetensors`` strictly) and transformers' loader.
-Folders of format_version 1 (the LLM under ``llm.*`` in model.safetensors and again in
-``llm/model.safetensors``, the QLIP model under ``vision.qlip.*``) still load.
+names for the LLM are exactly the LLM's Hugging Face names: :func:`read_weights` joins the two
+files into the VLM's state dict (the training engine resumes from it through the task's
+``read_model_state``). Older folders still load: format_version 2 (everything in the top
+``model.safetensors`` and ``llm/model.safetensors.index.json`` pointing to ``../model.safetensors``,
+a shard path that transformers >= 5.2x refuses, hence format 3) and format_version 1 (the LLM
+under ``llm.*`` in model.safetensors and again in ``llm/model.safetensors``, the QLIP model under
+``vision.qlip.*``).
 
 Not transformers' ``LlavaForConditionalGeneration``: its vision tower must be a registered
 ``transformers`` model returning ``hidden_states`` (QLIP is not one), its projector is always
@@ -54,7 +54,7 @@ from .projector import PROJECTORS, build_projector, merge_tokens
 from .vision import FEATURES, VisionTower
 
 FORMAT = "qlip-vlm"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -216,21 +216,19 @@ class VLM(nn.Module):
                 sd[k] = v.clone()
             elif key is not None:
                 seen[key] = k
-        write_safetensors(sd, os.path.join(folder, "model.safetensors"))
+        llm_names = set(self.llm.state_dict())
+        write_safetensors({k: v for k, v in sd.items() if k not in llm_names}, os.path.join(folder, "model.safetensors"))
         self.vision.qlip.save_pretrained(os.path.join(folder, "vision"))
         llm_dir = os.path.join(folder, "llm")
         os.makedirs(llm_dir, exist_ok=True)
-        stale = os.path.join(llm_dir, "model.safetensors")  # a format-1 copy, if re-saving over one
+        stale = os.path.join(llm_dir, "model.safetensors.index.json")  # format 2, if re-saving over one
         if os.path.isfile(stale):
             os.remove(stale)
         self.llm.config.save_pretrained(llm_dir)
         if getattr(self.llm, "generation_config", None) is not None:
             self.llm.generation_config.save_pretrained(llm_dir)
         self.tokenizer.save_pretrained(llm_dir)
-        names = sorted(self.llm.state_dict())
-        index = {"metadata": {"total_size": sum(sd[k].numel() * sd[k].element_size() for k in names)},
-                 "weight_map": {k: "../model.safetensors" for k in names}}
-        atomic_write_text(os.path.join(llm_dir, "model.safetensors.index.json"), json.dumps(index, indent=2) + "\n")
+        write_safetensors({k: v for k, v in sd.items() if k in llm_names}, os.path.join(llm_dir, "model.safetensors"))
         atomic_write_text(os.path.join(folder, "config.json"), json.dumps(self.meta(), indent=2) + "\n")
 
 
@@ -292,10 +290,31 @@ def read_meta(folder: str) -> Dict[str, Any]:
     return meta
 
 
+def read_weights(folder: str) -> Dict[str, torch.Tensor]:
+    """The VLM's state dict (LLM under its Hugging Face names, ``projector.*``, ``feature_norm.*``)
+    from a saved folder of any format version: format 3 joins ``model.safetensors`` and
+    ``llm/model.safetensors``; format 2 holds everything in ``model.safetensors``; format 1 keeps
+    the LLM under ``llm.*`` and a second QLIP copy under ``vision.qlip.*`` (dropped here)."""
+    from ..io import read_state_dict
+    version = read_meta(folder).get("format_version", 1)
+    sd = read_state_dict(folder)
+    if version == 1:
+        return {k[len("llm."):] if k.startswith("llm.") else k: v for k, v in sd.items()
+                if not k.startswith("vision.")}
+    if version >= 3:
+        llm = read_state_dict(os.path.join(folder, "llm"))
+        both = sorted(set(sd) & set(llm))
+        if both:
+            raise CheckpointError(f"{folder}: {len(both)} weights stored both in model.safetensors and "
+                                  f"llm/model.safetensors (e.g. {both[0]})")
+        sd.update(llm)
+    return sd
+
+
 def load(folder: str, device: Optional[str] = None) -> VLM:
     """A VLM saved by :meth:`VLM.save_pretrained` (a training run's ``OUT/final`` or a checkpoint)."""
     from ..io import load as qlip_load
-    from ..io import load_state_dict_strict, read_state_dict
+    from ..io import load_state_dict_strict
     meta = read_meta(folder)
     try:
         cfg = VLMConfig(**meta["config"])
@@ -306,10 +325,6 @@ def load(folder: str, device: Optional[str] = None) -> VLM:
     model = VLM(tower, llm, tok, cfg)
     if model.image_token_id != meta.get("image_token_id"):
         raise CheckpointError(f"{folder}: image token id {model.image_token_id} != saved {meta.get('image_token_id')}")
-    sd = read_state_dict(folder)
-    if meta.get("format_version", 1) == 1:  # LLM under llm.*, a second QLIP copy under vision.qlip.*
-        sd = {k[len("llm."):] if k.startswith("llm.") else k: v for k, v in sd.items()
-              if not k.startswith("vision.")}
-    load_state_dict_strict(model, sd, folder)
+    load_state_dict_strict(model, read_weights(folder), folder)
     model.eval()
     return model.to(device) if device else model

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..train.recipe import DataSection, TrainSection, check
 from ..train.task import StepLog, Task
-from .model import VLM, VLMConfig, answer_loss, build_vlm, enable_checkpointing, load
+from .model import VLM, VLMConfig, answer_loss, build_vlm, enable_checkpointing, load, read_weights
 
 log = logging.getLogger("qlip.vlm")
 
@@ -161,3 +161,6 @@ class VLMTask(Task):
 
     def save_model(self, model: VLM, folder: str, state_dict=None) -> None:
         model.save_pretrained(folder, state_dict=state_dict)
+
+    def read_model_state(self, folder: str) -> Dict[str, torch.Tensor]:
+        return read_weights(folder)  # model.safetensors + llm/model.safetensors

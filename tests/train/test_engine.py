@@ -232,7 +232,7 @@ class _DtypeToyTask(ToyTask):
 
 @pytest.mark.parametrize("amx, expected", [(True, "bf16"), (False, "fp32")])
 def test_train_precision_auto_is_bf16_only_where_bf16_matmul_is_fast(tmp_path, monkeypatch, amx, expected):
-    import qlip.model.precision as P
+    import qlip.nn.precision as P
     from qlip.errors import ConfigError
     from qlip.train import Recipe, train
     monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: amx)

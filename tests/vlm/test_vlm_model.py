@@ -140,8 +140,8 @@ def _tensor_bytes(tensors):
 
 
 def test_saved_folder_stores_every_tensor_once(vlm, tmp_path):
-    """One copy of every weight: the LLM's and the projector's in model.safetensors (the LLM under
-    its Hugging Face names, which llm/'s index points to), the frozen QLIP's in vision/."""
+    """One copy of every weight: the projector's in model.safetensors, the LLM's under its Hugging
+    Face names in llm/model.safetensors, the frozen QLIP's in vision/."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     vlm.save_pretrained(str(tmp_path / "m"))
@@ -153,8 +153,10 @@ def test_saved_folder_stores_every_tensor_once(vlm, tmp_path):
     assert _tensor_bytes(stored) == _tensor_bytes(own)
     total = sum(f.stat().st_size for f in (tmp_path / "m").rglob("*") if f.is_file())
     assert total < _tensor_bytes(own) + 300_000  # + the json, tokenizer and safetensors headers
-    index = json.loads((tmp_path / "m" / "llm" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(vlm.llm.state_dict())
+    with safe_open(str(tmp_path / "m" / "llm" / "model.safetensors"), "pt") as h:
+        assert set(h.keys()) == set(vlm.llm.state_dict())  # llm/ is a plain HF folder
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as h:
+        assert set(h.keys()) == set(vlm.state_dict()) - set(vlm.llm.state_dict())
     # a standalone HF copy of the LLM, and a format-1 folder (LLM and QLIP stored twice) still loads
     from qlip.vlm.model import export_llm
     export_llm(vlm, str(tmp_path / "v1" / "llm"))
@@ -170,6 +172,13 @@ def test_saved_folder_stores_every_tensor_once(vlm, tmp_path):
     old.update({"vision.qlip." + k: v for k, v in vlm.vision.qlip.state_dict().items()})
     write_safetensors(old, str(tmp_path / "v1" / "model.safetensors"))
     back = load(str(tmp_path / "v1"))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), vlm.state_dict().values()))
+    # a format-2 folder (every trainable weight in the top model.safetensors, llm/ indexing ../) loads
+    shutil.copytree(tmp_path / "m", tmp_path / "v2")
+    (tmp_path / "v2" / "llm" / "model.safetensors").unlink()
+    (tmp_path / "v2" / "config.json").write_text(json.dumps({**meta, "format_version": 2}))
+    write_safetensors(dict(vlm.state_dict()), str(tmp_path / "v2" / "model.safetensors"))
+    back = load(str(tmp_path / "v2"))
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), vlm.state_dict().values()))
 
 
