@@ -44,10 +44,12 @@ def main() -> None:
     p.add_argument("--visual-init", default=full["visual_init"], choices=["mean", "bits"])
     p.add_argument("--visual-bits", action=argparse.BooleanOptionalAction, default=full["visual_bits"],
                    help="learned per-bit vectors on the visual rows (model.visual_bits)")
+    p.add_argument("--precision", default=full["precision"], choices=["fp32", "bf16", "auto"],
+                   help="train.precision (auto: bf16 on a GPU or a CPU with AMX)")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = dict(full)
-    for key in INT_KEYS + ("lr", "visual_init", "visual_bits"):
+    for key in INT_KEYS + ("lr", "visual_init", "visual_bits", "precision"):
         cfg[key] = getattr(a, key)
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
@@ -57,7 +59,7 @@ def main() -> None:
     prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, False)[a.run]
     keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
-            "visual_init", "visual_bits")
+            "visual_init", "visual_bits", "precision")
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
              "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}

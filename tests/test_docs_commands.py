@@ -278,6 +278,15 @@ CHEAP: Dict[str, Cheap] = {
     "--lr 6e-3": Cheap("python benchmarks/t2i_recipe.py --help"),
     "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v3 --out runs/demo-t2i-v3/runs "
     "--tag qlip --resume": Cheap("python benchmarks/t2i_recipe.py --help"),
+    # docs/gen.md, bf16 / steps / pooled screen; docs/um3.md, precision
+    **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v4 --out runs/t2ib " + tail:
+       Cheap("python benchmarks/t2i_recipe.py --help")
+       for tail in ("--tag fp32-500 --precision fp32", "--tag bf16-500 --precision bf16",
+                    "--tag bf16-500-pooled --precision bf16 --pooled", "--tag bf16-1000 --precision bf16 --steps 1000")},
+    **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3b --tag " + tail:
+       Cheap("python benchmarks/um3_recipe.py --help")
+       for tail in ("fp32-60 --steps 60 --visual-init bits --precision fp32",
+                    "bf16-60 --steps 60 --visual-init bits --precision bf16")},
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
     "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(
         "python benchmarks/demo_style.py --help"),

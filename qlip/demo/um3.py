@@ -57,11 +57,11 @@ from ..errors import ConfigError, DataError
 FULL = {"train_shards": 12, "test_images": 128, "draws_per_class": 2, "corpus_sentences": 8000, "vocab": 512,
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
         "steps": 200, "lr": 3e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 50, "visual_init": "mean",
-        "visual_bits": False}
+        "visual_bits": False, "precision": "fp32"}
 FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
         "dim": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn": 64, "batch_size": 4, "caption_tokens": 12,
         "steps": 3, "lr": 3e-3, "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "visual_init": "mean",
-        "visual_bits": False}
+        "visual_bits": False, "precision": "fp32"}
 FAST_CLASSES = 2                        # --fast draws only the first classes
 R0, RT, I2T_SHARE, CFG_DROPOUT = 0.6, 0.3, 0.5, 0.1
 CFG_SCALE, TOP_K = 3.0, 200             # drawing: guidance scale, top-k sampling (temperature 1)
@@ -213,8 +213,9 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
         "loss": {"softmax": softmax},
         "optim": {"optimizer": "adamw", "lr": cfg["lr"], "warmup_steps": cfg["warmup"], "steps": cfg["steps"],
                   "weight_decay": 0.0},
-        "train": {"seed": SEED, "log_every": max(1, cfg["steps"] // 20), "ckpt_every": cfg["ckpt_every"],
-                  "keep_ckpts": 1, "progress": False, "tensorboard": False}})
+        "train": {"seed": SEED, "precision": cfg.get("precision", "fp32"),
+                  "log_every": max(1, cfg["steps"] // 20), "ckpt_every": cfg["ckpt_every"], "keep_ckpts": 1,
+                  "progress": False, "tensorboard": False}})
 
 
 def _train(name: str, recipe, run_dir: str, resume: bool) -> Dict[str, Any]:

@@ -81,6 +81,7 @@ class TextSection:
     max_len: int = 16               # caption tokens = prefix length
     dropout: float = 0.1            # caption dropout to the null condition (for CFG)
     cache_size: int = 4096          # captions whose features stay in memory (0: none)
+    pooled: bool = False            # qlip: append the aligned caption embedding to every token's features
     t5_config: Optional[Dict[str, Any]] = None   # a random T5 encoder of this T5Config (tests, offline)
 
     def validate(self) -> None:
@@ -91,13 +92,16 @@ class TextSection:
         if self.t5_config is not None and (self.encoder != "t5" or not isinstance(self.t5_config, dict)):
             raise ConfigError(f"text.t5_config must be a mapping of T5Config fields, with text.encoder=t5, "
                               f"got {self.t5_config!r}")
+        if self.pooled and self.encoder != "qlip":
+            raise ConfigError("text.pooled is for text.encoder=qlip (the aligned caption embedding); T5 has none")
 
     def spec(self) -> Dict[str, Any]:
         model = self.model
         if model and os.path.isdir(model):
             model = os.path.abspath(model)
         return {"encoder": self.encoder, "model": model, "random_init": self.random_init, "seed": self.seed,
-                "max_len": self.max_len, "t5_config": self.t5_config}
+                "max_len": self.max_len, "t5_config": self.t5_config,
+                **({"pooled": True} if self.pooled else {})}  # absent when off: earlier runs keep their identity
 
 
 @dataclass

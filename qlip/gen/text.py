@@ -12,6 +12,12 @@
     first ``max_len`` of its 77 positions: start token, words, end token, then the causal tower's
     states at the padding, all deterministic). It is aligned with the very image tokens being
     generated. Needs a QLIP checkpoint that still has its text tower (stage 1; stage 2 drops it).
+    ``pooled=True`` appends to every token's features the caption's **aligned embedding** (the
+    one zero-shot classification compares with image embeddings: ``encode_text``, L2-normalised,
+    times ``sqrt(embed_dim)`` so that its entries are of the order of the LayerNorm-ed token
+    features'): one vector that already says, in the space the image tokens were trained against,
+    what the caption shows (SDXL conditions on a pooled CLIP embedding beside the token features
+    for the same reason). Features are then ``width + embed_dim`` wide.
   - ``t5``: a ``transformers`` T5 encoder (FLAN-T5, the paper's choice; ``google/flan-t5-xl`` is
     LlamaGen's), padded / truncated to ``max_len`` tokens, features zeroed at the padding.
     ``t5_config`` builds a random encoder from a ``T5Config`` dict instead (tests, offline), with
@@ -75,20 +81,26 @@ def load_qlip(model: str, random_init: bool = False, seed: int = 0, device="cpu"
 class QLIPTextEncoder:
     """QLIP's text tower: captions -> ``(B, max_len, text width)`` float32."""
 
-    def __init__(self, qlip_model, max_len: int):
+    def __init__(self, qlip_model, max_len: int, pooled: bool = False):
         if qlip_model.text is None:
             raise QLIPError("text.encoder=qlip needs a QLIP checkpoint with a text tower (stage 1); this one has "
                             "none (stage 2 drops it): give text.model=<stage-1 checkpoint> or text.encoder=t5")
         ctx = qlip_model.config.text.context_length
         if not 1 <= max_len <= ctx:
             raise ConfigError(f"text.max_len must be in [1, {ctx}] for QLIP's text tower, got {max_len}")
-        self.model, self.max_len = qlip_model.eval(), max_len
-        self.dim = qlip_model.config.text.width
+        self.model, self.max_len, self.pooled = qlip_model.eval(), max_len, pooled
+        self.embed_dim = qlip_model.config.embed_dim
+        self.dim = qlip_model.config.text.width + (self.embed_dim if pooled else 0)
 
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         tokens = self.model.tokenizer(list(captions)).to(self.model.device)
-        return self.model.text(tokens)[:, :self.max_len].float()
+        h = self.model.text(tokens)
+        feats = h[:, :self.max_len].float()
+        if not self.pooled:
+            return feats
+        e = torch.nn.functional.normalize(self.model.text.pool(h, tokens).float(), dim=-1) * self.embed_dim ** 0.5
+        return torch.cat([feats, e[:, None].expand(-1, feats.shape[1], -1)], dim=-1)
 
 
 def byte_tokenizer(captions: Sequence[str], max_len: int) -> Dict[str, torch.Tensor]:
@@ -138,15 +150,17 @@ class T5TextEncoder:
 
 def build_text_encoder(spec: Dict[str, Any], device="cpu"):
     """An encoder from a spec ``{"encoder": "qlip"|"t5", "model", "random_init", "seed", "max_len",
-    "t5_config"}`` (the ``text`` section of a recipe; stored in the generator's ``config.json``)."""
+    "pooled", "t5_config"}`` (the ``text`` section of a recipe; stored in the generator's ``config.json``)."""
     kind = spec.get("encoder", "qlip")
     if kind == "qlip":
         if not spec.get("model"):
             raise ConfigError("text.model must name the QLIP whose text tower encodes the captions "
                               "(a stage-1 checkpoint folder or a preset with text.random_init)")
         return QLIPTextEncoder(load_qlip(spec["model"], spec.get("random_init", False), spec.get("seed", 0), device),
-                               spec.get("max_len", 16))
+                               spec.get("max_len", 16), spec.get("pooled", False))
     if kind == "t5":
+        if spec.get("pooled"):
+            raise ConfigError("text.pooled is for text.encoder=qlip (the aligned caption embedding); T5 has none")
         return T5TextEncoder(spec.get("model"), spec.get("max_len", 16), spec.get("t5_config"), spec.get("seed", 0),
                              device)
     raise ConfigError(f"text.encoder must be one of {', '.join(ENCODERS)}, got {kind!r}")

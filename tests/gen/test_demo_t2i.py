@@ -150,6 +150,13 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     assert rows[0]["sample_seed"] == 1 and rows[0]["head"] == {"kind": "split", "groups": 4}
     assert all(0.0 <= rows[0][k] <= 1.0 for k in ("adherence_top1", "adherence_colour", "adherence_kind"))
     assert (tmp_path / "b" / "lr3e-3" / "samples").is_dir()
+    assert rows[0]["precision"] in ("fp32", "bf16") and rows[0]["pooled"] is False
+    assert all(np.isfinite(rows[0][k]) for k in ("nll_true", "caption_gain", "caption_gain_shuffled"))
+    assert mod.main(args[:7] + ["pooled", "--pooled", "--precision", "fp32"] + args[10:]) == 0
+    row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[-1])
+    assert row["tag"] == "pooled" and row["pooled"] is True and row["precision"] == "fp32"
+    meta = json.loads((tmp_path / "b" / "pooled" / "final" / "config.json").read_text())
+    assert meta["text"]["pooled"] is True and meta["config"]["text_dim"] > 0
     with pytest.raises(SystemExit, match="qlip demo t2i"):
         mod.main(["--demo-dir", str(demo_dir), "--t2i-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c"),
                   "--tag", "x"])

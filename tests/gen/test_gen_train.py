@@ -172,6 +172,24 @@ def test_t5_encoder_random_config_and_offline_error():
         build_text_encoder({"encoder": "t5", "model": "google/flan-t5-nonexistent", "max_len": 8})
 
 
+def test_qlip_text_features_with_the_pooled_aligned_embedding():
+    from qlip.errors import ConfigError
+    from qlip.gen.text import build_text_encoder
+    spec = {"encoder": "qlip", "model": "qlip-tiny", "random_init": True, "seed": 0, "max_len": 8}
+    plain, pooled = build_text_encoder(spec), build_text_encoder({**spec, "pooled": True})
+    caps = ["a photo of a red circle", "a blue star"]
+    f, g = plain(caps), pooled(caps)
+    m = pooled.model
+    D = m.config.embed_dim
+    assert g.shape == (2, 8, m.config.text.width + D) and pooled.dim == g.shape[-1] and plain.dim == f.shape[-1]
+    assert torch.equal(g[..., :f.shape[-1]], f)  # the token features are unchanged
+    e = m.encode_text(m.tokenizer(caps), normalize=True).float() * D ** 0.5
+    assert torch.allclose(g[:, 0, f.shape[-1]:], e, atol=1e-5) and torch.equal(g[:, 0, -D:], g[:, 7, -D:])
+    assert not torch.allclose(g[0, 0, -D:], g[1, 0, -D:])  # one vector per caption
+    with pytest.raises(ConfigError, match="text.pooled is for text.encoder=qlip"):
+        build_text_encoder({"encoder": "t5", "max_len": 8, "pooled": True, "t5_config": {"d_model": 8}})
+
+
 def test_recipe_errors_are_one_line():
     tokens = "tokens-dir"  # recipes are checked without reading data
     from qlip.errors import ConfigError
@@ -183,5 +201,7 @@ def test_recipe_errors_are_one_line():
         Recipe.from_dict(recipe(tokens, text={"model": None}))
     with pytest.raises(ConfigError, match="text.t5_config must be a mapping"):
         Recipe.from_dict(recipe(tokens, text={"t5_config": {"d_model": 8}}))
+    with pytest.raises(ConfigError, match="text.pooled is for text.encoder=qlip"):
+        Recipe.from_dict(recipe(tokens, text={"encoder": "t5", "model": None, "pooled": True}))
     with pytest.raises(ConfigError, match=r"kindd \(did you mean head.kind\?\)"):
         Recipe.from_dict(recipe(tokens, head={"kindd": "split"}))
