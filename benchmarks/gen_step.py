@@ -69,7 +69,7 @@ def train_flops_per_sequence(cfg: GenConfig) -> float:
     attn = C * bb.n_heads * bb.head_size * 2 + C * bb.kv_heads * bb.head_size * 2   # q, o and k, v
     block = attn + 3 * C * cfg.ffn_hidden                                            # + SwiGLU
     head = {"split": (1 << (cfg.bits // cfg.groups)) * cfg.groups * C, "bitwise": 2 * cfg.bits * C,
-            "intra": 2 * (1 << (cfg.bits // 2)) * C + 4 * C * C}[cfg.head]
+            "intra": (1 << (cfg.bits // cfg.groups)) * cfg.groups * C + (cfg.groups - 1) * 4 * C * C}[cfg.head]
     forward = (2 * L * (cfg.text_dim * C + C * C)
                + 2 * S * block * cfg.n_layers
                + 2 * S * S * C * cfg.n_layers

@@ -17,7 +17,8 @@ fractions, steps, seconds, final NLL) and appends it to ``OUT/results.jsonl``.
 ``caption_gain``: how much the generator uses its caption, in nats per image token: the mean NLL of
 256 training rows (evenly spaced over the shards; the same rows for every variant) under the null
 condition minus under their own captions (``caption_gain_shuffled``: under another row's caption
-minus under their own). A generator that ignores the caption scores 0.
+minus under their own). A generator that ignores the caption scores 0. ``novel_ids``: the fraction
+of sampled ids that no training image contains (sub-tokens combined into ids never seen).
 """
 from __future__ import annotations
 
@@ -48,6 +49,18 @@ def caption_gain(gen_dir: str, tokens: str, n: int = 256) -> dict:
         shuffled = float(gen.model(feats[perm], ids))
     return {"nll_true": round(true, 4), "caption_gain": round(null - true, 4),
             "caption_gain_shuffled": round(shuffled - true, 4)}
+
+
+def novel_ids(sample_ids, tokens: str) -> dict:
+    """How many sampled ids never occur in the training token shards: combinations of sub-tokens
+    (or bits) the generator put together that no training image has. A factorised head (``split``,
+    ``bitwise``) draws its factors independently and can produce them; ``intra`` chains them."""
+    import numpy as np
+    from qlip.data.tokens import TokenShardDataset
+    ds = TokenShardDataset(tokens)
+    seen = np.unique(np.asarray(ds.ids[np.arange(len(ds))]).astype(np.int64).ravel())
+    s = np.asarray(sample_ids).ravel()
+    return {"novel_ids": round(float((~np.isin(s, seen)).mean()), 4), "train_distinct_ids": int(len(seen))}
 
 
 def main(argv=None) -> int:
@@ -104,7 +117,7 @@ def main(argv=None) -> int:
            "samples_per_prompt": a.samples, "sample_seed": a.sample_seed,
            "adherence_top1": round(adh["top1"], 4), "adherence_colour": round(adh["colour"], 4),
            "adherence_kind": round(adh["kind"], 4), "zero_shot_top1": round(ev["zero_shot_top1"], 4),
-           **caption_gain(s["final_model"], tokens)}
+           **caption_gain(s["final_model"], tokens), **novel_ids(ev["sample_ids"], tokens)}
     print(json.dumps(row), flush=True)
     with open(os.path.join(a.out, "results.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")

@@ -25,7 +25,7 @@ import torch
 
 
 INT_KEYS = ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
-            "draws_per_class", "train_shards")
+            "draws_per_class", "train_shards", "groups")
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, False)[a.run]
     keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
-            "visual_init", "visual_bits", "precision")
+            "visual_init", "visual_bits", "precision", "groups")
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
              "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}

@@ -283,6 +283,18 @@ CHEAP: Dict[str, Cheap] = {
        Cheap("python benchmarks/t2i_recipe.py --help")
        for tail in ("--tag fp32-500 --precision fp32", "--tag bf16-500 --precision bf16",
                     "--tag bf16-500-pooled --precision bf16 --pooled", "--tag bf16-1000 --precision bf16 --steps 1000")},
+    **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v5 " + tail:
+       Cheap("python benchmarks/t2i_recipe.py --help")
+       for tail in ("--out runs/demo-t2i-v5/runs --tag qlip --resume",
+                    "--out runs/t2ic --tag intra4x7-500 --head intra --groups 4 --precision bf16",
+                    "--out runs/t2ic --tag intra4x7-1000 --head intra --groups 4 --precision bf16 --steps 1000")},
+    **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3c --tag " + tail:
+       Cheap("python benchmarks/um3_recipe.py --help")
+       for tail in ("g2-bits-200 --visual-init bits", "g4-bits-200 --visual-init bits --groups 4",
+                    "g2-bits-600 --visual-init bits --steps 600",
+                    "g4-bits-1000 --visual-init bits --groups 4 --steps 1000",
+                    "g4-bits-2000 --visual-init bits --groups 4 --steps 2000",
+                    "g4-bits-6000 --visual-init bits --groups 4 --steps 6000")},
     **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3b --tag " + tail:
        Cheap("python benchmarks/um3_recipe.py --help")
        for tail in ("fp32-60 --steps 60 --visual-init bits --precision fp32",

@@ -31,7 +31,7 @@ The generator (``FULL``): ``gpt-demo`` (4 layers, width 256) with the ``split`` 
 of 7 bits: the issue's calibration found 2 x 14-bit heads 3.5x slower per step than 4 x 7-bit at
 this size (two 16,384 x 256 output layers dominate; 3.0x measured here), so within the demo's time
 budget the 4 x 7 head trains three times the steps (docs/gen.md "Demo"). ``--compare-heads`` trains the heads
-``split`` (2 x 14), ``split_4x7``, ``bitwise`` and ``intra`` for equal wall-clock on the QLIP tokens.
+``split`` (2 x 14), ``split_4x7``, ``bitwise``, ``intra`` and ``intra_4x7`` for equal wall-clock on the QLIP tokens.
 
 Every training checkpoints; ``--resume`` reuses finished ones and resumes interrupted ones.
 """
@@ -66,7 +66,8 @@ FAST: Dict[str, Any] = {
 }
 # --compare-heads: (head kind, groups) per entry, each trained for settings["heads_time_s"] seconds
 # (groups matter for split only)
-HEADS = {"split": ("split", 2), "split_4x7": ("split", 4), "bitwise": ("bitwise", 2), "intra": ("intra", 2)}
+HEADS = {"split": ("split", 2), "split_4x7": ("split", 4), "bitwise": ("bitwise", 2), "intra": ("intra", 2),
+         "intra_4x7": ("intra", 4)}
 SEED = 0
 
 
@@ -78,7 +79,7 @@ def add_arguments(p) -> None:
     p.add_argument("--fast", action="store_true", help="a smoke run (a tiny generator, a few steps and samples)")
     p.add_argument("--resume", action="store_true", help="reuse finished trainings and resume interrupted ones")
     p.add_argument("--compare-heads", action="store_true",
-                   help="also train the visual heads split (2x14), split_4x7, bitwise, intra for equal wall-clock "
+                   help="also train the visual heads split (2x14), split_4x7, bitwise, intra, intra_4x7 for equal wall-clock "
                         "on the QLIP tokens (adds about 2 x heads time; off by default)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps of both generators (default {FULL['steps']}; --fast: {FAST['steps']})")
@@ -230,7 +231,7 @@ def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str,
     """Adherence (the shape judge on samples of the 32 prompts), zero-shot top-1 of the demo QLIP
     on them, the CFG sweep, samples/s, the ceiling (the judge on the tokenizer's reconstructions of
     real test images), the first ``fid_n`` samples (sample-major: every prompt evenly) as uint8
-    for gFID, PNG strips per prompt. ``seed``: the sampling seed (benchmarks/t2i_recipe.py screens
+    for gFID, PNG strips per prompt, the sampled ids (``sample_ids``). ``seed``: the sampling seed (benchmarks/t2i_recipe.py screens
     recipes on another seed than the demo reports)."""
     import qlip.gen
     from ..data.shapes import SHAPE_CLASSNAMES, SHAPE_PROMPT, shape_prompts
@@ -244,7 +245,8 @@ def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str,
     images = gen.decode(ids)
     per_s = len(images) / max(time.time() - t0, 1e-9)
     labels = _prompt_labels(n)
-    out: Dict[str, Any] = {"adherence": _judge(images, labels), "samples_per_s": per_s, "n_samples": len(images)}
+    out: Dict[str, Any] = {"adherence": _judge(images, labels), "samples_per_s": per_s, "n_samples": len(images),
+                           "sample_ids": ids.cpu().numpy()}
     clf_model = load_qlip(qlip_path)
     clf = zero_shot_classifier(clf_model, list(SHAPE_CLASSNAMES), [SHAPE_PROMPT])
     x = normalize(images, clf_model.image_mean, clf_model.image_std)
@@ -307,6 +309,7 @@ def tokenizer_lane(name: str, tokenizer: str, text_model: str, train_glob: str, 
                         os.path.join(out, "runs", name), resume, tokens["fingerprint"])
     t2 = time.time()
     ev = evaluate_generator(s["final_model"], text_model, heldout, st, os.path.join(out, "samples", name))
+    ev.pop("sample_ids")
     a, c = ev["adherence"], ev["ceiling"]
     print(f"[demo-t2i] {name}: adherence top-1 {a['top1']:.3f} colour {a['colour']:.3f} kind {a['kind']:.3f} "
           f"(ceiling {c['top1']:.3f} / {c['colour']:.3f} / {c['kind']:.3f}), zero-shot {ev['zero_shot_top1']:.3f}")
@@ -327,8 +330,9 @@ def heads_lane(key: str, tokens: str, text_model: str, tokenizer: str, heldout: 
     ev = evaluate_generator(s["final_model"], text_model, heldout, small, os.path.join(out, "samples", "heads", key),
                             ceiling=False, sweep=False)
     ev.pop("fid_images")
+    ev.pop("sample_ids")
     a = ev["adherence"]
-    return {"key": key, "head": kind, "groups": groups if kind == "split" else None, "steps": s["steps"],
+    return {"key": key, "head": kind, "groups": groups if kind in ("split", "intra") else None, "steps": s["steps"],
             "seconds": s["elapsed_s"],
             "nll": s["last_log"].get("nll"), "adherence_top1": a["top1"], "adherence_colour": a["colour"],
             "adherence_kind": a["kind"], "samples_per_s": ev["samples_per_s"]}

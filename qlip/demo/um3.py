@@ -57,11 +57,11 @@ from ..errors import ConfigError, DataError
 FULL = {"train_shards": 12, "test_images": 128, "draws_per_class": 2, "corpus_sentences": 8000, "vocab": 512,
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
         "steps": 200, "lr": 3e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 50, "visual_init": "mean",
-        "visual_bits": False, "precision": "fp32"}
+        "visual_bits": False, "precision": "fp32", "groups": 2}
 FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
         "dim": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn": 64, "batch_size": 4, "caption_tokens": 12,
         "steps": 3, "lr": 3e-3, "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "visual_init": "mean",
-        "visual_bits": False, "precision": "fp32"}
+        "visual_bits": False, "precision": "fp32", "groups": 2}
 FAST_CLASSES = 2                        # --fast draws only the first classes
 R0, RT, I2T_SHARE, CFG_DROPOUT = 0.6, 0.3, 0.5, 0.1
 CFG_SCALE, TOP_K = 3.0, 200             # drawing: guidance scale, top-k sampling (temperature 1)
@@ -200,11 +200,12 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
 def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
     from ..train import Recipe
     softmax, mixing, text_only = RUNS[name]
-    seq_len = prep["grid"] ** 2 * 2 + 4 + cfg["caption_tokens"]
+    groups = cfg.get("groups", 2)
+    seq_len = prep["grid"] ** 2 * groups + 4 + cfg["caption_tokens"]
     r0, rT = (1.0, 1.0) if text_only else (R0, RT)
     return Recipe.from_dict({
         "task": "um3",
-        "model": {"init": prep["llama"], "qk_norm": True, "bits": prep["bits"], "groups": 2,
+        "model": {"init": prep["llama"], "qk_norm": True, "bits": prep["bits"], "groups": groups,
                   "visual_init": cfg["visual_init"], "visual_bits": cfg["visual_bits"]},
         "data": {"text": prep["corpus"], "tokens": prep["tokens"], "batch_size": cfg["batch_size"],
                  "seq_len": seq_len, "r0": r0, "rT": rT, "calm_down_steps": cfg["calm_down_steps"],

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..errors import CheckpointError, QLIPError
+from .heads import upgrade_state_dict
 from .model import GenConfig, T2IModel
 from .text import TextFeatures, build_text_encoder, load_qlip
 
@@ -77,5 +78,5 @@ def load(folder: str, device: Union[str, torch.device] = "cpu") -> Generator:
     if meta.get("architecture") != "qlip-gen-t2i":
         raise CheckpointError(f"{folder}: not a qlip.gen text-to-image model (architecture {meta.get('architecture')!r})")
     model = T2IModel(GenConfig.from_dict(meta["config"]))
-    load_state_dict_strict(model, read_state_dict(folder), folder)
+    load_state_dict_strict(model, upgrade_state_dict(read_state_dict(folder)), folder)
     return Generator(model.to(device), meta, folder, device)

@@ -11,8 +11,9 @@ kind         output                                                            i
              2 x 16,384): the sub-tokens are independent given the hidden       sub-token embeddings
 ``bitwise``  ``bits`` binary classifiers (Infinity's bitwise head)              ``Linear`` on the +-1
                                                                                 code vector
-``intra``    high half, then the low half given the high half (Open-MAGVIT2's   sum of the 2
-             "factorized" prediction inside the position): ``p(hi) p(lo|hi)``   sub-token embeddings
+``intra``    the ``G`` sub-tokens one after another inside the position      sum of the ``G``
+             (Open-MAGVIT2's "factorized" prediction, default 2 halves):        sub-token embeddings
+             ``p(s_0) p(s_1|s_0) ...``
 ===========  ================================================================  ======================
 
 **Losses** are the negative log-likelihood of the whole id in nats per image token, for every
@@ -23,9 +24,9 @@ the three heads' losses are directly comparable.
 ``l_u + s (l_c - l_u)`` renormalised. For ``split`` and ``bitwise`` this is *exactly* guidance on
 the joint distribution: with ``p(x) = prod_g p_g(x_g)`` for the conditional and the unconditional
 model, ``p_c(x)^s p_u(x)^(1-s) = prod_g p_c,g(x_g)^s p_u,g(x_g)^(1-s)``, and each factor's
-normaliser is a constant, so normalising per head normalises the product. For ``intra`` the low
-half's normaliser depends on the sampled high half, so per-step guidance (``hi`` guided, then
-``lo | hi`` guided with the same ``hi`` in both branches) is the same approximation an
+normaliser is a constant, so normalising per head normalises the product. For ``intra`` a later
+sub-token's normaliser depends on the sampled earlier ones, so per-step guidance (``s_0`` guided,
+then ``s_1 | s_0`` guided with the same ``s_0`` in both branches, ...) is the same approximation an
 autoregressive model makes across positions, not the guided joint. Top-k / top-p also act per
 factor (per sub-token, or per bit where only ``top_k=1`` and ``top_p`` matter).
 
@@ -186,53 +187,75 @@ class BitwiseHead(VisualHead):
 
 
 class IntraTokenHead(VisualHead):
-    """High half, then low half given the high half: ``p(hi | h) p(lo | h, hi)``.
+    """The ``groups`` sub-tokens one after another inside the position:
+    ``p(s_0 | h) p(s_1 | h, s_0) ... p(s_{G-1} | h, s_0 .. s_{G-2})`` (default 2 halves).
 
-    The low half reads ``MLP(norm(h + E_cond(hi)))`` (a small residual MLP, Open-MAGVIT2's
-    in-position factorisation in its smallest form). Training uses the true ``hi`` (teacher
-    forcing), so the loss is the exact NLL of the id; sampling draws ``hi`` first."""
+    Factor ``k >= 1`` reads ``c_k = h + sum_{j<k} P_j(s_j)`` through a small residual MLP,
+    ``x_k = c_k + MLP_k(norm_k(c_k))`` (Open-MAGVIT2's in-position factorisation in its smallest
+    form, extended from two halves to ``G`` sub-tokens). Unlike ``split``, a sampled id is a
+    combination the model chose jointly, not ``G`` independent draws that may never co-occur.
+    Training uses the true sub-tokens (teacher forcing), so the loss is the exact NLL of the id;
+    sampling draws ``s_0`` first. With ``G = 4`` x 7 bits the extra cost is ``G - 1`` MLPs of
+    width ``2 dim`` per position, tiny beside two 16,384-row output layers."""
 
     kind = "intra"
 
-    def __init__(self, dim: int, bits: int = 28):
+    def __init__(self, dim: int, bits: int = 28, groups: int = 2):
         super().__init__(dim, bits)
-        self.vocab = VisualVocab(bits=bits, groups=2)
-        V = self.vocab.group_size
-        self.embeddings = nn.ModuleList([nn.Embedding(V, dim) for _ in range(2)])
-        self.out_hi = nn.Linear(dim, V, bias=False)
-        self.hi_cond = nn.Embedding(V, dim)
-        self.lo_norm = RMSNorm(dim)
-        self.lo_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
-        self.out_lo = nn.Linear(dim, V, bias=False)
+        if groups < 2:
+            raise ConfigError(f"head.kind=intra needs head.groups >= 2, got {groups}")
+        self.vocab = VisualVocab(bits=bits, groups=groups)
+        V, G = self.vocab.group_size, groups
+        self.groups = G
+        self.embeddings = nn.ModuleList([nn.Embedding(V, dim) for _ in range(G)])
+        self.outputs = nn.ModuleList([nn.Linear(dim, V, bias=False) for _ in range(G)])
+        self.prev = nn.ModuleList([nn.Embedding(V, dim) for _ in range(G - 1)])
+        self.norms = nn.ModuleList([RMSNorm(dim) for _ in range(G - 1)])
+        self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"),
+                                                 nn.Linear(2 * dim, dim)) for _ in range(G - 1)])
 
     def embed(self, ids, check: bool = True):
         sub = self.vocab.split(ids).to(ids.device) if check else ids_to_group_ids(ids, self.bits, self.vocab.group_bits)
-        return self.embeddings[0](sub[..., 0]) + self.embeddings[1](sub[..., 1])
+        return sum(e(sub[..., g]) for g, e in enumerate(self.embeddings))
 
-    def logits_hi(self, hidden, few_rows: bool = False):
-        """Logits of the high half; ``few_rows``: ``hidden`` is ``(B, dim)`` (sampling, :func:`_few_rows_linear`)."""
-        return (_few_rows_linear(self.out_hi, hidden) if few_rows else self.out_hi(hidden)).float()
-
-    def logits_lo(self, hidden, hi, few_rows: bool = False):
-        """Logits of the low half given the hidden state and the high half ``hi`` (same leading dims)."""
-        x = hidden + self.hi_cond(hi)
-        x = x + self.lo_mlp(self.lo_norm(x))
-        return (_few_rows_linear(self.out_lo, x) if few_rows else self.out_lo(x)).float()
+    def factor_logits(self, k: int, hidden: torch.Tensor, prev: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+        """Logits of sub-token ``k`` given the hidden state and the earlier sub-tokens ``prev``
+        ``(..., k)`` (same leading dims); ``few_rows``: ``hidden`` is ``(B, dim)`` (sampling)."""
+        x = hidden
+        if k:
+            for j in range(k):
+                x = x + self.prev[j](prev[..., j])
+            x = x + self.mlps[k - 1](self.norms[k - 1](x))
+        out = self.outputs[k]
+        return (_few_rows_linear(out, x) if few_rows else out(x)).float()
 
     def nll(self, hidden, ids):
-        sub = self.vocab.split(ids).to(ids.device)
-        hi, lo = sub[..., 0], sub[..., 1]
-        nll_hi = -self.logits_hi(hidden).log_softmax(-1).gather(-1, hi[..., None])[..., 0]
-        nll_lo = -self.logits_lo(hidden, hi).log_softmax(-1).gather(-1, lo[..., None])[..., 0]
-        return nll_hi + nll_lo
+        sub = self.vocab.split(ids).to(ids.device)                         # (B, N, G)
+        return -sum(self.factor_logits(k, hidden, sub).log_softmax(-1).gather(-1, sub[..., k:k + 1])[..., 0]
+                    for k in range(self.groups))
 
     def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-        lc, lu = _paired_logits(lambda h: self.logits_hi(h, few_rows=True), h_cond, h_uncond)
-        hi = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)
-        # both branches given the same hi
-        lc, lu = _paired_logits(lambda h, c: self.logits_lo(h, c, few_rows=True), h_cond, h_uncond, hi)
-        lo = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)
-        return group_ids_to_ids(torch.stack([hi, lo], -1), self.vocab.group_bits)
+        sub = h_cond.new_zeros((h_cond.shape[0], 0), dtype=torch.long)
+        for k in range(self.groups):  # both branches given the same earlier sub-tokens
+            lc, lu = _paired_logits(lambda h, p: self.factor_logits(k, h, p, few_rows=True), h_cond, h_uncond, sub)
+            nxt = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)
+            sub = torch.cat([sub, nxt[:, None]], dim=1)
+        return group_ids_to_ids(sub, self.vocab.group_bits)
+
+
+# parameter names of the two-half intra head of earlier saved generators -> the current ones
+_OLD_INTRA_NAMES = {"head.out_hi.": "head.outputs.0.", "head.out_lo.": "head.outputs.1.",
+                    "head.hi_cond.": "head.prev.0.", "head.lo_norm.": "head.norms.0.",
+                    "head.lo_mlp.": "head.mlps.0."}
+
+
+def upgrade_state_dict(sd):
+    """A generator state dict saved before ``intra`` took ``groups`` (its two-half names) -> now."""
+    out = {}
+    for k, v in sd.items():
+        old = next((o for o in _OLD_INTRA_NAMES if k.startswith(o)), None)
+        out[_OLD_INTRA_NAMES[old] + k[len(old):] if old else k] = v
+    return out
 
 
 def make_head(kind: str, dim: int, bits: int, groups: int = 2) -> VisualHead:
@@ -241,7 +264,5 @@ def make_head(kind: str, dim: int, bits: int, groups: int = 2) -> VisualHead:
     if kind == "bitwise":
         return BitwiseHead(dim, bits)
     if kind == "intra":
-        if bits % 2:
-            raise ConfigError(f"head.kind=intra needs an even number of bits, got {bits}")
-        return IntraTokenHead(dim, bits)
+        return IntraTokenHead(dim, bits, groups)
     raise ConfigError(f"head.kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")

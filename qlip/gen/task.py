@@ -65,11 +65,13 @@ class GenModelSection:
 @dataclass
 class HeadSection:
     kind: str = "split"             # split | bitwise | intra
-    groups: int = 2                 # sub-tokens per id (split)
+    groups: int = 2                 # sub-tokens per id (split, intra)
 
     def validate(self) -> None:
         check("head.kind", self.kind, f"one of {', '.join(HEAD_KINDS)}", self.kind in HEAD_KINDS)
         check("head.groups", self.groups, ">= 1", self.groups >= 1)
+        if self.kind == "intra":
+            check("head.groups", self.groups, ">= 2 with head.kind=intra", self.groups >= 2)
 
 
 @dataclass

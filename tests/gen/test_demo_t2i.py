@@ -152,6 +152,15 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     assert (tmp_path / "b" / "lr3e-3" / "samples").is_dir()
     assert rows[0]["precision"] in ("fp32", "bf16") and rows[0]["pooled"] is False
     assert all(np.isfinite(rows[0][k]) for k in ("nll_true", "caption_gain", "caption_gain_shuffled"))
+    assert 0.0 <= rows[0]["novel_ids"] <= 1.0 and rows[0]["train_distinct_ids"] > 1
+    from qlip.data.tokens import TokenShardDataset
+    tokens = str(t2i_dir / "tokens" / "qlip")
+    ds = TokenShardDataset(tokens)
+    train = np.asarray(ds.ids[np.arange(3)]).astype(np.int64)
+    every = set(np.asarray(ds.ids[np.arange(len(ds))]).ravel().tolist())
+    unseen = next(i for i in range(1 << 20) if i not in every)
+    assert mod.novel_ids(train, tokens)["novel_ids"] == 0.0  # ids of training images are never novel
+    assert mod.novel_ids(np.array([train[0, 0], unseen, unseen, train[1, 1]]), tokens)["novel_ids"] == 0.5
     assert mod.main(args[:7] + ["pooled", "--pooled", "--precision", "fp32"] + args[10:]) == 0
     row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[-1])
     assert row["tag"] == "pooled" and row["pooled"] is True and row["precision"] == "fp32"

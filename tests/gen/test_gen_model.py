@@ -14,7 +14,7 @@ BITS = 6  # 2 x 3 bits: 64 ids, small enough to enumerate
 def _head(kind, dim=8):
     torch.manual_seed(0)
     h = {"split": lambda: SplitHead(dim, BITS, 2), "bitwise": lambda: BitwiseHead(dim, BITS),
-         "intra": lambda: IntraTokenHead(dim, BITS)}[kind]()
+         "intra": lambda: IntraTokenHead(dim, BITS), "intra3": lambda: IntraTokenHead(dim, BITS, 3)}[kind]()
     for p in h.parameters():  # larger weights: distributions far from uniform
         torch.nn.init.normal_(p, std=0.7)
     return h
@@ -30,15 +30,18 @@ def joint_logprobs(head, hidden):
         lp = head.logits(hidden).log_softmax(-1)                                 # (B, 6, 2)
         bits = ids_to_bits(ids, BITS)                                            # (64, 6)
         return sum(lp[:, j, bits[:, j]] for j in range(BITS))
-    lp_hi = head.logits_hi(hidden).log_softmax(-1)                               # (B, 8)
-    out = torch.empty(hidden.shape[0], 2 ** BITS)
-    for hi in range(8):
-        lp_lo = head.logits_lo(hidden, torch.full((hidden.shape[0],), hi)).log_softmax(-1)
-        out[:, hi * 8:(hi + 1) * 8] = lp_hi[:, hi:hi + 1] + lp_lo
+    # intra: the chain rule over the G sub-tokens, each factor given the earlier ones
+    G, gb = head.groups, BITS // head.groups
+    subs = torch.stack([(ids >> (gb * (G - 1 - k))) & ((1 << gb) - 1) for k in range(G)], -1)    # (64, G)
+    B = hidden.shape[0]
+    out = torch.zeros(B, 2 ** BITS)
+    for i in range(2 ** BITS):
+        prev = subs[i].expand(B, -1)
+        out[:, i] = sum(head.factor_logits(k, hidden, prev).log_softmax(-1)[:, subs[i, k]] for k in range(G))
     return out
 
 
-@pytest.mark.parametrize("kind", ["split", "bitwise", "intra"])
+@pytest.mark.parametrize("kind", ["split", "bitwise", "intra", "intra3"])
 def test_head_loss_is_the_nll_of_the_joint_distribution(kind):
     head = _head(kind)
     hidden = torch.randn(5, 3, 8)
@@ -65,19 +68,35 @@ def test_per_head_cfg_is_exact_guidance_on_the_joint(kind):
     assert (freq - target).abs().max() < 0.012
 
 
-def test_intra_head_guides_hi_then_lo_given_the_same_hi():
-    head = _head("intra")
+@pytest.mark.parametrize("kind", ["intra", "intra3"])
+def test_intra_head_guides_each_sub_token_given_the_same_earlier_ones(kind):
+    head = _head(kind)
+    G, gb = head.groups, BITS // head.groups
     hc, hu, s = torch.randn(1, 8), torch.randn(1, 8), 2.0
     n = 30000
     draws = head.sample(hc.expand(n, -1), hu.expand(n, -1), cfg=s, generator=torch.Generator().manual_seed(1))
-    p_hi = (head.logits_hi(hu) + s * (head.logits_hi(hc) - head.logits_hi(hu))).softmax(-1)[0]
-    freq_hi = torch.bincount(draws >> 3, minlength=8).float() / n
-    assert (freq_hi - p_hi).abs().max() < 0.015
-    hi = int(p_hi.argmax())
-    lo_c, lo_u = head.logits_lo(hc, torch.tensor([hi])), head.logits_lo(hu, torch.tensor([hi]))
-    p_lo = (lo_u + s * (lo_c - lo_u)).softmax(-1)[0]
-    sel = draws[(draws >> 3) == hi] & 7
-    assert (torch.bincount(sel, minlength=8).float() / len(sel) - p_lo).abs().max() < 0.03
+    none = torch.zeros(1, 0, dtype=torch.long)
+    l0c, l0u = head.factor_logits(0, hc, none), head.factor_logits(0, hu, none)
+    p0 = (l0u + s * (l0c - l0u)).softmax(-1)[0]
+    first = draws >> (BITS - gb)
+    assert (torch.bincount(first, minlength=2 ** gb).float() / n - p0).abs().max() < 0.015
+    s0 = int(p0.argmax())
+    lc, lu = head.factor_logits(1, hc, torch.tensor([[s0]])), head.factor_logits(1, hu, torch.tensor([[s0]]))
+    p1 = (lu + s * (lc - lu)).softmax(-1)[0]
+    sel = (draws[first == s0] >> (BITS - 2 * gb)) & ((1 << gb) - 1)
+    assert (torch.bincount(sel, minlength=2 ** gb).float() / len(sel) - p1).abs().max() < 0.03
+
+
+def test_intra_head_reads_generators_saved_with_the_two_half_names():
+    from qlip.gen.heads import upgrade_state_dict
+    model = _tiny("intra")
+    sd = model.state_dict()
+    old = {k.replace("head.outputs.0.", "head.out_hi.").replace("head.outputs.1.", "head.out_lo.")
+            .replace("head.prev.0.", "head.hi_cond.").replace("head.norms.0.", "head.lo_norm.")
+            .replace("head.mlps.0.", "head.lo_mlp."): v for k, v in sd.items()}
+    assert "head.out_hi.weight" in old and "head.lo_mlp.0.weight" in old
+    up = upgrade_state_dict(old)
+    assert up.keys() == sd.keys() and all(torch.equal(up[k], sd[k]) for k in sd)
 
 
 def test_bits_round_trip_msb_first():
@@ -89,6 +108,8 @@ def test_bits_round_trip_msb_first():
 
 def _tiny(head="split", **kw):
     torch.manual_seed(0)
+    if head == "intra3":
+        head, kw = "intra", {**kw, "groups": 3}
     cfg = GenConfig.from_preset("gpt-tiny", bits=BITS, grid_h=3, grid_w=4, text_dim=12, text_len=5, head=head, **kw)
     model = T2IModel(cfg).eval()
     for p in model.head.parameters():
@@ -96,7 +117,7 @@ def _tiny(head="split", **kw):
     return model
 
 
-@pytest.mark.parametrize("head", ["split", "bitwise", "intra"])
+@pytest.mark.parametrize("head", ["split", "bitwise", "intra", "intra3"])
 def test_kv_cached_sampling_equals_uncached(head):
     model = _tiny(head)
     feats = torch.randn(3, 5, 12)

@@ -197,6 +197,8 @@ def test_recipe_errors_are_one_line():
     import qlip.gen  # noqa: F401  registers t2i
     with pytest.raises(ConfigError, match="head.kind must be one of split, bitwise, intra"):
         Recipe.from_dict(recipe(tokens, head={"kind": "flat"}))
+    with pytest.raises(ConfigError, match="head.groups.*>= 2 with head.kind=intra"):
+        Recipe.from_dict(recipe(tokens, head={"kind": "intra", "groups": 1}))
     with pytest.raises(ConfigError, match="text.model must name"):
         Recipe.from_dict(recipe(tokens, text={"model": None}))
     with pytest.raises(ConfigError, match="text.t5_config must be a mapping"):
