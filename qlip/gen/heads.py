@@ -221,26 +221,35 @@ class IntraTokenHead(VisualHead):
     def factor_logits(self, k: int, hidden: torch.Tensor, prev: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
         """Logits of sub-token ``k`` given the hidden state and the earlier sub-tokens ``prev``
         ``(..., k)`` (same leading dims); ``few_rows``: ``hidden`` is ``(B, dim)`` (sampling)."""
-        x = hidden
-        if k:
-            for j in range(k):
-                x = x + self.prev[j](prev[..., j])
-            x = x + self.mlps[k - 1](self.norms[k - 1](x))
+        c = hidden
+        for j in range(k):
+            c = c + self.prev[j](prev[..., j])
+        return self._logits(k, c, few_rows)
+
+    def _logits(self, k: int, c: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+        """Logits of sub-token ``k`` from its context ``c = h + sum_{j<k} P_j(s_j)``."""
+        x = c if k == 0 else c + self.mlps[k - 1](self.norms[k - 1](c))
         out = self.outputs[k]
         return (_few_rows_linear(out, x) if few_rows else out(x)).float()
 
     def nll(self, hidden, ids):
         sub = self.vocab.split(ids).to(ids.device)                         # (B, N, G)
-        return -sum(self.factor_logits(k, hidden, sub).log_softmax(-1).gather(-1, sub[..., k:k + 1])[..., 0]
-                    for k in range(self.groups))
+        c, total = hidden, 0
+        for k in range(self.groups):  # the context grows by one sub-token embedding per factor
+            total = total - self._logits(k, c).log_softmax(-1).gather(-1, sub[..., k:k + 1])[..., 0]
+            if k + 1 < self.groups:
+                c = c + self.prev[k](sub[..., k])
+        return total
 
     def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-        sub = h_cond.new_zeros((h_cond.shape[0], 0), dtype=torch.long)
-        for k in range(self.groups):  # both branches given the same earlier sub-tokens
-            lc, lu = _paired_logits(lambda h, p: self.factor_logits(k, h, p, few_rows=True), h_cond, h_uncond, sub)
-            nxt = sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator)
-            sub = torch.cat([sub, nxt[:, None]], dim=1)
-        return group_ids_to_ids(sub, self.vocab.group_bits)
+        cc, cu, subs = h_cond, h_uncond, []  # each branch's context, given the same earlier sub-tokens
+        for k in range(self.groups):
+            lc, lu = _paired_logits(lambda c: self._logits(k, c, few_rows=True), cc, cu)
+            subs.append(sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator))
+            if k + 1 < self.groups:
+                e = self.prev[k](subs[-1])
+                cc, cu = cc + e, (None if cu is None else cu + e)
+        return group_ids_to_ids(torch.stack(subs, -1), self.vocab.group_bits)
 
 
 # parameter names of the two-half intra head of earlier saved generators -> the current ones

@@ -32,7 +32,7 @@ from ..train.recipe import DataSection, check
 from ..train.task import StepLog, Task
 from .heads import HEAD_KINDS
 from .model import PRESETS, PREFIX_ROPE, GenConfig, T2IModel
-from .text import ENCODERS, TextFeatures, build_text_encoder
+from .text import ENCODERS, TextFeatures, build_text_encoder, check_pooled
 
 ARCHITECTURE = "qlip-gen-t2i"
 
@@ -94,8 +94,7 @@ class TextSection:
         if self.t5_config is not None and (self.encoder != "t5" or not isinstance(self.t5_config, dict)):
             raise ConfigError(f"text.t5_config must be a mapping of T5Config fields, with text.encoder=t5, "
                               f"got {self.t5_config!r}")
-        if self.pooled and self.encoder != "qlip":
-            raise ConfigError("text.pooled is for text.encoder=qlip (the aligned caption embedding); T5 has none")
+        check_pooled(self.encoder, self.pooled)
 
     def spec(self) -> Dict[str, Any]:
         model = self.model

@@ -148,6 +148,12 @@ class T5TextEncoder:
         return (h * t["attention_mask"][..., None]).float()
 
 
+def check_pooled(encoder: str, pooled: bool) -> None:
+    """``text.pooled`` needs QLIP's text tower (the aligned caption embedding): one-line ConfigError."""
+    if pooled and encoder != "qlip":
+        raise ConfigError("text.pooled is for text.encoder=qlip (the aligned caption embedding); T5 has none")
+
+
 def build_text_encoder(spec: Dict[str, Any], device="cpu"):
     """An encoder from a spec ``{"encoder": "qlip"|"t5", "model", "random_init", "seed", "max_len",
     "pooled", "t5_config"}`` (the ``text`` section of a recipe; stored in the generator's ``config.json``)."""
@@ -159,8 +165,7 @@ def build_text_encoder(spec: Dict[str, Any], device="cpu"):
         return QLIPTextEncoder(load_qlip(spec["model"], spec.get("random_init", False), spec.get("seed", 0), device),
                                spec.get("max_len", 16), spec.get("pooled", False))
     if kind == "t5":
-        if spec.get("pooled"):
-            raise ConfigError("text.pooled is for text.encoder=qlip (the aligned caption embedding); T5 has none")
+        check_pooled(kind, spec.get("pooled", False))
         return T5TextEncoder(spec.get("model"), spec.get("max_len", 16), spec.get("t5_config"), spec.get("seed", 0),
                              device)
     raise ConfigError(f"text.encoder must be one of {', '.join(ENCODERS)}, got {kind!r}")
