@@ -290,13 +290,13 @@ def read_meta(folder: str) -> Dict[str, Any]:
     return meta
 
 
-def read_weights(folder: str) -> Dict[str, torch.Tensor]:
+def read_weights(folder: str, meta: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
     """The VLM's state dict (LLM under its Hugging Face names, ``projector.*``, ``feature_norm.*``)
     from a saved folder of any format version: format 3 joins ``model.safetensors`` and
     ``llm/model.safetensors``; format 2 holds everything in ``model.safetensors``; format 1 keeps
     the LLM under ``llm.*`` and a second QLIP copy under ``vision.qlip.*`` (dropped here)."""
     from ..io import read_state_dict
-    version = read_meta(folder).get("format_version", 1)
+    version = (meta if meta is not None else read_meta(folder)).get("format_version", 1)
     sd = read_state_dict(folder)
     if version == 1:
         return {k[len("llm."):] if k.startswith("llm.") else k: v for k, v in sd.items()
@@ -325,6 +325,6 @@ def load(folder: str, device: Optional[str] = None) -> VLM:
     model = VLM(tower, llm, tok, cfg)
     if model.image_token_id != meta.get("image_token_id"):
         raise CheckpointError(f"{folder}: image token id {model.image_token_id} != saved {meta.get('image_token_id')}")
-    load_state_dict_strict(model, read_weights(folder), folder)
+    load_state_dict_strict(model, read_weights(folder, meta), folder)
     model.eval()
     return model.to(device) if device else model
