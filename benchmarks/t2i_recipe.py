@@ -81,6 +81,9 @@ def main(argv=None) -> int:
                     help="training precision (default: the demo's, auto = bf16 on a CPU with AMX or a GPU)")
     ap.add_argument("--pooled", action="store_true",
                     help="append the aligned caption embedding to the text features (text.pooled)")
+    ap.add_argument("--text-encoder", choices=("qlip", "embedding"), default=None,
+                    help="caption encoder (default: the demo's): the demo QLIP's frozen text tower, or a learned "
+                         "embedding of the caption's BPE ids (text.encoder=embedding)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="reuse or continue this tag's run")
     a = ap.parse_args(argv)
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{what} not found at {os.path.dirname(path)}: run `qlip demo` and `qlip demo t2i` first")
     st = dict(t2i.FULL)
     for key, value in (("steps", a.steps), ("lr", a.lr), ("batch_size", a.batch), ("cfg", a.cfg),
-                       ("precision", a.precision)):
+                       ("precision", a.precision), ("text_encoder", a.text_encoder)):
         if value is not None:
             st[key] = value
     st["samples_per_prompt"] = a.samples
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
     adh = ev["adherence"]
     row = {"tag": a.tag, "steps": s["steps"], "train_s": round(s["elapsed_s"], 1), "nll": s["last_log"].get("nll"),
            "lr": st["lr"], "batch": st["batch_size"], "precision": s.get("precision"),
-           "pooled": bool(st.get("pooled")), "head": recipe["head"], "cfg": st["cfg"],
+           "pooled": bool(st.get("pooled")), "text_encoder": st.get("text_encoder", "qlip"), "head": recipe["head"], "cfg": st["cfg"],
            "samples_per_prompt": a.samples, "sample_seed": a.sample_seed,
            "adherence_top1": round(adh["top1"], 4), "adherence_colour": round(adh["colour"], 4),
            "adherence_kind": round(adh["kind"], 4), "zero_shot_top1": round(ev["zero_shot_top1"], 4),

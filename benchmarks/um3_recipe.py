@@ -10,6 +10,8 @@ is appended to ``--log`` (settings -> figures, seconds)::
         --tag base
     OMP_NUM_THREADS=1 python benchmarks/um3_recipe.py --demo-dir runs/demo --out /tmp/um3-bench \\
         --tag steps600 --steps 600
+    OMP_NUM_THREADS=1 python benchmarks/um3_recipe.py --demo-dir runs/demo --out /tmp/um3-bench \
+        --tag steps600 --steps 600 --reuse --cfg-scale 7     # the same model, drawn at CFG 7
 
 The data (corpus, tiny Llama, token shards, the tokenized evaluation images) is written once per
 (model size, vocabulary, evaluation split) under ``--out``.
@@ -44,12 +46,16 @@ def main() -> None:
     p.add_argument("--visual-init", default=full["visual_init"], choices=["mean", "bits"])
     p.add_argument("--visual-bits", action=argparse.BooleanOptionalAction, default=full["visual_bits"],
                    help="learned per-bit vectors on the visual rows (model.visual_bits)")
+    p.add_argument("--cfg-scale", type=float, default=full["cfg_scale"], help="drawing guidance scale")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse this tag's finished training (same settings) and evaluate it again, e.g. at "
+                        "another --cfg-scale")
     p.add_argument("--precision", default=full["precision"], choices=["fp32", "bf16", "auto"],
                    help="train.precision (auto: bf16 on a GPU or a CPU with AMX)")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = dict(full)
-    for key in INT_KEYS + ("lr", "visual_init", "visual_bits", "precision"):
+    for key in INT_KEYS + ("lr", "visual_init", "visual_bits", "precision", "cfg_scale"):
         cfg[key] = getattr(a, key)
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
@@ -57,9 +63,10 @@ def main() -> None:
                                  f"{a.eval_split}{cfg['test_images']}")
     t0 = time.time()
     prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
-    res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, False)[a.run]
+    res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, a.reuse,
+                     reuse_eval=False)[a.run]
     keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
-            "visual_init", "visual_bits", "precision", "groups")
+            "visual_init", "visual_bits", "precision", "groups", "cfg_scale")
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
              "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}

@@ -288,6 +288,12 @@ CHEAP: Dict[str, Cheap] = {
        for tail in ("--out runs/demo-t2i-v5/runs --tag qlip --resume",
                     "--out runs/t2ic --tag intra4x7-500 --head intra --groups 4 --precision bf16",
                     "--out runs/t2ic --tag intra4x7-1000 --head intra --groups 4 --precision bf16 --steps 1000")},
+    # docs/gen.md, the learned caption embedding (the demo's text path since this round)
+    **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v5 --out runs/t2ie " + tail:
+       Cheap("python benchmarks/t2i_recipe.py --help")
+       for tail in ("--tag emb-split --text-encoder embedding --head split --groups 4",
+                    "--tag emb-intra --text-encoder embedding --head intra --groups 4",
+                    "--tag emb-intra --text-encoder embedding --head intra --groups 4 --resume --cfg 10 --samples 8")},
     **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3c --tag " + tail:
        Cheap("python benchmarks/um3_recipe.py --help")
        for tail in ("g2-bits-200 --visual-init bits", "g4-bits-200 --visual-init bits --groups 4",
@@ -320,6 +326,8 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo t2i --fast --out /tmp/t2i-fast": Cheap("qlip demo t2i --help"),
     "qlip demo t2i --resume": Cheap("qlip demo t2i --help"),
     "qlip demo t2i --compare-heads --heads-time 180": Cheap("qlip demo t2i --help"),
+    "qlip demo t2i --demo-dir runs/demo-v3 --out runs/demo-t2i-v6": Cheap("qlip demo t2i --help"),
+    "qlip demo t2i --demo-dir runs/demo-v3 --out runs/demo-t2i-v6 --resume --compare-heads": Cheap("qlip demo t2i --help"),
     "qlip gen sample --model runs/demo-t2i/qlip --prompt 'a photo of a red circle' -n 8 -o samples/":
         Cheap("qlip gen sample --help"),
     # docs/um3.md (training and generation are run by tests/um3/test_um3_engine.py)

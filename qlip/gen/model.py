@@ -1,7 +1,8 @@
 """The text-to-image generator: a LlamaGen-style decoder-only transformer over QLIP token ids.
 
     sequence   = [ caption prefix (text_len) | image tokens 0 .. N-2 ]         (N = grid_h * grid_w)
-    prefix     = MLP(frozen text encoder's token features)    (or the learned null condition)
+    prefix     = MLP(frozen text encoder's token features)    (or the learned null condition;
+                 text_vocab > 0: learned Embedding(caption id) + learned position)
     image in   = head.embed(id)   (sum of sub-token embeddings, or Linear on the bits)
     hidden     = CausalTransformer.forward_hidden(embeds=sequence, rope=our tables)
     predictions: hidden[text_len - 1 + t] -> id of image token t  (through the visual head)
@@ -73,7 +74,8 @@ class GenConfig:
     grid_w: int = 16
     head: str = "split"                  # split | bitwise | intra (qlip.gen.heads)
     groups: int = 2                      # sub-tokens per id (split head)
-    text_dim: int = 512                  # width of the text encoder's features
+    text_dim: int = 512                  # width of the text encoder's features (0 with text_vocab)
+    text_vocab: int = 0                  # > 0: the prefix is a learned embedding of caption token ids
     text_len: int = 16                   # caption prefix length (features padded / truncated to it)
     prefix_rope: str = "none"            # none (identity rotation) | zero (LlamaGen's zero rows)
 
@@ -96,10 +98,11 @@ class GenConfig:
                               init_std=self.init_std)
 
     def validate(self) -> None:
-        for name in ("bits", "grid_h", "grid_w", "groups", "text_dim", "text_len"):
+        for name in ("bits", "grid_h", "grid_w", "groups", "text_dim", "text_len", "text_vocab"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"GenConfig.{name} must be a positive integer, got {v!r}")
+            lo = 0 if name == "text_vocab" or (name == "text_dim" and self.text_vocab) else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"GenConfig.{name} must be an integer >= {lo}, got {v!r}")
         if self.head not in HEAD_KINDS:
             raise ConfigError(f"GenConfig.head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
         if self.prefix_rope not in PREFIX_ROPE:
@@ -150,7 +153,7 @@ class T2IModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.cond = TextCondition(cfg.text_dim, cfg.dim, cfg.text_len)
+        self.cond = TextCondition(cfg.text_dim, cfg.dim, cfg.text_len, cfg.text_vocab)
         self.backbone = CausalTransformer(cfg.backbone_config())
         for p in (self.backbone.tok_embeddings.weight, self.backbone.output.weight):
             p.requires_grad_(False)  # unused: the visual head embeds and predicts ids
@@ -172,6 +175,8 @@ class T2IModel(nn.Module):
                 elif isinstance(m, RMSNorm):
                     m.reset_parameters()
         nn.init.normal_(self.cond.null, std=self.cfg.init_std)
+        if self.cond.pos is not None:
+            nn.init.normal_(self.cond.pos, std=self.cfg.init_std)
 
     def fsdp_units(self) -> List[nn.Module]:
         return [m for _, m in self.backbone.fsdp_units()]

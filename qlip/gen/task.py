@@ -76,7 +76,7 @@ class HeadSection:
 
 @dataclass
 class TextSection:
-    encoder: str = "qlip"           # qlip (its text tower) | t5 (transformers)
+    encoder: str = "qlip"           # qlip (its text tower) | t5 (transformers) | embedding (learned, no encoder)
     model: Optional[str] = None     # QLIP checkpoint / preset, or a T5 name / folder (default google/flan-t5-xl)
     random_init: bool = False       # QLIP preset with random weights (tests)
     seed: int = 0                   # seed of random weights
@@ -151,7 +151,7 @@ class T2ITask(Task):
         gh, gw = ds.grid
         cfg = GenConfig(**self.r.model.sizes(), bits=int(ds.index["bits"]), grid_h=gh, grid_w=gw,
                         head=self.r.head.kind, groups=self.r.head.groups, text_dim=self.text.dim,
-                        text_len=self.r.text.max_len)
+                        text_len=self.r.text.max_len, text_vocab=self.text.vocab_size)
         model = T2IModel(cfg)
         model.backbone.grad_checkpointing = self.r.model.grad_checkpointing
         self.model = model

@@ -23,8 +23,17 @@
     ``t5_config`` builds a random encoder from a ``T5Config`` dict instead (tests, offline), with
     a byte tokenizer (``id = byte + 3``, ByT5's layout; 1 = end, 0 = pad).
 
-Features are float32 ``(B, max_len, width)``; :class:`TextFeatures` computes them on the fly and
-keeps up to ``cache_size`` captions' features in memory (captions repeat a lot in small data).
+  - ``embedding``: no frozen encoder: the caption's CLIP BPE token ids (``qlip.text.Tokenizer``, the
+    vocabulary bundled with open_clip, ``max_len`` ids with start and end tokens, zero padded)
+    feed a **learned** embedding in the generator (:class:`TextCondition` with ``vocab``), as an
+    LLM reads its prompt. Every occurrence of a word has the same input wherever it stands, so
+    the generator finds the colour word of "a photo of a red circle" and of "a red circle" alike;
+    a frozen causal tower gives the same word different features in different contexts. It is
+    not aligned with anything: it learns the words from the captions alone.
+
+Features are float32 ``(B, max_len, width)`` (``embedding``: int64 ``(B, max_len)`` ids);
+:class:`TextFeatures` computes them on the fly and keeps up to ``cache_size`` captions' features in
+memory (captions repeat a lot in small data).
 """
 from __future__ import annotations
 
@@ -37,21 +46,36 @@ from torch import nn
 
 from ..errors import ConfigError, QLIPError
 
-ENCODERS = ("qlip", "t5")
+ENCODERS = ("qlip", "t5", "embedding")
 
 
 class TextCondition(nn.Module):
-    """``(B, L, text_dim)`` features -> ``(B, L, dim)`` prefix; ``drop`` rows get the null condition."""
+    """``(B, L, text_dim)`` features -> ``(B, L, dim)`` prefix; ``drop`` rows get the null condition.
 
-    def __init__(self, text_dim: int, dim: int, text_len: int):
+    ``vocab > 0`` (``text.encoder=embedding``): the input is ``(B, L)`` caption token ids instead,
+    and the prefix is a learned embedding of each id plus a learned embedding of its position (the
+    prefix has no rotary position, so without it the caption would be a bag of words)."""
+
+    def __init__(self, text_dim: int, dim: int, text_len: int, vocab: int = 0):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        if vocab:
+            self.mlp, self.embed = None, nn.Embedding(vocab, dim)
+            self.pos = nn.Parameter(torch.zeros(text_len, dim))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+            self.embed, self.pos = None, None
         self.null = nn.Parameter(torch.zeros(text_len, dim))
 
     def forward(self, feats: torch.Tensor, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
         if feats.shape[1] != self.null.shape[0]:
             raise QLIPError(f"text features have {feats.shape[1]} tokens, the generator expects {self.null.shape[0]}")
-        p = self.mlp(feats.to(self.mlp[0].weight.dtype))
+        if self.embed is not None:
+            if feats.is_floating_point() or feats.dim() != 2:
+                raise QLIPError(f"this generator embeds caption token ids (text.encoder=embedding): expected a "
+                                f"(B, {self.null.shape[0]}) integer tensor, got {tuple(feats.shape)} {feats.dtype}")
+            p = self.embed(feats.to(self.embed.weight.device)) + self.pos
+        else:
+            p = self.mlp(feats.to(self.mlp[0].weight.dtype))
         if drop is not None:
             p = torch.where(drop.to(p.device)[:, None, None], self.null.to(p.dtype)[None], p)
         return p
@@ -103,6 +127,24 @@ class QLIPTextEncoder:
         return torch.cat([feats, e[:, None].expand(-1, feats.shape[1], -1)], dim=-1)
 
 
+class CaptionIds:
+    """``text.encoder=embedding``: captions -> ``(B, max_len)`` int64 CLIP BPE ids for the
+    generator's learned embedding (``vocab_size`` rows)."""
+
+    dim = 0
+
+    def __init__(self, max_len: int):
+        from ..text import Tokenizer
+        if max_len < 2:
+            raise ConfigError(f"text.max_len must be >= 2 with text.encoder=embedding (start and end tokens), "
+                              f"got {max_len}")
+        self.tokenizer, self.max_len = Tokenizer(context_length=max_len), max_len
+        self.vocab_size = self.tokenizer.eot_token_id + 1
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions)).long()
+
+
 def byte_tokenizer(captions: Sequence[str], max_len: int) -> Dict[str, torch.Tensor]:
     """ByT5-style ids (byte + 3, end 1, pad 0), ``max_len`` per row with the end kept."""
     ids = torch.zeros(len(captions), max_len, dtype=torch.long)
@@ -151,7 +193,7 @@ class T5TextEncoder:
 def check_pooled(encoder: str, pooled: bool) -> None:
     """``text.pooled`` needs QLIP's text tower (the aligned caption embedding): one-line ConfigError."""
     if pooled and encoder != "qlip":
-        raise ConfigError("text.pooled is for text.encoder=qlip (the aligned caption embedding); T5 has none")
+        raise ConfigError(f"text.pooled is for text.encoder=qlip (the aligned caption embedding); {encoder} has none")
 
 
 def build_text_encoder(spec: Dict[str, Any], device="cpu"):
@@ -164,6 +206,9 @@ def build_text_encoder(spec: Dict[str, Any], device="cpu"):
                               "(a stage-1 checkpoint folder or a preset with text.random_init)")
         return QLIPTextEncoder(load_qlip(spec["model"], spec.get("random_init", False), spec.get("seed", 0), device),
                                spec.get("max_len", 16), spec.get("pooled", False))
+    if kind == "embedding":
+        check_pooled(kind, spec.get("pooled", False))
+        return CaptionIds(spec.get("max_len", 16))
     if kind == "t5":
         check_pooled(kind, spec.get("pooled", False))
         return T5TextEncoder(spec.get("model"), spec.get("max_len", 16), spec.get("t5_config"), spec.get("seed", 0),
@@ -183,6 +228,11 @@ class TextFeatures:
     @property
     def dim(self) -> int:
         return self.encoder.dim
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the generator's learned caption embedding (``embedding`` encoder), else 0."""
+        return getattr(self.encoder, "vocab_size", 0)
 
     def __call__(self, captions: List[str], device=None) -> torch.Tensor:
         if self.cache_size <= 0:

@@ -79,6 +79,7 @@ def test_demo_t2i_fast_end_to_end(demo_dir, tmp_path):
     assert "a photo of a black star" in page and "CFG sweep" in page and page.count("<img") >= 2 * 32
     # the saved generator (a): loads, samples and decodes with qlip.gen and through `qlip gen sample`
     gen = qlip.gen.load(str(out / "qlip"))
+    assert gen.meta["text"]["encoder"] == "embedding" and (gen.model.cfg.head, gen.model.cfg.groups) == ("intra", 4)
     ids = gen.generate(["a photo of a red circle"], n=2, cfg=4.0, seed=0)
     assert ids.shape == (2, 4, 4)
     images = gen.decode(ids)
@@ -147,7 +148,10 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     assert mod.main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["tag"] == "lr3e-3" and rows[0]["steps"] == 2 and rows[0]["lr"] == 3e-3
-    assert rows[0]["sample_seed"] == 1 and rows[0]["head"] == {"kind": "split", "groups": 4}
+    assert rows[0]["sample_seed"] == 1 and rows[0]["head"] == {"kind": "intra", "groups": 4}
+    assert rows[0]["text_encoder"] == "embedding"  # the demo's defaults
+    meta = json.loads((tmp_path / "b" / "lr3e-3" / "final" / "config.json").read_text())
+    assert meta["text"]["encoder"] == "embedding" and meta["config"]["text_vocab"] == 49408
     assert all(0.0 <= rows[0][k] <= 1.0 for k in ("adherence_top1", "adherence_colour", "adherence_kind"))
     assert (tmp_path / "b" / "lr3e-3" / "samples").is_dir()
     assert rows[0]["precision"] in ("fp32", "bf16") and rows[0]["pooled"] is False
@@ -161,11 +165,12 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     unseen = next(i for i in range(1 << 20) if i not in every)
     assert mod.novel_ids(train, tokens)["novel_ids"] == 0.0  # ids of training images are never novel
     assert mod.novel_ids(np.array([train[0, 0], unseen, unseen, train[1, 1]]), tokens)["novel_ids"] == 0.5
-    assert mod.main(args[:7] + ["pooled", "--pooled", "--precision", "fp32"] + args[10:]) == 0
+    assert mod.main(args[:7] + ["pooled", "--text-encoder", "qlip", "--pooled", "--precision", "fp32"] + args[10:]) == 0
     row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[-1])
     assert row["tag"] == "pooled" and row["pooled"] is True and row["precision"] == "fp32"
+    assert row["text_encoder"] == "qlip"
     meta = json.loads((tmp_path / "b" / "pooled" / "final" / "config.json").read_text())
-    assert meta["text"]["pooled"] is True and meta["config"]["text_dim"] > 0
+    assert meta["text"]["pooled"] is True and meta["config"]["text_dim"] > 0 and meta["config"]["text_vocab"] == 0
     with pytest.raises(SystemExit, match="qlip demo t2i"):
         mod.main(["--demo-dir", str(demo_dir), "--t2i-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c"),
                   "--tag", "x"])
