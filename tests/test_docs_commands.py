@@ -300,7 +300,10 @@ CHEAP: Dict[str, Cheap] = {
                     "g2-bits-600 --visual-init bits --steps 600",
                     "g4-bits-1000 --visual-init bits --groups 4 --steps 1000",
                     "g4-bits-2000 --visual-init bits --groups 4 --steps 2000",
-                    "g4-bits-6000 --visual-init bits --groups 4 --steps 6000")},
+                    "g4-bits-6000 --visual-init bits --groups 4 --steps 6000",
+                    "g4-bits-2000 --visual-init bits --groups 4 --steps 2000 --reuse --cfg-scale 10",
+                    "g4-bits-b64-500 --visual-init bits --groups 4 --steps 500 --batch-size 64",
+                    "g4-bits-d128-500 --visual-init bits --groups 4 --steps 500 --dim 128 --ffn 512")},
     **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3b --tag " + tail:
        Cheap("python benchmarks/um3_recipe.py --help")
        for tail in ("fp32-60 --steps 60 --visual-init bits --precision fp32",

@@ -36,3 +36,11 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     assert entry["text_ppl"] > 1.0
     test = torch.load(str(next(out.glob("shared-*")) / "data" / "test.pt"))
     assert test["source"][-1] == "val" and len(test["labels"]) == 6  # the validation images, not the test split
+    # --reuse: the finished run is not trained again, only evaluated (here at another guidance scale)
+    final = out / "t" / "runs" / "um3" / "final" / "model.safetensors"
+    before = final.stat().st_mtime_ns
+    subprocess.run(cmd + ["--reuse", "--cfg-scale", "7"], check=True, env=env, capture_output=True, text=True, cwd=REPO)
+    again = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert again["cfg_scale"] == 7.0 and entry["cfg_scale"] == 3.0 and again["train_s"] is None
+    assert final.stat().st_mtime_ns == before and again["text_ppl"] == entry["text_ppl"]  # same weights
+    assert again["caption_colour"] == entry["caption_colour"]  # greedy captions do not depend on guidance
