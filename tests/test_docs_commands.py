@@ -303,7 +303,8 @@ CHEAP: Dict[str, Cheap] = {
                     "g4-bits-6000 --visual-init bits --groups 4 --steps 6000",
                     "g4-bits-2000 --visual-init bits --groups 4 --steps 2000 --reuse --cfg-scale 10",
                     "g4-bits-b64-500 --visual-init bits --groups 4 --steps 500 --batch-size 64",
-                    "g4-bits-d128-500 --visual-init bits --groups 4 --steps 500 --dim 128 --ffn 512")},
+                    "g4-bits-d128-500 --visual-init bits --groups 4 --steps 500 --dim 128 --ffn 512",
+                    "g4-bits-2000-cd667 --visual-init bits --groups 4 --steps 2000 --calm-down-steps 667")},
     **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3b --tag " + tail:
        Cheap("python benchmarks/um3_recipe.py --help")
        for tail in ("fp32-60 --steps 60 --visual-init bits --precision fp32",
@@ -330,6 +331,7 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo t2i --resume": Cheap("qlip demo t2i --help"),
     "qlip demo t2i --compare-heads --heads-time 180": Cheap("qlip demo t2i --help"),
     "qlip demo t2i --demo-dir runs/demo-v3 --out runs/demo-t2i-v6": Cheap("qlip demo t2i --help"),
+    "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v6": Cheap("qlip demo um3 --help"),
     "qlip demo t2i --demo-dir runs/demo-v3 --out runs/demo-t2i-v6 --resume --compare-heads": Cheap("qlip demo t2i --help"),
     "qlip gen sample --model runs/demo-t2i/qlip --prompt 'a photo of a red circle' -n 8 -o samples/":
         Cheap("qlip gen sample --help"),
