@@ -14,7 +14,8 @@ is appended to ``--log`` (settings -> figures, seconds)::
         --tag steps600 --steps 600 --reuse --cfg-scale 7     # the same model, drawn at CFG 7
 
 The data (corpus, tiny Llama, token shards, the tokenized evaluation images) is written once per
-(model size, vocabulary, evaluation split) under ``--out``.
+(model size, evaluation split, corpus size) under ``--out``. The screens in docs/um3.md before the
+demo's corpus grew to 40,000 sentences ran with ``--corpus-sentences 8000`` (then the default).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 
 INT_KEYS = ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
-            "draws_per_class", "train_shards", "groups")
+            "draws_per_class", "train_shards", "groups", "corpus_sentences")
 
 
 def main() -> None:
@@ -60,13 +61,13 @@ def main() -> None:
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
     shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-{cfg['ffn']}-{cfg['train_shards']}-"
-                                 f"{a.eval_split}{cfg['test_images']}")
+                                 f"{a.eval_split}{cfg['test_images']}-c{cfg['corpus_sentences']}")
     t0 = time.time()
     prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, a.reuse,
                      reuse_eval=False)[a.run]
     keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
-            "visual_init", "visual_bits", "precision", "groups", "cfg_scale")
+            "visual_init", "visual_bits", "precision", "groups", "cfg_scale", "corpus_sentences")
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
              "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}

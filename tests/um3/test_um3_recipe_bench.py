@@ -24,11 +24,12 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "um3_recipe.py"), "--demo-dir", str(demo), "--out", str(out),
            "--tag", "t", "--steps", "2", "--batch-size", "4", "--dim", "32", "--layers", "1", "--ffn", "64",
            "--warmup", "1", "--calm-down-steps", "1", "--test-images", "6", "--draws-per-class", "1",
-           "--train-shards", "1", "--visual-init", "bits", "--visual-bits"]
+           "--train-shards", "1", "--visual-init", "bits", "--visual-bits", "--corpus-sentences", "300"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, cwd=REPO)
     entry = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert entry["tag"] == "t" and entry["run"] == "um3" and entry["steps"] == 2 and entry["visual_init"] == "bits"
+    assert entry["corpus_sentences"] == 300 and next(out.glob("shared-*")).name.endswith("-c300")
     assert entry["visual_bits"] is True  # trained with the learned bit vectors, saved folded, scored
     assert entry["eval_split"] == "val" and entry["eval_images"] == 6 and entry["ceiling"]["n"] == 6
     for k in ("caption_colour", "caption_kind", "draw_colour", "draw_kind", "draw_adherence_top1"):
