@@ -54,7 +54,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import ConfigError, DataError
 
 # the model, the budget and the data (FAST: the seconds-long smoke run of the tests)
-FULL = {"train_shards": 12, "test_images": 128, "draws_per_class": 2, "corpus_sentences": 40000, "vocab": 512,
+FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_sentences": 40000, "vocab": 512,
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
         "steps": 2000, "lr": 3e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 500, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0}
