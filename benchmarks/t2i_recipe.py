@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                     help="training precision (default: the demo's, auto = bf16 on a CPU with AMX or a GPU)")
     ap.add_argument("--pooled", action="store_true",
                     help="append the aligned caption embedding to the text features (text.pooled)")
-    ap.add_argument("--text-encoder", choices=("qlip", "embedding"), default=None,
+    ap.add_argument("--text-encoder", choices=("embedding", "qlip"), default=None,  # qlip.demo.t2i.TEXT_ENCODERS
                     help="caption encoder (default: the demo's): the demo QLIP's frozen text tower, or a learned "
                          "embedding of the caption's BPE ids (text.encoder=embedding)")
     ap.add_argument("--threads", type=int, default=1)

@@ -10,7 +10,7 @@ is appended to ``--log`` (settings -> figures, seconds)::
         --tag base
     OMP_NUM_THREADS=1 python benchmarks/um3_recipe.py --demo-dir runs/demo --out /tmp/um3-bench \\
         --tag steps600 --steps 600
-    OMP_NUM_THREADS=1 python benchmarks/um3_recipe.py --demo-dir runs/demo --out /tmp/um3-bench \
+    OMP_NUM_THREADS=1 python benchmarks/um3_recipe.py --demo-dir runs/demo --out /tmp/um3-bench \\
         --tag steps600 --steps 600 --reuse --cfg-scale 7     # the same model, drawn at CFG 7
 
 The data (corpus, tiny Llama, token shards, the tokenized evaluation images) is written once per

@@ -71,8 +71,10 @@ FAST: Dict[str, Any] = {
     "samples_per_prompt": 1, "sweep_samples": 1, "sample_batch": 32, "fid_n": 8, "ceiling_n": 16,
     "grid_samples": 1, "heads_time_s": 2.0, "precision": "auto",
 }
+# how the demo's generators may read the captions (settings["text_encoder"]; qlip.gen.text)
+TEXT_ENCODERS = ("embedding", "qlip")
 # --compare-heads: (head kind, groups) per entry, each trained for settings["heads_time_s"] seconds
-# (groups matter for split only)
+# (groups matter for split and intra)
 HEADS = {"split": ("split", 2), "split_4x7": ("split", 4), "bitwise": ("bitwise", 2), "intra": ("intra", 2),
          "intra_4x7": ("intra", 4)}
 SEED = 0
@@ -92,7 +94,7 @@ def add_arguments(p) -> None:
                    help=f"training steps of both generators (default {FULL['steps']}; --fast: {FAST['steps']})")
     p.add_argument("--heads-time", type=float, default=None,
                    help="seconds of training per head with --compare-heads (default 180; --fast: 2)")
-    p.add_argument("--text-encoder", choices=("embedding", "qlip"), default=None,
+    p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default=None,
                    help="how the generators read the captions: a learned embedding of their ids (default) or the "
                         "demo QLIP's frozen text tower")
     p.add_argument("--threads", type=int, default=None, help="torch threads in all (default: all cores)")
@@ -448,8 +450,8 @@ def run_t2i_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-t2i", fast: 
             raise ConfigError(f"--steps must be >= 1, got {steps}")
         st["steps"] = int(steps)
     if text_encoder is not None:
-        if text_encoder not in ("embedding", "qlip"):
-            raise ConfigError(f"text_encoder must be embedding or qlip, got {text_encoder!r}")
+        if text_encoder not in TEXT_ENCODERS:
+            raise ConfigError(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, got {text_encoder!r}")
         st["text_encoder"] = text_encoder
     if lanes not in (None, 1, 2):
         raise ConfigError(f"lanes must be 1 or 2, got {lanes!r}")
