@@ -47,6 +47,11 @@ def main() -> None:
     p.add_argument("--visual-init", default=full["visual_init"], choices=["mean", "bits"])
     p.add_argument("--visual-bits", action=argparse.BooleanOptionalAction, default=full["visual_bits"],
                    help="learned per-bit vectors on the visual rows (model.visual_bits)")
+    p.add_argument("--loss-average", default=full["loss_average"], choices=["tokens", "rows"],
+                   help="loss.average: the mean over target tokens or over rows (each row's token mean)")
+    p.add_argument("--r0", type=float, default=full["r0"], help="Eq. 7: text-only fraction at step 0")
+    p.add_argument("--rT", type=float, default=full["rT"], help="Eq. 7: text-only fraction after calm-down")
+    p.add_argument("--i2t-share", type=float, default=full["i2t_share"], help="image-to-text share of the multimodal rows")
     p.add_argument("--cfg-scale", type=float, default=full["cfg_scale"], help="drawing guidance scale")
     p.add_argument("--reuse", action="store_true",
                    help="reuse this tag's finished training (same settings) and evaluate it again, e.g. at "
@@ -56,7 +61,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = dict(full)
-    for key in INT_KEYS + ("lr", "visual_init", "visual_bits", "precision", "cfg_scale"):
+    for key in INT_KEYS + ("lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average", "r0", "rT", "i2t_share"):
         cfg[key] = getattr(a, key)
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
@@ -67,7 +72,7 @@ def main() -> None:
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, a.reuse,
                      reuse_eval=False)[a.run]
     keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
-            "visual_init", "visual_bits", "precision", "groups", "cfg_scale", "corpus_sentences")
+            "visual_init", "visual_bits", "precision", "groups", "cfg_scale", "corpus_sentences", "loss_average", "r0", "rT", "i2t_share")
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
              "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}

@@ -57,13 +57,15 @@ from ..errors import ConfigError, DataError
 FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_sentences": 40000, "vocab": 512,
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
         "steps": 2000, "lr": 3e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 500, "visual_init": "bits",
-        "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0}
+        "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0, "loss_average": "tokens",
+        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5}
 FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
         "dim": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn": 64, "batch_size": 4, "caption_tokens": 12,
         "steps": 3, "lr": 3e-3, "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "visual_init": "bits",
-        "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0}
+        "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0, "loss_average": "tokens",
+        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5}
 FAST_CLASSES = 2                        # --fast draws only the first classes
-R0, RT, I2T_SHARE, CFG_DROPOUT = 0.6, 0.3, 0.5, 0.1
+CFG_DROPOUT = 0.1
 TOP_K = 200                             # drawing: top-k sampling (temperature 1); guidance: cfg["cfg_scale"]
 SEED = 0
 # name: (loss.softmax, data.mixing, text-only model)
@@ -203,16 +205,16 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
     softmax, mixing, text_only = RUNS[name]
     groups = cfg.get("groups", 2)
     seq_len = prep["grid"] ** 2 * groups + 4 + cfg["caption_tokens"]
-    r0, rT = (1.0, 1.0) if text_only else (R0, RT)
+    r0, rT = (1.0, 1.0) if text_only else (cfg.get("r0", 0.6), cfg.get("rT", 0.3))
     return Recipe.from_dict({
         "task": "um3",
         "model": {"init": prep["llama"], "qk_norm": True, "bits": prep["bits"], "groups": groups,
                   "visual_init": cfg["visual_init"], "visual_bits": cfg["visual_bits"]},
         "data": {"text": prep["corpus"], "tokens": prep["tokens"], "batch_size": cfg["batch_size"],
                  "seq_len": seq_len, "r0": r0, "rT": rT, "calm_down_steps": cfg["calm_down_steps"],
-                 "mixing": mixing, "i2t_share": I2T_SHARE, "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,
+                 "mixing": mixing, "i2t_share": cfg.get("i2t_share", 0.5), "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,
                  "eval_batches": 4},
-        "loss": {"softmax": softmax},
+        "loss": {"softmax": softmax, "average": cfg.get("loss_average", "tokens")},
         "optim": {"optimizer": "adamw", "lr": cfg["lr"], "warmup_steps": cfg["warmup"], "steps": cfg["steps"],
                   "weight_decay": 0.0},
         "train": {"seed": SEED, "precision": cfg.get("precision", "fp32"),
@@ -382,8 +384,8 @@ def run_um3_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-um3", fast: 
                             **{f"train_{n}": results[n].get("train_s") for n in RUNS},
                             **{f"eval_{n}": results[n]["figures"].get("eval_s") for n in RUNS},
                             "total": round(time.time() - t_start, 1)}
-    metrics["settings"] = {**cfg, "fast": fast, "qlip": qlip_dir, "data": data, "r0": R0, "rT": RT,
-                           "i2t_share": I2T_SHARE, "cfg_dropout": CFG_DROPOUT, "top_k": TOP_K,
+    metrics["settings"] = {**cfg, "fast": fast, "qlip": qlip_dir, "data": data,
+                           "cfg_dropout": CFG_DROPOUT, "top_k": TOP_K,
                            "train_pairs": prep["train_pairs"], "grid": prep["grid"], "bits": prep["bits"]}
     metrics["settings"]["runs"] = {n: {"softmax": s, "mixing": m, "text_only": t} for n, (s, m, t) in RUNS.items()}
     keep = os.path.join(out, "um3")

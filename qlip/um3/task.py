@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..train import StepLog, Task
 from ..train.recipe import DataSection, check
 from .loss import LOSSES
-from .mixing import KINDS, MixConfig, MixedLoader, text_windows, tokenize_corpus
+from .mixing import IGNORE, KINDS, MixConfig, MixedLoader, text_windows, tokenize_corpus
 from .model import UM3, VISUAL_INITS, from_llama, save_um3
 from .schedule import SCHEDULES
 
@@ -76,12 +76,20 @@ class UM3DataSection(DataSection):
         check("data.eval_batches", self.eval_batches, ">= 1", self.eval_batches >= 1)
 
 
+AVERAGES = ("tokens", "rows")
+
+
 @dataclass
 class UM3LossSection:
     softmax: str = "split"              # split (Eq. 6) | joint (ablation)
+    # tokens: the mean over every target token of the batch (the LM default; a 256-sub-token drawing
+    # then outweighs a 15-token caption 17 to 1) | rows: each row's token mean, then the mean over
+    # rows (every sample counts once, so Eq. 7's mix is the mix of the loss too)
+    average: str = "tokens"
 
     def validate(self) -> None:
         check("loss.softmax", self.softmax, f"one of {tuple(LOSSES)}", self.softmax in LOSSES)
+        check("loss.average", self.average, "tokens or rows", self.average in AVERAGES)
 
 
 class UM3Task(Task):
@@ -133,7 +141,12 @@ class UM3Task(Task):
         with self.autocast():  # logits only where there is a target (the same values as LOSSES[softmax])
             nll = self.model.nll(tokens[:, :-1], labels, self.r.loss.softmax)  # (b, T), 0 where no target
         world = self.dist.world_size
-        ce = nll.sum() * world / batch["n_targets"].clamp(min=1).to(nll.device)
+        if self.r.loss.average == "rows":  # every row's token mean, then the mean over this rank's rows
+            # (equal rows per rank, so the engine's mean over ranks is the global batch's row mean)
+            per_row = nll.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
+            ce = per_row.mean()
+        else:
+            ce = nll.sum() * world / batch["n_targets"].clamp(min=1).to(nll.device)
         terms: Dict[str, Any] = {"ce": ce}
         row = nll.detach().sum(1)
         for k, name in enumerate(KINDS):  # per-kind token means over the global batch (logged only)

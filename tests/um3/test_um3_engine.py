@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -42,6 +43,7 @@ def recipe(tmp_path, setup, name="r.yaml", **sections):
          "data": {"text": setup["text"], "tokens": setup["tokens"], "batch_size": 4, "seq_len": 40, "r0": 0.75,
                   "rT": 0.25, "calm_down_steps": 4, "eval_batches": 1},
          "optim": {"optimizer": "adamw", "lr": 3e-3, "warmup_steps": 1, "steps": STEPS},
+         "loss": {},
          "train": {"log_every": 1, "ckpt_every": 2, "keep_ckpts": 2, "progress": False, "tensorboard": False}}
     for sec, vals in sections.items():
         r[sec].update(vals)
@@ -122,3 +124,41 @@ def test_two_fsdp_ranks_equal_one_process(setup, tmp_path):
           "--out", str(tmp_path / "two")], timeout=300)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["fsdp_sharded_units"] == 2
     _same_run(tmp_path / "one", tmp_path / "two", 1e-4)
+
+
+@pytest.mark.parametrize("average", ["tokens", "rows"])
+def test_loss_average_tokens_and_rows_match_their_formulas(setup, tmp_path, average):
+    """loss.average: "tokens" is the mean NLL over every target of the batch (a 20-target drawing
+    outweighs a 3-token caption); "rows" averages each row's token mean over the rows, so every
+    sample counts once. Checked against the per-position NLLs of the same batch."""
+    from qlip.train import load_recipe
+    from qlip.train.plan import build_task
+    from qlip.um3.loss import IGNORE
+    import qlip.um3  # noqa: F401
+    r = load_recipe(recipe(tmp_path, setup, loss={"average": average}))
+    task, model = build_task(r, "cpu")
+    batch = task.build_loader().batch(0)
+    terms = {}
+
+    class Log:
+        def add(self, t, scale):
+            terms.update(t)
+
+    ce = float(task.micro_step(batch, 1.0, Log(), 0).detach())
+    with torch.no_grad():
+        nll = model.nll(batch["tokens"][:, :-1], batch["labels"], "split")
+    mask = batch["labels"] != IGNORE
+    tokens_mean = float(nll.sum() / mask.sum())
+    rows_mean = float((nll.sum(1) / mask.sum(1)).mean())
+    assert len(set(mask.sum(1).tolist())) > 1  # rows of different target counts: the two averages differ
+    assert abs(tokens_mean - rows_mean) > 1e-3
+    assert ce == pytest.approx(rows_mean if average == "rows" else tokens_mean, rel=1e-5)
+    assert float(terms["ce"]) == pytest.approx(ce, rel=1e-6)
+
+
+def test_loss_average_rejects_unknown_values(setup, tmp_path):
+    from qlip.errors import ConfigError
+    from qlip.train import load_recipe
+    import qlip.um3  # noqa: F401
+    with pytest.raises(ConfigError, match="loss.average"):
+        load_recipe(recipe(tmp_path, setup, loss={"average": "samples"}))
