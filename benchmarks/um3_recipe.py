@@ -14,12 +14,14 @@ is appended to ``--log`` (settings -> figures, seconds)::
         --tag steps600 --steps 600 --reuse --cfg-scale 7     # the same model, drawn at CFG 7
 
 The data (corpus, tiny Llama, token shards, the tokenized evaluation images) is written once per
-(model size, evaluation split, corpus size) under ``--out``. The screens in docs/um3.md before the
+(model size, evaluation split, corpus size) under ``--out`` (``prepared.json`` marks it done; runs
+started at the same time wait for the first one's and reuse it). The screens in docs/um3.md before the
 demo's corpus grew to 40,000 sentences ran with ``--corpus-sentences 8000`` (then the default).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import time
@@ -68,7 +70,17 @@ def main() -> None:
     shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-{cfg['ffn']}-{cfg['train_shards']}-"
                                  f"{a.eval_split}{cfg['test_images']}-c{cfg['corpus_sentences']}")
     t0 = time.time()
-    prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
+    os.makedirs(a.out, exist_ok=True)
+    done = os.path.join(shared, "prepared.json")
+    with open(shared + ".lock", "w") as lock:  # runs started together: one prepares, the others wait and reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(done):  # never rewritten while another run may be training from it
+            with open(done, encoding="utf-8") as f:
+                prep = json.load(f)
+        else:
+            prep = demo._prepare(qlip_dir, data, shared, cfg, False, True, eval_split=a.eval_split)
+            with open(done, "w", encoding="utf-8") as f:
+                json.dump(prep, f)
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, a.reuse,
                      reuse_eval=False)[a.run]
     keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",

@@ -22,13 +22,14 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     (demo / "demo-run.json").write_text('{"fast": false}')
     out = tmp_path / "bench"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "um3_recipe.py"), "--demo-dir", str(demo), "--out", str(out),
-           "--tag", "t", "--steps", "2", "--batch-size", "4", "--dim", "32", "--layers", "1", "--ffn", "64",
+           "--tag", "t", "--steps", "2", "--loss-average", "rows", "--rT", "0.1", "--i2t-share", "0.25", "--batch-size", "4", "--dim", "32", "--layers", "1", "--ffn", "64",
            "--warmup", "1", "--calm-down-steps", "1", "--test-images", "6", "--draws-per-class", "1",
            "--train-shards", "1", "--visual-init", "bits", "--visual-bits", "--corpus-sentences", "300"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, cwd=REPO)
     entry = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert entry["tag"] == "t" and entry["run"] == "um3" and entry["steps"] == 2 and entry["visual_init"] == "bits"
+    assert entry["loss_average"] == "rows" and entry["rT"] == 0.1 and entry["i2t_share"] == 0.25
     assert entry["corpus_sentences"] == 300 and next(out.glob("shared-*")).name.endswith("-c300")
     assert entry["visual_bits"] is True  # trained with the learned bit vectors, saved folded, scored
     assert entry["eval_split"] == "val" and entry["eval_images"] == 6 and entry["ceiling"]["n"] == 6
@@ -40,8 +41,14 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     # --reuse: the finished run is not trained again, only evaluated (here at another guidance scale)
     final = out / "t" / "runs" / "um3" / "final" / "model.safetensors"
     before = final.stat().st_mtime_ns
+    shared = next(out.glob("shared-*"))
+    assert (shared / "prepared.json").is_file()
+    shards = sorted((shared / "data" / "tokens").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in shards]
     subprocess.run(cmd + ["--reuse", "--cfg-scale", "7"], check=True, env=env, capture_output=True, text=True, cwd=REPO)
     again = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert again["cfg_scale"] == 7.0 and entry["cfg_scale"] == 3.0 and again["train_s"] is None
     assert final.stat().st_mtime_ns == before and again["text_ppl"] == entry["text_ppl"]  # same weights
     assert again["caption_colour"] == entry["caption_colour"]  # greedy captions do not depend on guidance
+    # the prepared data is reused, never rewritten (another run may be training from it)
+    assert [f.stat().st_mtime_ns for f in sorted((shared / "data" / "tokens").iterdir())] == stamps
