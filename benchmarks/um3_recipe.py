@@ -29,7 +29,7 @@ import time
 import torch
 
 
-INT_KEYS = ("steps", "batch_size", "dim", "layers", "ffn", "warmup", "calm_down_steps", "test_images",
+INT_KEYS = ("i2t_from", "steps", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "warmup", "calm_down_steps", "test_images",
             "draws_per_class", "train_shards", "groups", "corpus_sentences")
 
 
@@ -67,7 +67,7 @@ def main() -> None:
         cfg[key] = getattr(a, key)
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
-    shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-{cfg['ffn']}-{cfg['train_shards']}-"
+    shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-h{cfg['heads']}-{cfg['kv_heads']}-{cfg['ffn']}-{cfg['train_shards']}-"
                                  f"{a.eval_split}{cfg['test_images']}-c{cfg['corpus_sentences']}")
     t0 = time.time()
     os.makedirs(a.out, exist_ok=True)
@@ -83,7 +83,7 @@ def main() -> None:
                 json.dump(prep, f)
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, a.reuse,
                      reuse_eval=False)[a.run]
-    keys = ("steps", "batch_size", "dim", "layers", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
+    keys = ("steps", "i2t_from", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
             "visual_init", "visual_bits", "precision", "groups", "cfg_scale", "corpus_sentences", "loss_average", "r0", "rT", "i2t_share")
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],

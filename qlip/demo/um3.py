@@ -58,12 +58,12 @@ FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_se
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
         "steps": 2000, "lr": 3e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 500, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0, "loss_average": "tokens",
-        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5}
+        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5, "i2t_from": 0}
 FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
         "dim": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn": 64, "batch_size": 4, "caption_tokens": 12,
         "steps": 3, "lr": 3e-3, "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0, "loss_average": "tokens",
-        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5}
+        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5, "i2t_from": 0}
 FAST_CLASSES = 2                        # --fast draws only the first classes
 CFG_DROPOUT = 0.1
 TOP_K = 200                             # drawing: top-k sampling (temperature 1); guidance: cfg["cfg_scale"]
@@ -212,7 +212,7 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
                   "visual_init": cfg["visual_init"], "visual_bits": cfg["visual_bits"]},
         "data": {"text": prep["corpus"], "tokens": prep["tokens"], "batch_size": cfg["batch_size"],
                  "seq_len": seq_len, "r0": r0, "rT": rT, "calm_down_steps": cfg["calm_down_steps"],
-                 "mixing": mixing, "i2t_share": cfg.get("i2t_share", 0.5), "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,
+                 "mixing": mixing, "i2t_share": cfg.get("i2t_share", 0.5), "i2t_from": cfg.get("i2t_from", 0), "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,
                  "eval_batches": 4},
         "loss": {"softmax": softmax, "average": cfg.get("loss_average", "tokens")},
         "optim": {"optimizer": "adamw", "lr": cfg["lr"], "warmup_steps": cfg["warmup"], "steps": cfg["steps"],

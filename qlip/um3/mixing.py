@@ -73,6 +73,7 @@ class MixConfig:
     i2t_share: float = 0.5          # multimodal rows that are image-to-text (the rest text-to-image)
     cfg_dropout: float = 0.1        # text-to-image rows whose caption is dropped (unconditional)
     grad_accum: int = 1
+    i2t_from: int = 0               # ours: before this step every multimodal row is text-to-image
 
 
 class MixedLoader(IndexedLoader):
@@ -140,6 +141,8 @@ class MixedLoader(IndexedLoader):
         images = torch.randint(0, len(self.images), (B,), generator=g)
         drops = torch.rand(B, generator=g) < m.cfg_dropout
         step = index // m.grad_accum
+        if step < m.i2t_from:  # drawing first: the slow task starts alone (the same random draws either way)
+            mm_kind = torch.full_like(mm_kind, T2I)
         n_text = text_rows(step, B, m.r0, m.rT, m.T, m.schedule)
         kind = mm_kind.clone()
         kind[order[:n_text]] = TEXT
@@ -169,7 +172,8 @@ class MixedLoader(IndexedLoader):
         m = self.mix
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "batch_size": m.batch_size,
                 "seq_len": m.seq_len, "text_tokens": int(len(self.text_ids)), "images": int(len(self.images)),
-                "mix": [m.r0, m.rT, m.T, m.schedule, m.i2t_share, m.cfg_dropout, m.grad_accum]}
+                "mix": [m.r0, m.rT, m.T, m.schedule, m.i2t_share, m.cfg_dropout, m.grad_accum]
+                + ([m.i2t_from] if m.i2t_from else [])}
 
 
 

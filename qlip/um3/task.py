@@ -62,6 +62,7 @@ class UM3DataSection(DataSection):
     mixing: str = "calm_down"           # calm_down | constant (r_T from the start; ablation)
     i2t_share: float = 0.5              # image-to-text share of the multimodal rows
     cfg_dropout: float = 0.1            # text-to-image captions dropped (for classifier-free guidance)
+    i2t_from: int = 0                   # ours: image-to-text rows only from this step on (drawing first)
     val_fraction: float = 0.05          # the text corpus' last fraction, held out
     eval_batches: int = 4
 
@@ -71,6 +72,7 @@ class UM3DataSection(DataSection):
         for k in ("r0", "rT", "i2t_share", "cfg_dropout"):
             check(f"data.{k}", getattr(self, k), "in [0, 1]", 0 <= getattr(self, k) <= 1)
         check("data.calm_down_steps", self.calm_down_steps, ">= 0", self.calm_down_steps >= 0)
+        check("data.i2t_from", self.i2t_from, ">= 0", self.i2t_from >= 0)
         check("data.mixing", self.mixing, f"one of {SCHEDULES}", self.mixing in SCHEDULES)
         check("data.val_fraction", self.val_fraction, "in (0, 1)", 0 < self.val_fraction < 1)
         check("data.eval_batches", self.eval_batches, ">= 1", self.eval_batches >= 1)
@@ -125,7 +127,7 @@ class UM3Task(Task):
         d = self.r.data
         images = TokenShardDataset(d.tokens)  # memory-mapped ids, captions, bits
         mix = MixConfig(batch_size=d.batch_size, seq_len=d.seq_len, r0=d.r0, rT=d.rT, T=d.calm_down_steps,
-                        schedule=d.mixing, i2t_share=d.i2t_share, cfg_dropout=d.cfg_dropout,
+                        schedule=d.mixing, i2t_share=d.i2t_share, cfg_dropout=d.cfg_dropout, i2t_from=d.i2t_from,
                         grad_accum=self.r.train.grad_accum)
         return MixedLoader(self._text()[0], images, self.model.vocab, self.tokenizer, mix, seed=self.r.train.seed,
                            rank=self.dist.rank, world_size=self.dist.world_size)

@@ -100,3 +100,21 @@ def test_bad_settings_fail_clearly(sources):
         MixedLoader(text, images, VOCAB, tok, MixConfig(batch_size=2, seq_len=10))
     with pytest.raises(ConfigError, match="8-bit ids"):
         MixedLoader(text, images, UM3Vocab(258, bits=10, groups=2), tok, MixConfig(batch_size=2, seq_len=40))
+
+
+def test_i2t_from_makes_every_multimodal_row_a_drawing_until_that_step(sources):
+    """data.i2t_from (drawing first): before the step, the rows that would be image-to-text are
+    text-to-image (same text rows, same images); from the step on, the batches are exactly those of
+    a loader without it."""
+    base, late = _loader(sources, batch=32), _loader(sources, batch=32, i2t_from=3)
+    for i in range(6):
+        a, b = base.batch(i), late.batch(i)
+        if i < 3:
+            assert (a["kind"] == I2T).any() and not (b["kind"] == I2T).any()
+            assert torch.equal(a["kind"] == TEXT, b["kind"] == TEXT)
+            same = a["kind"] != I2T
+            assert torch.equal(a["tokens"][same], b["tokens"][same])
+        else:
+            for k in ("tokens", "labels", "kind"):
+                assert torch.equal(a[k], b[k])
+    assert late._settings()["mix"][-1] == 3 and base._settings()["mix"] == late._settings()["mix"][:-1]
