@@ -305,6 +305,20 @@ CHEAP: Dict[str, Cheap] = {
                     "g4-bits-b64-500 --visual-init bits --groups 4 --steps 500 --batch-size 64",
                     "g4-bits-d128-500 --visual-init bits --groups 4 --steps 500 --dim 128 --ffn 512",
                     "g4-bits-2000-cd667 --visual-init bits --groups 4 --steps 2000 --calm-down-steps 667")},
+    # docs/um3.md, "Issue 12, third round" (the flags run on tiny data by tests/um3/test_um3_recipe_bench.py)
+    **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out " + tail:
+       Cheap("python benchmarks/um3_recipe.py --help")
+       for tail in ("runs/um3d --tag rows-2000 --test-images 128 --loss-average rows",
+                    "runs/um3e --tag t2itext-2000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 --i2t-share 0",
+                    "runs/um3f --tag mix2-lr6-2000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 "
+                    "--i2t-share 0.25 --lr 6e-3",
+                    "runs/um3f --tag mix2-lr6-2000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 "
+                    "--i2t-share 0.25 --lr 6e-3 --reuse --cfg-scale 10",
+                    "runs/um3f --tag cur1000-i25-2000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 "
+                    "--i2t-share 0.25 --i2t-from 1000")},
+    # (run on a tiny model by tests/um3/test_um3_colour_gain.py)
+    "python benchmarks/um3_colour_gain.py --model runs/um3e/t2itext-2000/runs/um3/final --tokens "
+    "runs/demo-um3-v9/data/tokens": Cheap("python benchmarks/um3_colour_gain.py --help"),
     **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3b --tag " + tail:
        Cheap("python benchmarks/um3_recipe.py --help")
        for tail in ("fp32-60 --steps 60 --visual-init bits --precision fp32",
