@@ -29,8 +29,9 @@ import time
 import torch
 
 
-INT_KEYS = ("i2t_from", "steps", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "warmup", "calm_down_steps", "test_images",
-            "draws_per_class", "train_shards", "groups", "corpus_sentences")
+INT_KEYS = ("i2t_from", "steps", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "warmup", "calm_down_steps",
+            "test_images", "draws_per_class", "train_shards", "groups", "corpus_sentences")
+OTHER_KEYS = ("lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average", "r0", "rT", "i2t_share")
 
 
 def main() -> None:
@@ -53,7 +54,8 @@ def main() -> None:
                    help="loss.average: the mean over target tokens or over rows (each row's token mean)")
     p.add_argument("--r0", type=float, default=full["r0"], help="Eq. 7: text-only fraction at step 0")
     p.add_argument("--rT", type=float, default=full["rT"], help="Eq. 7: text-only fraction after calm-down")
-    p.add_argument("--i2t-share", type=float, default=full["i2t_share"], help="image-to-text share of the multimodal rows")
+    p.add_argument("--i2t-share", type=float, default=full["i2t_share"],
+                   help="image-to-text share of the multimodal rows")
     p.add_argument("--cfg-scale", type=float, default=full["cfg_scale"], help="drawing guidance scale")
     p.add_argument("--reuse", action="store_true",
                    help="reuse this tag's finished training (same settings) and evaluate it again, e.g. at "
@@ -63,12 +65,12 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = dict(full)
-    for key in INT_KEYS + ("lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average", "r0", "rT", "i2t_share"):
+    for key in INT_KEYS + OTHER_KEYS:
         cfg[key] = getattr(a, key)
     cfg["ckpt_every"] = max(cfg["steps"] // 4, 1)
     qlip_dir, data = demo._demo_inputs(a.demo_dir)
-    shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-h{cfg['heads']}-{cfg['kv_heads']}-{cfg['ffn']}-{cfg['train_shards']}-"
-                                 f"{a.eval_split}{cfg['test_images']}-c{cfg['corpus_sentences']}")
+    shared = os.path.join(a.out, f"shared-{cfg['dim']}x{cfg['layers']}-h{cfg['heads']}-{cfg['kv_heads']}-{cfg['ffn']}-"
+                                 f"{cfg['train_shards']}-{a.eval_split}{cfg['test_images']}-c{cfg['corpus_sentences']}")
     t0 = time.time()
     os.makedirs(a.out, exist_ok=True)
     done = os.path.join(shared, "prepared.json")
@@ -83,8 +85,7 @@ def main() -> None:
                 json.dump(prep, f)
     res = demo._lane([a.run], prep, qlip_dir, os.path.join(a.out, a.tag), cfg, False, a.reuse,
                      reuse_eval=False)[a.run]
-    keys = ("steps", "i2t_from", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "lr", "warmup", "calm_down_steps", "train_shards",
-            "visual_init", "visual_bits", "precision", "groups", "cfg_scale", "corpus_sentences", "loss_average", "r0", "rT", "i2t_share")
+    keys = INT_KEYS + OTHER_KEYS  # the settings, logged with the figures
     entry = {"tag": a.tag, "run": a.run, "eval_split": a.eval_split, "eval_images": cfg["test_images"],
              **{k: cfg[k] for k in keys}, "train_pairs": prep["train_pairs"], **res["figures"],
              "ceiling": prep["ceiling"], "train_s": res.get("train_s"), "wall_s": round(time.time() - t0, 1)}

@@ -47,7 +47,7 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     stamps = [f.stat().st_mtime_ns for f in shards]
     subprocess.run(cmd + ["--reuse", "--cfg-scale", "7"], check=True, env=env, capture_output=True, text=True, cwd=REPO)
     again = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert again["cfg_scale"] == 7.0 and entry["cfg_scale"] == 3.0 and again["train_s"] is None
+    assert again["cfg_scale"] == 7.0 and entry["cfg_scale"] == 10.0 and again["train_s"] is None
     assert final.stat().st_mtime_ns == before and again["text_ppl"] == entry["text_ppl"]  # same weights
     assert again["caption_colour"] == entry["caption_colour"]  # greedy captions do not depend on guidance
     # the prepared data is reused, never rewritten (another run may be training from it)
