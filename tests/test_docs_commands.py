@@ -315,7 +315,9 @@ CHEAP: Dict[str, Cheap] = {
                     "runs/um3f --tag mix2-lr6-2000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 "
                     "--i2t-share 0.25 --lr 6e-3 --reuse --cfg-scale 10",
                     "runs/um3f --tag cur1000-i25-2000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 "
-                    "--i2t-share 0.25 --i2t-from 1000")},
+                    "--i2t-share 0.25 --i2t-from 1000",
+                    "runs/um3f --tag mix2-lr6-3000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 --lr 6e-3 "
+                    "--cfg-scale 10 --i2t-share 0.25 --steps 3000")},
     # (run on a tiny model by tests/um3/test_um3_colour_gain.py)
     "python benchmarks/um3_colour_gain.py --model runs/um3e/t2itext-2000/runs/um3/final --tokens "
     "runs/demo-um3-v9/data/tokens": Cheap("python benchmarks/um3_colour_gain.py --help"),
