@@ -1,11 +1,9 @@
 """How much does a UM3 model's drawing use the caption, and its colour word? (issue 12)
 
-For the first ``--n`` single-shape pairs of a token-shard folder, the drawing row
-``<bos> caption <boi> image <eoi>`` is scored three ways: with its caption, with no caption (the
-unconditional row of classifier-free guidance) and with every colour word of the caption replaced
-by another colour (seeded). The gains, in nats per image (summed over the image's sub-tokens and
-``<eoi>``), say what the caption and its colour word are worth to the model's image distribution,
-without the sampling noise of judged drawings. Prints one JSON line::
+For the first ``--n`` pairs of a token-shard folder, the drawing row ``<bos> caption <boi> image
+<eoi>`` is scored with its caption, with no caption and with the colour words swapped
+(:mod:`qlip.um3.scoring`); the gains are nats per image, without the sampling noise of judged
+drawings. Prints one JSON line::
 
     python benchmarks/um3_colour_gain.py --model runs/demo-um3/um3 --tokens runs/demo-um3/data/tokens
 """
@@ -14,55 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def swap_colours(caption: str, rng: random.Random) -> str:
-    """The caption with each colour word replaced by a different colour."""
-    from qlip.data.shapes import COLOR_NAMES
-    return " ".join(rng.choice([c for c in COLOR_NAMES if c != w]) if w in COLOR_NAMES else w
-                    for w in caption.split())
-
-
-def drawing_nll(model, tok, captions, ids) -> torch.Tensor:
-    """Per-image NLL (nats) of ``ids`` ``(N, h, w)`` after ``<bos> caption <boi>``, one row at a time
-    (captions of different lengths need no padding)."""
-    from qlip.um3.loss import IGNORE
-    v = model.vocab
-    out = []
-    with torch.no_grad():
-        for cap, x in zip(captions, ids):
-            img = [v.boi] + v.image_rows(x[None])[0].tolist() + [v.eoi]
-            seq = torch.tensor([[model.bos_id] + (tok.encode(cap) if cap else []) + img])
-            labels = seq[:, 1:].clone()
-            labels[:, : seq.shape[1] - len(img)] = IGNORE  # targets: the sub-tokens and <eoi>
-            out.append(float(model.nll(seq[:, :-1], labels, "split").sum()))
-    return torch.tensor(out, dtype=torch.float64)
 
 
 def colour_gain(model_dir: str, tokens: str, n: int = 32, seed: int = 0) -> dict:
     from qlip.data.tokens import TokenShardDataset
     from qlip.um3.model import load_um3
+    from qlip.um3.scoring import caption_gains
     model, tok = load_um3(model_dir)
     model.eval()
     data = TokenShardDataset(tokens)
     n = min(n, len(data))
     caps = [str(data.captions[i]) for i in range(n)]
-    ids = torch.stack([torch.as_tensor(data.ids[i]).long() for i in range(n)])
-    rng = random.Random(seed)
-    cond = drawing_nll(model, tok, caps, ids)
-    uncond = drawing_nll(model, tok, [""] * n, ids)
-    swapped = drawing_nll(model, tok, [swap_colours(c, rng) for c in caps], ids)
-    return {"model": model_dir, "images": n, "nll_caption": float(cond.mean()), "nll_no_caption": float(uncond.mean()),
-            "nll_colour_swapped": float(swapped.mean()), "caption_gain": float((uncond - cond).mean()),
-            "colour_gain": float((swapped - cond).mean())}
+    ids = torch.stack([torch.from_numpy(np.array(data.ids[i], dtype=np.int64)) for i in range(n)])
+    return {"model": model_dir, "images": n, **caption_gains(model, tok, caps, ids, seed)}
 
 
 def main() -> None:

@@ -351,6 +351,7 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v7": Cheap("qlip demo um3 --help"),
     "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v8 --resume": Cheap("qlip demo um3 --help"),
     "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v10": Cheap("qlip demo um3 --help"),
+    "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v11 --resume": Cheap("qlip demo um3 --help"),
     "qlip demo t2i --demo-dir runs/demo-v3 --out runs/demo-t2i-v6 --resume --compare-heads": Cheap("qlip demo t2i --help"),
     "qlip gen sample --model runs/demo-t2i/qlip --prompt 'a photo of a red circle' -n 8 -o samples/":
         Cheap("qlip gen sample --help"),

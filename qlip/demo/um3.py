@@ -30,6 +30,9 @@ Figures (``OUT/metrics.json``), on data no run trained on:
 * ``draw_colour`` / ``draw_kind`` / ``draw_adherence_top1``: drawings of "a {colour} {kind}" for
   the 32 classes (CFG, sampled), decoded by the QLIP and read by the independent non-learned
   shape judge (:mod:`qlip.eval.shape_judge`); top-1 = colour and kind both right (chance 1/32);
+* ``draw_caption_gain`` / ``draw_colour_gain``: nats per image that the caption and its colour word
+  are worth to the drawing's log-likelihood, on the first test images (:mod:`qlip.um3.scoring`; no
+  sampling noise);
 * ``ceiling``: the judge on the QLIP's reconstructions of the test images (what perfect drawing
   through this tokenizer would score: the demo tokenizer loses much of the kind).
 
@@ -79,7 +82,9 @@ RUNS: Dict[str, Tuple[str, str, bool]] = {"um3": ("split", "calm_down", False),
 # ~3.4 split-softmax steps); with the demo's 4 x 7 bits (~1k rows) the four runs cost about the same
 LANES = (("um3", "constant_mix"), ("joint_softmax", "text_only"))
 TEXT_PROMPTS = ("the old farmer", "some dogs", "a teacher reads")  # greedy continuations in the report
-FIGURES = ("text_ppl", "caption_colour", "caption_kind", "draw_colour", "draw_kind", "draw_adherence_top1")
+FIGURES = ("text_ppl", "caption_colour", "caption_kind", "draw_colour", "draw_kind", "draw_adherence_top1",
+           "draw_caption_gain", "draw_colour_gain")
+GAIN_IMAGES = 64                        # test images whose drawing rows are scored for the two gains
 
 
 def add_arguments(p) -> None:
@@ -280,6 +285,7 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
     from ..um3.generate import Sampling, caption, continue_text, draw
     from ..um3.mixing import tokenize_corpus
     from ..um3.model import load_um3
+    from ..um3.scoring import caption_gains
     t0 = time.time()
     model, tok = load_um3(final)
     ids = tokenize_corpus(prep["corpus"], tok)
@@ -298,6 +304,10 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
     parsed = [parse_caption(c) for c in caps]
     out["caption_colour"] = sum(p[0] == t[0] for p, t in zip(parsed, truth)) / len(caps)
     out["caption_kind"] = sum(p[1] == t[1] for p, t in zip(parsed, truth)) / len(caps)
+    # what the caption and its colour word are worth to the drawing (nats per image; no sampling noise)
+    n_gain = min(GAIN_IMAGES, len(truth))
+    gains = caption_gains(model, tok, [f"a {c} {k}" for c, k in truth[:n_gain]], test["ids"][:n_gain], seed=SEED)
+    out["draw_caption_gain"], out["draw_colour_gain"] = gains["caption_gain"], gains["colour_gain"]
     classes = [(c, k) for c in COLOR_NAMES for k in KINDS][: FAST_CLASSES if fast else None]
     prompts = [(c, k) for c, k in classes for _ in range(cfg["draws_per_class"])]
     q = load(qlip_dir).eval()

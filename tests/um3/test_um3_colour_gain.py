@@ -1,4 +1,4 @@
-"""benchmarks/um3_colour_gain.py: the drawing rows it scores are the training layout's, the colour
+"""qlip.um3.scoring and benchmarks/um3_colour_gain.py: the drawing rows it scores are the training layout's, the colour
 swap changes every colour word and only those, the gains are the differences of the NLLs."""
 import importlib.util
 import os
@@ -23,7 +23,8 @@ def _bench():
 def test_swap_colours_changes_each_colour_word_only():
     from qlip.data.shapes import COLOR_NAMES
     cap = "a red circle and a blue star on the left"
-    out = _bench().swap_colours(cap, random.Random(0)).split()
+    from qlip.um3.scoring import swap_colours
+    out = swap_colours(cap, random.Random(0)).split()
     for a, b in zip(cap.split(), out):
         assert (a != b and b in COLOR_NAMES) if a in COLOR_NAMES else a == b
 
@@ -54,5 +55,7 @@ def test_gains_score_the_training_layout(tmp_path):
         lab[0, ~torch.tensor(target)] = IGNORE
         with torch.no_grad():
             want = float(model.nll(s[:, :-1], lab, "split").sum())
-        got = bench.drawing_nll(model, tok, [str(data.captions[i])], torch.as_tensor(np.asarray(data.ids[i]))[None].long())
+        from qlip.um3.scoring import drawing_nll
+        ids = torch.from_numpy(np.array(data.ids[i], dtype=np.int64))[None]
+        got = drawing_nll(model, tok, [str(data.captions[i])], ids)
         assert float(got[0]) == pytest.approx(want, rel=1e-5)

@@ -153,7 +153,7 @@ def test_loss_average_tokens_and_rows_match_their_formulas(setup, tmp_path, aver
     assert len(set(mask.sum(1).tolist())) > 1  # rows of different target counts: the two averages differ
     assert abs(tokens_mean - rows_mean) > 1e-3
     assert ce == pytest.approx(rows_mean if average == "rows" else tokens_mean, rel=1e-5)
-    assert float(terms["ce"]) == pytest.approx(ce, rel=1e-6)
+    assert float(terms["ce"].detach()) == pytest.approx(ce, rel=1e-6)
 
 
 def test_loss_average_rejects_unknown_values(setup, tmp_path):
