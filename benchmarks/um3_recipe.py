@@ -31,8 +31,8 @@ import torch
 
 INT_KEYS = ("i2t_from", "steps", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "warmup", "calm_down_steps",
             "test_images", "draws_per_class", "train_shards", "groups", "corpus_sentences")
-OTHER_KEYS = ("draw_seed", "lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average", "r0", "rT",
-              "i2t_share")
+OTHER_KEYS = ("seed", "draw_seed", "lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average",
+              "r0", "rT", "i2t_share")
 
 
 def main() -> None:
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--i2t-share", type=float, default=full["i2t_share"],
                    help="image-to-text share of the multimodal rows")
     p.add_argument("--cfg-scale", type=float, default=full["cfg_scale"], help="drawing guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="training seed (model init and batches; the demo's is 0)")
     p.add_argument("--draw-seed", type=int, default=1,
                    help="sampling seed of the drawings (the demo reports seed 0: recipes are chosen on others)")
     p.add_argument("--reuse", action="store_true",

@@ -225,7 +225,7 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
         "loss": {"softmax": softmax, "average": cfg.get("loss_average", "tokens")},
         "optim": {"optimizer": "adamw", "lr": cfg["lr"], "warmup_steps": cfg["warmup"], "steps": cfg["steps"],
                   "weight_decay": 0.0},
-        "train": {"seed": SEED, "precision": cfg.get("precision", "fp32"),
+        "train": {"seed": cfg.get("seed", SEED), "precision": cfg.get("precision", "fp32"),
                   "log_every": max(1, cfg["steps"] // 20), "ckpt_every": cfg["ckpt_every"], "keep_ckpts": 1,
                   "progress": False, "tensorboard": False}})
 

@@ -30,7 +30,7 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     entry = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert entry["tag"] == "t" and entry["run"] == "um3" and entry["steps"] == 2 and entry["visual_init"] == "bits"
     assert entry["loss_average"] == "rows" and entry["rT"] == 0.1 and entry["i2t_share"] == 0.25
-    assert entry["draw_seed"] == 1  # recipes are chosen on other drawings than the demo reports (seed 0)
+    assert entry["seed"] == 0 and entry["draw_seed"] == 1  # recipes are chosen on other drawings than the demo reports (seed 0)
     assert entry["corpus_sentences"] == 300 and next(out.glob("shared-*")).name.endswith("-c300")
     assert entry["visual_bits"] is True  # trained with the learned bit vectors, saved folded, scored
     assert entry["eval_split"] == "val" and entry["eval_images"] == 6 and entry["ceiling"]["n"] == 6
