@@ -318,6 +318,12 @@ CHEAP: Dict[str, Cheap] = {
                     "--i2t-share 0.25 --i2t-from 1000",
                     "runs/um3f --tag mix2-lr6-3000 --test-images 128 --loss-average rows --r0 0.3 --rT 0.05 --lr 6e-3 "
                     "--cfg-scale 10 --i2t-share 0.25 --steps 3000")},
+    **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3g --tag " + tail:
+       Cheap("python benchmarks/um3_recipe.py --help")
+       for tail in ("t2itext-s1 --test-images 128 --loss-average rows --lr 3e-3 --cfg-scale 3 --seed 1 --r0 0.3 "
+                    "--rT 0.05 --i2t-share 0",
+                    "mix2-s1 --test-images 128 --loss-average rows --lr 3e-3 --cfg-scale 3 --seed 1 --r0 0.3 "
+                    "--rT 0.05 --i2t-share 0.25")},
     # (run on a tiny model by tests/um3/test_um3_colour_gain.py)
     "python benchmarks/um3_colour_gain.py --model runs/um3e/t2itext-2000/runs/um3/final --tokens "
     "runs/demo-um3-v9/data/tokens": Cheap("python benchmarks/um3_colour_gain.py --help"),
