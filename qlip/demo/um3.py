@@ -212,17 +212,17 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
     softmax, mixing, text_only = RUNS[name]
     groups = cfg.get("groups", 2)
     seq_len = prep["grid"] ** 2 * groups + 4 + cfg["caption_tokens"]
-    r0, rT = (1.0, 1.0) if text_only else (cfg.get("r0", 0.6), cfg.get("rT", 0.3))
+    r0, rT = (1.0, 1.0) if text_only else (cfg["r0"], cfg["rT"])
     return Recipe.from_dict({
         "task": "um3",
         "model": {"init": prep["llama"], "qk_norm": True, "bits": prep["bits"], "groups": groups,
                   "visual_init": cfg["visual_init"], "visual_bits": cfg["visual_bits"]},
         "data": {"text": prep["corpus"], "tokens": prep["tokens"], "batch_size": cfg["batch_size"],
                  "seq_len": seq_len, "r0": r0, "rT": rT, "calm_down_steps": cfg["calm_down_steps"],
-                 "mixing": mixing, "i2t_share": cfg.get("i2t_share", 0.5), "i2t_from": cfg.get("i2t_from", 0),
+                 "mixing": mixing, "i2t_share": cfg["i2t_share"], "i2t_from": cfg["i2t_from"],
                  "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,
                  "eval_batches": 4},
-        "loss": {"softmax": softmax, "average": cfg.get("loss_average", "tokens")},
+        "loss": {"softmax": softmax, "average": cfg["loss_average"]},
         "optim": {"optimizer": "adamw", "lr": cfg["lr"], "warmup_steps": cfg["warmup"], "steps": cfg["steps"],
                   "weight_decay": 0.0},
         "train": {"seed": cfg.get("seed", SEED), "precision": cfg.get("precision", "fp32"),

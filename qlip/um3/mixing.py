@@ -27,7 +27,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,6 +60,20 @@ def tokenize_corpus(paths: Union[str, Sequence[str]], tokenizer: TextTokenizer) 
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{f}: cannot read the text corpus ({e.__class__.__name__}: {e})") from None
     return np.asarray(ids, dtype=np.int64)
+
+
+def multimodal_row(kind: int, vocab: UM3Vocab, bos_id: int, eos_id: int, caption: List[int],
+                   image: List[int]) -> Tuple[List[int], int]:
+    """(token ids, index in them of the first target) of an image-to-text row
+    ``<bos> <boi> image <eoi> caption <eos>`` (targets: the caption and ``<eos>``) or a text-to-image
+    row ``<bos> caption <boi> image <eoi>`` (targets: the sub-tokens and ``<eoi>``; an empty caption is
+    the unconditional row of guidance). ``image``: the visual rows of one image."""
+    img = [vocab.boi] + list(image) + [vocab.eoi]
+    if kind == I2T:
+        return [bos_id] + img + list(caption) + [eos_id], 1 + len(img)
+    if kind == T2I:
+        return [bos_id] + list(caption) + img, 2 + len(caption)
+    raise ValueError(f"multimodal_row: kind {kind} is neither I2T ({I2T}) nor T2I ({T2I})")
 
 
 @dataclass
@@ -118,14 +132,8 @@ class MixedLoader(IndexedLoader):
         if kind == TEXT:
             seq = self.text_ids[text_start:text_start + L].tolist()
             return seq, [True] * (L - 1)
-        img, cap = [v.boi] + self.image_rows(image) + [v.eoi], self.caption_ids(image)
-        if kind == I2T:
-            seq = [self.tok.bos_id] + img + cap + [self.tok.eos_id]
-            first = 1 + len(img)  # first target index (in seq): the first caption token
-        else:
-            cap = [] if drop_caption else cap
-            seq = [self.tok.bos_id] + cap + img
-            first = 2 + len(cap)  # the first visual sub-token
+        cap = [] if kind == T2I and drop_caption else self.caption_ids(image)
+        seq, first = multimodal_row(kind, v, self.tok.bos_id, self.tok.eos_id, cap, self.image_rows(image))
         n = len(seq)
         target = [first <= t + 1 < n for t in range(L - 1)]  # input t predicts seq[t + 1]
         return seq + [self.tok.eos_id] * (L - n), target

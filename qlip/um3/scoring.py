@@ -1,6 +1,6 @@
 """How much a UM3's drawing uses its caption: log-likelihoods of text-to-image rows, no sampling.
 
-A drawing row ``<bos> caption <boi> image <eoi>`` (the training layout, :mod:`qlip.um3.mixing`) is
+A drawing row ``<bos> caption <boi> image <eoi>`` (the training layout: :func:`qlip.um3.mixing.multimodal_row`) is
 scored with its caption, with no caption (the unconditional row of classifier-free guidance) and
 with every colour word replaced by another colour. The differences, in nats per image, say what
 the caption and its colour word are worth to the model's image distribution
@@ -16,6 +16,7 @@ from typing import Dict, List
 import torch
 
 from .loss import IGNORE
+from .mixing import T2I, multimodal_row
 from .model import UM3
 from .text import TextTokenizer
 
@@ -35,10 +36,11 @@ def drawing_nll(model: UM3, tok: TextTokenizer, captions: List[str], ids: torch.
     v = model.vocab
     out = []
     for cap, x in zip(captions, ids):
-        img = [v.boi] + v.image_rows(x[None].long())[0].tolist() + [v.eoi]
-        seq = torch.tensor([[model.bos_id] + (tok.encode(cap) if cap else []) + img])
+        row, first = multimodal_row(T2I, v, model.bos_id, model.eos_id, tok.encode(cap) if cap else [],
+                                    v.image_rows(x[None].long())[0].tolist())
+        seq = torch.tensor([row])
         labels = seq[:, 1:].clone()
-        labels[:, : seq.shape[1] - len(img)] = IGNORE  # targets: the sub-tokens and <eoi>
+        labels[:, : first - 1] = IGNORE  # input t predicts seq[t + 1]: targets from seq[first] on
         out.append(float(model.nll(seq[:, :-1], labels, "split").sum()))
     return torch.tensor(out, dtype=torch.float64)
 
