@@ -9,7 +9,7 @@ rerunning the whole demo.
 
 The tokens are the t2i demo's (``T2I_DIR/tokens/qlip``), the text features and the tokenizer the
 demo QLIP's (``DEMO_DIR/qlip``). The generator samples 4 images per prompt of the 32 shape prompts
-at the demo's CFG 4 (``--samples``, ``--cfg``) with sampling seed ``--sample-seed`` (default 1: the
+at the demo's CFG (``--samples``, ``--cfg``) with sampling seed ``--sample-seed`` (default 1: the
 demo's own figures use seed 0, so a screen does not read the samples the demo reports); the
 independent shape judge scores them. Prints one JSON line (adherence top-1 / colour / kind as
 fractions, steps, seconds, final NLL) and appends it to ``OUT/results.jsonl``.
@@ -64,24 +64,28 @@ def novel_ids(sample_ids, tokens: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from qlip.demo import t2i
+    full = t2i.FULL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo-dir", default="runs/demo", help="the QLIP demo (its qlip/ model)")
     ap.add_argument("--t2i-dir", default="runs/demo-t2i", help="a `qlip demo t2i` run (its tokens/qlip shards)")
     ap.add_argument("--out", default="runs/t2ib")
     ap.add_argument("--tag", required=True, help="name of this variant (its run folder OUT/TAG)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's, 500)")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the demo's, 1e-3)")
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the demo's, 64)")
-    ap.add_argument("--head", default=None, help="visual head kind (default: the demo's split)")
-    ap.add_argument("--groups", type=int, default=None, help="split head groups (default: the demo's 4)")
+    ap.add_argument("--steps", type=int, default=None, help=f"training steps (default: the demo's, {full['steps']})")
+    ap.add_argument("--lr", type=float, default=None, help=f"learning rate (default: the demo's, {full['lr']:g})")
+    ap.add_argument("--batch", type=int, default=None, help=f"batch size (default: the demo's, {full['batch_size']})")
+    ap.add_argument("--head", default=None, help=f"visual head kind (default: the demo's, {full['head']})")
+    ap.add_argument("--groups", type=int, default=None,
+                    help=f"sub-tokens per QLIP token of a split / intra head (default: the demo's, {full['groups']})")
     ap.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default: the demo's 4)")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help=f"classifier-free guidance (default: the demo's, {full['cfg']:g})")
     ap.add_argument("--sample-seed", type=int, default=1)
     ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                     help="training precision (default: the demo's, auto = bf16 on a CPU with AMX or a GPU)")
     ap.add_argument("--pooled", action="store_true",
                     help="append the aligned caption embedding to the text features (text.pooled)")
-    ap.add_argument("--text-encoder", choices=("embedding", "qlip"), default=None,  # qlip.demo.t2i.TEXT_ENCODERS
+    ap.add_argument("--text-encoder", choices=t2i.TEXT_ENCODERS, default=None,
                     help="caption encoder (default: the demo's): the demo QLIP's frozen text tower, or a learned "
                          "embedding of the caption's BPE ids (text.encoder=embedding)")
     ap.add_argument("--threads", type=int, default=1)
@@ -90,7 +94,6 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(a.threads)
-    from qlip.demo import t2i
     from qlip.data.tokens import read_index
 
     qlip_path = os.path.join(a.demo_dir, "qlip")
