@@ -172,6 +172,9 @@ class Engine:
                 json.dump(summary, f, indent=2)
             if skipped:
                 log.warning("skipped %d corrupt or unreadable samples during training", skipped)
+        # the run's last collective carries no tensor: the ranks leave together and no gloo
+        # worker is still releasing a buffer while the interpreter shuts down (nn/collectives.py)
+        D.barrier(self.dist)
         return summary
 
     def _evaluate(self) -> Dict[str, float]:
