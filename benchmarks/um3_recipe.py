@@ -32,7 +32,7 @@ import torch
 INT_KEYS = ("i2t_from", "steps", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "warmup", "calm_down_steps",
             "test_images", "draws_per_class", "train_shards", "groups", "corpus_sentences")
 OTHER_KEYS = ("seed", "draw_seed", "lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average",
-              "r0", "rT", "i2t_share")
+              "r0", "rT", "i2t_share", "i2t_image_loss", "top_k", "temperature")
 
 
 def main() -> None:
@@ -57,7 +57,12 @@ def main() -> None:
     p.add_argument("--rT", type=float, default=full["rT"], help="Eq. 7: text-only fraction after calm-down")
     p.add_argument("--i2t-share", type=float, default=full["i2t_share"],
                    help="image-to-text share of the multimodal rows")
+    p.add_argument("--i2t-image-loss", action=argparse.BooleanOptionalAction, default=full["i2t_image_loss"],
+                   help="data.i2t_image_loss: image-to-text rows also score their image (an unconditional drawing)")
     p.add_argument("--cfg-scale", type=float, default=full["cfg_scale"], help="drawing guidance scale")
+    p.add_argument("--top-k", type=int, default=full["top_k"],
+                   help="drawing: top-k over each sub-token's rows (>= 2^(bits/groups): no cut)")
+    p.add_argument("--temperature", type=float, default=full["temperature"], help="drawing: sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="training seed (model init and batches; the demo's is 0)")
     p.add_argument("--draw-seed", type=int, default=1,
                    help="sampling seed of the drawings (the demo reports seed 0: recipes are chosen on others)")

@@ -324,6 +324,15 @@ CHEAP: Dict[str, Cheap] = {
                     "--rT 0.05 --i2t-share 0",
                     "mix2-s1 --test-images 128 --loss-average rows --lr 3e-3 --cfg-scale 3 --seed 1 --r0 0.3 "
                     "--rT 0.05 --i2t-share 0.25")},
+    # docs/um3.md, "Issue 12, fourth round" (the flags run on tiny data by tests/um3/test_um3_recipe_bench.py)
+    **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out " + tail:
+       Cheap("python benchmarks/um3_recipe.py --help")
+       for tail in ("runs/um3f --tag mix2-lr6-2000 --test-images 128 --reuse --cfg-scale 10 --temperature 0.5 --top-k 4",
+                    "runs/um3h --tag d128-bf16-2000 --test-images 128 --dim 128 --ffn 512 --precision bf16",
+                    "runs/um3h --tag d256-bf16-1000 --test-images 128 --dim 256 --ffn 1024 --precision bf16 --steps 1000 "
+                    "--lr 3e-3",
+                    "runs/um3f --tag img-i25-2000 --test-images 128 --i2t-image-loss",
+                    "runs/um3f --tag img-i50-2000 --test-images 128 --i2t-image-loss --i2t-share 0.5")},
     # (run on a tiny model by tests/um3/test_um3_colour_gain.py)
     "python benchmarks/um3_colour_gain.py --model runs/um3e/t2itext-2000/runs/um3/final --tokens "
     "runs/demo-um3-v9/data/tokens": Cheap("python benchmarks/um3_colour_gain.py --help"),

@@ -61,17 +61,18 @@ FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_se
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
         "steps": 2000, "lr": 6e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 500, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 10.0, "loss_average": "rows",
-        "r0": 0.3, "rT": 0.05, "i2t_share": 0.25, "i2t_from": 0}
+        "r0": 0.3, "rT": 0.05, "i2t_share": 0.25, "i2t_from": 0, "i2t_image_loss": False, "top_k": 200,
+        "temperature": 1.0}
 # (docs/um3.md, "Issue 12, third round": rows average, text 0.3 -> 0.05, a quarter of the multimodal
 # rows captions, lr 6e-3 and CFG 10 were chosen on the validation split)
 FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
         "dim": 32, "layers": 1, "heads": 4, "kv_heads": 2, "ffn": 64, "batch_size": 4, "caption_tokens": 12,
         "steps": 3, "lr": 3e-3, "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0, "loss_average": "rows",
-        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5, "i2t_from": 0}
+        "r0": 0.6, "rT": 0.3, "i2t_share": 0.5, "i2t_from": 0, "i2t_image_loss": False, "top_k": 200,
+        "temperature": 1.0}
 FAST_CLASSES = 2                        # --fast draws only the first classes
 CFG_DROPOUT = 0.1
-TOP_K = 200                             # drawing: top-k sampling (temperature 1); guidance: cfg["cfg_scale"]
 SEED = 0
 # name: (loss.softmax, data.mixing, text-only model)
 RUNS: Dict[str, Tuple[str, str, bool]] = {"um3": ("split", "calm_down", False),
@@ -220,7 +221,7 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
         "data": {"text": prep["corpus"], "tokens": prep["tokens"], "batch_size": cfg["batch_size"],
                  "seq_len": seq_len, "r0": r0, "rT": rT, "calm_down_steps": cfg["calm_down_steps"],
                  "mixing": mixing, "i2t_share": cfg["i2t_share"], "i2t_from": cfg["i2t_from"],
-                 "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,
+                 "i2t_image_loss": cfg["i2t_image_loss"], "cfg_dropout": CFG_DROPOUT, "val_fraction": 0.05,
                  "eval_batches": 4},
         "loss": {"softmax": softmax, "average": cfg["loss_average"]},
         "optim": {"optimizer": "adamw", "lr": cfg["lr"], "warmup_steps": cfg["warmup"], "steps": cfg["steps"],
@@ -312,7 +313,9 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
     prompts = [(c, k) for c, k in classes for _ in range(cfg["draws_per_class"])]
     q = load(qlip_dir).eval()
     # the demo draws with seed 0; benchmarks/um3_recipe.py chooses recipes on other samples (seed 1)
-    sampling = Sampling(temperature=1.0, top_k=TOP_K, cfg_scale=cfg["cfg_scale"], seed=cfg.get("draw_seed", SEED))
+    # drawing: cfg["top_k"] over each sub-token's rows (200 > 128: no cut with 7-bit sub-tokens), cfg["temperature"]
+    sampling = Sampling(temperature=cfg["temperature"], top_k=cfg["top_k"], cfg_scale=cfg["cfg_scale"],
+                        seed=cfg.get("draw_seed", SEED))
     grid = (prep["grid"], prep["grid"])
     drawn = draw(model, tok, [f"a {c} {k}" for c, k in prompts], grid, sampling)  # batched per prompt length
     with torch.no_grad():
@@ -399,7 +402,7 @@ def run_um3_demo(demo_dir: str = "runs/demo", out: str = "runs/demo-um3", fast: 
                             **{f"eval_{n}": results[n]["figures"].get("eval_s") for n in RUNS},
                             "total": round(time.time() - t_start, 1)}
     metrics["settings"] = {**cfg, "fast": fast, "qlip": qlip_dir, "data": data,
-                           "cfg_dropout": CFG_DROPOUT, "top_k": TOP_K,
+                           "cfg_dropout": CFG_DROPOUT,
                            "train_pairs": prep["train_pairs"], "grid": prep["grid"], "bits": prep["bits"]}
     metrics["settings"]["runs"] = {n: {"softmax": s, "mixing": m, "text_only": t} for n, (s, m, t) in RUNS.items()}
     keep = os.path.join(out, "um3")

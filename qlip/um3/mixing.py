@@ -7,9 +7,12 @@ last ``seq_len``); ``labels[t]`` is the target of input position ``t`` or ``IGNO
     image-to-text   <bos> <boi> v_1 .. v_2N <eoi> caption <eos> pad..     loss on caption + <eos>
     text-to-image   <bos> caption <boi> v_1 .. v_2N <eoi> pad..           loss on v_1 .. v_2N + <eoi>
 
-(``v``: visual sub-tokens, 2 per QLIP token; pads are ``<eos>``, never a target). For
+(``v``: visual sub-tokens, ``groups`` per QLIP token; pads are ``<eos>``, never a target). For
 classifier-free guidance a text-to-image caption is dropped with probability ``cfg_dropout``
-(``<bos> <boi> v .. <eoi>``: the unconditional prompt used at sampling).
+(``<bos> <boi> v .. <eoi>``: the unconditional prompt used at sampling). That is also the start of
+every image-to-text row: with ``i2t_image_loss`` (ours, off by default) an image-to-text row
+scores ``v_1 .. <eoi>`` too, an unconditional drawing at no extra compute; ``split`` marks where
+its caption segment starts (for a per-segment mean, ``n_segments`` counts the global batch's).
 
 **Mixing.** Batch ``i`` belongs to optimizer step ``s = i // grad_accum``; its global batch of
 ``B = batch_size * world_size`` rows holds ``round(r(s) * B)`` text-only rows
@@ -88,12 +91,13 @@ class MixConfig:
     cfg_dropout: float = 0.1        # text-to-image rows whose caption is dropped (unconditional)
     grad_accum: int = 1
     i2t_from: int = 0               # ours: before this step every multimodal row is text-to-image
+    i2t_image_loss: bool = False    # ours: an image-to-text row also scores its image (= an unconditional drawing)
 
 
 class MixedLoader(IndexedLoader):
     """Infinite, exactly resumable stream of mixed batches:
-    ``{"tokens": (b, seq_len+1), "labels": (b, seq_len), "kind": (b,), "n_targets": (), "n_kind": (3,),
-    "text_fraction": ()}``."""
+    ``{"tokens": (b, seq_len+1), "labels": (b, seq_len), "kind": (b,), "split": (b,), "n_targets": (),
+    "n_kind": (3,), "n_segments": (), "text_fraction": ()}``."""
 
     what = "UM3 mixed loader"
 
@@ -128,15 +132,20 @@ class MixedLoader(IndexedLoader):
         return self.vocab.image_rows(ids)[0].tolist()
 
     def _row(self, kind: int, text_start: int, image: int, drop_caption: bool):
+        """(ids, target flags, split): label positions ``>= split`` are the row's second segment
+        (an image-to-text row's caption; ``L - 1``, i.e. none, for the other rows)."""
         L, v = self.mix.seq_len + 1, self.vocab
         if kind == TEXT:
             seq = self.text_ids[text_start:text_start + L].tolist()
-            return seq, [True] * (L - 1)
+            return seq, [True] * (L - 1), L - 1
         cap = [] if kind == T2I and drop_caption else self.caption_ids(image)
         seq, first = multimodal_row(kind, v, self.tok.bos_id, self.tok.eos_id, cap, self.image_rows(image))
         n = len(seq)
+        split = first - 1 if kind == I2T else L - 1
+        if kind == I2T and self.mix.i2t_image_loss:
+            first = 2  # the sub-tokens after <boi> and <eoi>: the unconditional row <bos> <boi> image <eoi>
         target = [first <= t + 1 < n for t in range(L - 1)]  # input t predicts seq[t + 1]
-        return seq + [self.tok.eos_id] * (L - n), target
+        return seq + [self.tok.eos_id] * (L - n), target, split
 
     def global_batch(self, index: int) -> Dict[str, torch.Tensor]:
         """All ``batch_size * world_size`` rows of batch ``index`` (a pure function of seed and index)."""
@@ -154,25 +163,30 @@ class MixedLoader(IndexedLoader):
         n_text = text_rows(step, B, m.r0, m.rT, m.T, m.schedule)
         kind = mm_kind.clone()
         kind[order[:n_text]] = TEXT
-        tokens, labels = [], []
+        tokens, labels, splits = [], [], []
         for j in range(B):
-            seq, target = self._row(int(kind[j]), int(starts[j]), int(images[j]), bool(drops[j]))
+            seq, target, split = self._row(int(kind[j]), int(starts[j]), int(images[j]), bool(drops[j]))
             seq_t = torch.tensor(seq, dtype=torch.int64)
             lab = seq_t[1:].clone()
             lab[~torch.tensor(target)] = IGNORE
             tokens.append(seq_t)
             labels.append(lab)
-        labels_t = torch.stack(labels)
+            splits.append(split)
+        labels_t, split_t = torch.stack(labels), torch.tensor(splits, dtype=torch.int64)
+        first, second = segment_masks(labels_t, split_t)
         n_row = (labels_t != IGNORE).sum(1)
-        n_kind = torch.stack([n_row[kind == k].sum() for k in range(3)])
-        return {"tokens": torch.stack(tokens), "labels": labels_t, "kind": kind, "n_targets": n_row.sum(),
-                "n_kind": n_kind, "text_fraction": torch.tensor(n_text / B)}
+        # per-kind target counts (logs): an image-to-text row counts its caption only
+        n_kind = torch.stack([(n_row if k != I2T else second.sum(1))[kind == k].sum() for k in range(3)])
+        n_segments = (first.any(1).sum() + second.any(1).sum())
+        return {"tokens": torch.stack(tokens), "labels": labels_t, "kind": kind, "split": split_t,
+                "n_targets": n_row.sum(), "n_kind": n_kind, "n_segments": n_segments,
+                "text_fraction": torch.tensor(n_text / B)}
 
     def batch(self, index: int) -> Dict[str, torch.Tensor]:
         """This rank's rows of batch ``index``; the counts stay global."""
         b = self.global_batch(index)
         lo, hi = self.rank * self.mix.batch_size, (self.rank + 1) * self.mix.batch_size
-        return {k: (v[lo:hi] if v.dim() and k in ("tokens", "labels", "kind") else v) for k, v in b.items()}
+        return {k: (v[lo:hi] if v.dim() and k in ("tokens", "labels", "kind", "split") else v) for k, v in b.items()}
 
 
     # ---- resume ----------------------------------------------------------------------------------
@@ -181,8 +195,18 @@ class MixedLoader(IndexedLoader):
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "batch_size": m.batch_size,
                 "seq_len": m.seq_len, "text_tokens": int(len(self.text_ids)), "images": int(len(self.images)),
                 "mix": [m.r0, m.rT, m.T, m.schedule, m.i2t_share, m.cfg_dropout, m.grad_accum]
-                + ([m.i2t_from] if m.i2t_from else [])}
+                + ([m.i2t_from] if m.i2t_from else []) + (["i2t_image_loss"] if m.i2t_image_loss else [])}
 
+
+
+def segment_masks(labels: torch.Tensor, split: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``(b, T)`` masks of each row's two target segments: label positions before
+    ``split[row]`` (a text row, a drawing, or the image of an image-to-text row when it is scored)
+    and from it on (an image-to-text row's caption)."""
+    pos = torch.arange(labels.shape[1], device=labels.device)[None]
+    target = labels != IGNORE
+    second = target & (pos >= split.to(labels.device)[:, None])
+    return target & ~second, second
 
 
 def text_windows(text_ids: np.ndarray, batch_size: int, seq_len: int, index: int, seed: int = 1) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..train import StepLog, Task
 from ..train.recipe import DataSection, check
 from .loss import LOSSES
-from .mixing import IGNORE, KINDS, MixConfig, MixedLoader, text_windows, tokenize_corpus
+from .mixing import I2T, KINDS, MixConfig, MixedLoader, segment_masks, text_windows, tokenize_corpus
 from .model import UM3, VISUAL_INITS, from_llama, save_um3
 from .schedule import SCHEDULES
 
@@ -63,6 +63,10 @@ class UM3DataSection(DataSection):
     i2t_share: float = 0.5              # image-to-text share of the multimodal rows
     cfg_dropout: float = 0.1            # text-to-image captions dropped (for classifier-free guidance)
     i2t_from: int = 0                   # ours: image-to-text rows only from this step on (drawing first)
+    # ours: an image-to-text row <bos> <boi> image <eoi> caption <eos> also scores its image, which is
+    # exactly guidance's unconditional drawing row (with loss.average: rows, image and caption then
+    # count as two segments, each like a row of its own)
+    i2t_image_loss: bool = False
     val_fraction: float = 0.05          # the text corpus' last fraction, held out
     eval_batches: int = 4
 
@@ -128,7 +132,7 @@ class UM3Task(Task):
         images = TokenShardDataset(d.tokens)  # memory-mapped ids, captions, bits
         mix = MixConfig(batch_size=d.batch_size, seq_len=d.seq_len, r0=d.r0, rT=d.rT, T=d.calm_down_steps,
                         schedule=d.mixing, i2t_share=d.i2t_share, cfg_dropout=d.cfg_dropout, i2t_from=d.i2t_from,
-                        grad_accum=self.r.train.grad_accum)
+                        i2t_image_loss=d.i2t_image_loss, grad_accum=self.r.train.grad_accum)
         return MixedLoader(self._text()[0], images, self.model.vocab, self.tokenizer, mix, seed=self.r.train.seed,
                            rank=self.dist.rank, world_size=self.dist.world_size)
 
@@ -143,16 +147,22 @@ class UM3Task(Task):
         with self.autocast():  # logits only where there is a target (the same values as LOSSES[softmax])
             nll = self.model.nll(tokens[:, :-1], labels, self.r.loss.softmax)  # (b, T), 0 where no target
         world = self.dist.world_size
-        if self.r.loss.average == "rows":  # every row's token mean, then the mean over this rank's rows
-            # (equal rows per rank, so the engine's mean over ranks is the global batch's row mean)
-            per_row = nll.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
-            ce = per_row.mean()
+        first, second = segment_masks(labels, batch["split"])
+        if self.r.loss.average == "rows":  # every segment's token mean, then the mean over the global
+            # batch's segments (a row is one segment, an image-to-text row scoring its image two); the
+            # engine's mean over ranks then gives the global mean: N ranks equal one process
+            seg_sum = torch.stack([(nll * first).sum(1), (nll * second).sum(1)], 1)
+            seg_n = torch.stack([first.sum(1), second.sum(1)], 1)
+            ce = (seg_sum / seg_n.clamp(min=1)).sum() * world / batch["n_segments"].clamp(min=1).to(nll.device)
         else:
             ce = nll.sum() * world / batch["n_targets"].clamp(min=1).to(nll.device)
         terms: Dict[str, Any] = {"ce": ce}
-        row = nll.detach().sum(1)
-        for k, name in enumerate(KINDS):  # per-kind token means over the global batch (logged only)
-            terms[f"ce_{name}"] = row[kind == k].sum() * world / batch["n_kind"][k].clamp(min=1).to(row.device)
+        nd = nll.detach()
+        row = nd.sum(1)
+        for k, name in enumerate(KINDS):  # per-kind token means over the global batch (logged only;
+            # an image-to-text row's caption only)
+            part = (nd * second).sum(1) if k == I2T else row
+            terms[f"ce_{name}"] = part[kind == k].sum() * world / batch["n_kind"][k].clamp(min=1).to(row.device)
         terms["text_fraction"] = float(batch["text_fraction"])
         log.add(terms, scale)
         return self.total(terms)

@@ -49,7 +49,7 @@ def test_gains_score_the_training_layout(tmp_path):
     loader = MixedLoader(tokenize_corpus(write_corpus(tmp_path / "c.txt"), tok), data, model.vocab, tok,
                          MixConfig(batch_size=1, seq_len=40))
     for i in range(2):
-        seq, target = loader._row(T2I, 0, i, drop_caption=False)
+        seq, target, _ = loader._row(T2I, 0, i, drop_caption=False)
         s = torch.tensor([seq])
         lab = s[:, 1:].clone()
         lab[0, ~torch.tensor(target)] = IGNORE

@@ -156,6 +156,49 @@ def test_loss_average_tokens_and_rows_match_their_formulas(setup, tmp_path, aver
     assert float(terms["ce"].detach()) == pytest.approx(ce, rel=1e-6)
 
 
+def test_i2t_image_loss_scores_the_unconditional_drawing_and_averages_per_segment(setup, tmp_path):
+    """data.i2t_image_loss: an image-to-text row's image targets are those of the unconditional
+    drawing of the same image (its caption dropped), its caption targets are unchanged, and with
+    loss.average: rows image and caption are two segments, each averaged like a row."""
+    from qlip.train import load_recipe
+    from qlip.train.plan import build_task
+    from qlip.um3.loss import IGNORE
+    from qlip.um3.mixing import I2T, T2I
+    import qlip.um3  # noqa: F401
+    plain = load_recipe(recipe(tmp_path, setup, "plain.yaml", loss={"average": "rows"},
+                               data={"r0": 0.0, "rT": 0.0, "i2t_share": 1.0}))
+    scored = load_recipe(recipe(tmp_path, setup, "scored.yaml", loss={"average": "rows"},
+                                data={"r0": 0.0, "rT": 0.0, "i2t_share": 1.0, "i2t_image_loss": True}))
+    task0, _ = build_task(plain, "cpu")
+    task, model = build_task(scored, "cpu")
+    loader0, loader = task0.build_loader(), task.build_loader()
+    seq0, t0, split0 = loader0._row(I2T, 0, 3, drop_caption=False)
+    seq, t, split = loader._row(I2T, 0, 3, drop_caption=False)
+    useq, ut, _ = loader._row(T2I, 0, 3, drop_caption=True)
+    assert seq == seq0 and split == split0
+    assert t[split:] == t0[split:] and not any(t0[:split])            # the caption, as before
+    n_img = sum(ut)                                                   # sub-tokens + <eoi>
+    assert t[:split] == ut[:split] and sum(t[:split]) == n_img > 0    # the unconditional drawing's targets
+    assert seq[:split + 1] == useq[:split + 1]
+    batch = loader.batch(0)
+    assert int(batch["n_segments"]) == 2 * len(batch["kind"]) and bool((batch["kind"] == I2T).all())
+    terms = {}
+
+    class Log:
+        def add(self, tt, scale):
+            terms.update(tt)
+
+    ce = float(task.micro_step(batch, 1.0, Log(), 0).detach())
+    with torch.no_grad():
+        nll = model.nll(batch["tokens"][:, :-1], batch["labels"], "split")
+    mask = batch["labels"] != IGNORE
+    pos = torch.arange(mask.shape[1])[None]
+    img, cap = mask & (pos < batch["split"][:, None]), mask & (pos >= batch["split"][:, None])
+    seg_means = torch.cat([(nll * img).sum(1) / img.sum(1), (nll * cap).sum(1) / cap.sum(1)])
+    assert ce == pytest.approx(float(seg_means.mean()), rel=1e-5)
+    assert float(terms["ce_i2t"]) == pytest.approx(float((nll * cap).sum() / cap.sum()), rel=1e-5)  # captions only
+
+
 def test_loss_average_rejects_unknown_values(setup, tmp_path):
     from qlip.errors import ConfigError
     from qlip.train import load_recipe
