@@ -126,6 +126,20 @@ def test_two_fsdp_ranks_equal_one_process(setup, tmp_path):
     _same_run(tmp_path / "one", tmp_path / "two", 1e-4)
 
 
+def _step_and_nll(task, model, batch):
+    """(the task's loss, its logged terms, the per-position NLLs) of one micro-step on ``batch``."""
+    terms = {}
+
+    class Log:
+        def add(self, t, scale):
+            terms.update(t)
+
+    ce = float(task.micro_step(batch, 1.0, Log(), 0).detach())
+    with torch.no_grad():
+        nll = model.nll(batch["tokens"][:, :-1], batch["labels"], "split")
+    return ce, terms, nll
+
+
 @pytest.mark.parametrize("average", ["tokens", "rows"])
 def test_loss_average_tokens_and_rows_match_their_formulas(setup, tmp_path, average):
     """loss.average: "tokens" is the mean NLL over every target of the batch (a 20-target drawing
@@ -138,15 +152,7 @@ def test_loss_average_tokens_and_rows_match_their_formulas(setup, tmp_path, aver
     r = load_recipe(recipe(tmp_path, setup, loss={"average": average}))
     task, model = build_task(r, "cpu")
     batch = task.build_loader().batch(0)
-    terms = {}
-
-    class Log:
-        def add(self, t, scale):
-            terms.update(t)
-
-    ce = float(task.micro_step(batch, 1.0, Log(), 0).detach())
-    with torch.no_grad():
-        nll = model.nll(batch["tokens"][:, :-1], batch["labels"], "split")
+    ce, terms, nll = _step_and_nll(task, model, batch)
     mask = batch["labels"] != IGNORE
     tokens_mean = float(nll.sum() / mask.sum())
     rows_mean = float((nll.sum(1) / mask.sum(1)).mean())
@@ -182,15 +188,7 @@ def test_i2t_image_loss_scores_the_unconditional_drawing_and_averages_per_segmen
     assert seq[:split + 1] == useq[:split + 1]
     batch = loader.batch(0)
     assert int(batch["n_segments"]) == 2 * len(batch["kind"]) and bool((batch["kind"] == I2T).all())
-    terms = {}
-
-    class Log:
-        def add(self, tt, scale):
-            terms.update(tt)
-
-    ce = float(task.micro_step(batch, 1.0, Log(), 0).detach())
-    with torch.no_grad():
-        nll = model.nll(batch["tokens"][:, :-1], batch["labels"], "split")
+    ce, terms, nll = _step_and_nll(task, model, batch)
     mask = batch["labels"] != IGNORE
     pos = torch.arange(mask.shape[1])[None]
     img, cap = mask & (pos < batch["split"][:, None]), mask & (pos >= batch["split"][:, None])
