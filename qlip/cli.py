@@ -404,5 +404,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``qlip`` command (console script and ``python -m qlip``): :func:`main`, then the exit
+    that a distributed run needs (``qlip.train.distributed.exit_process``)."""
+    code = main()
+    dist_mod = sys.modules.get("qlip.train.distributed")  # not imported: no process group either
+    if dist_mod is None:
+        sys.exit(code)
+    dist_mod.exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

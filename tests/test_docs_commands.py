@@ -340,6 +340,17 @@ CHEAP: Dict[str, Cheap] = {
        Cheap("python benchmarks/um3_recipe.py --help")
        for tail in ("fp32-60 --steps 60 --visual-init bits --precision fp32",
                     "bf16-60 --steps 60 --visual-init bits --precision bf16")},
+    # docs/demo.md, eighth round (run on tiny data by tests/demo/test_token_kind_probe.py and
+    # tests/demo/test_demo_recon_bench.py)
+    **{"python benchmarks/token_kind_probe.py --tokens runs/demo-um3-v10/data/tokens --test "
+       "runs/demo-um3-v10/data/test.pt" + tail: Cheap("python benchmarks/token_kind_probe.py --help")
+       for tail in ("", " --only tokens --token-train 480", " --only originals reconstructions --seed 1")},
+    "python benchmarks/demo_recon.py --stage1 runs/demo-v3/qlip_stage1/final --data runs/demo-v3/data --out "
+    "runs/s1w/base --judge-only": Cheap("python benchmarks/demo_recon.py --help"),
+    **{"python benchmarks/demo_recon.py --data runs/demo-v3/data --recipe qlip/configs/demo-stage1.yaml --out " + tail:
+       Cheap("python benchmarks/demo_recon.py --help")
+       for tail in ("runs/s1w/r4 loss.alpha_r=4", "runs/s1w/r10 loss.alpha_r=10",
+                    "runs/s1w/g4 model.overrides.quantizer.gamma_1=4", "runs/s1w/q1 loss.alpha_q=1.0")},
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
     "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(
         "python benchmarks/demo_style.py --help"),

@@ -17,7 +17,6 @@ number of times in the same order.
 
 from __future__ import annotations
 
-import collections
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -170,17 +169,6 @@ def _backend_config(group=None) -> str:
     return "cuda:nccl" if name == "nccl" else name
 
 
-# The last few buffers of all_reduce_floats, kept alive from Python. gloo's worker thread drops its
-# reference to a finished collective *after* wait() has returned here; if Python had dropped the
-# tensor first, that thread owns the Python object and must take the GIL to free it. When this
-# was the run's last collective (the summary's skipped-sample count) and the process was already
-# finalising, taking the GIL ended the thread inside a destructor: "terminate called without an
-# active exception", SIGABRT, in about a third of 2-rank gloo runs with torch 2.14 (core dump:
-# c10d::ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> TensorImpl::decref_pyobject -> take_gil).
-# With Python holding the tensor, the worker's release is a plain reference-count decrement.
-_RECENT_BUFFERS: "collections.deque[torch.Tensor]" = collections.deque(maxlen=8)
-
-
 def all_reduce_floats(values: Sequence[float], group=None, average: bool = False,
                       device: Optional[torch.device] = None) -> List[float]:
     """Sum (or mean) of each of ``values`` over the ranks, in one float64 collective on the
@@ -190,7 +178,6 @@ def all_reduce_floats(values: Sequence[float], group=None, average: bool = False
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device or comm_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    _RECENT_BUFFERS.append(t)
     if average:
         t /= world
     return [float(v) for v in t.cpu()]

@@ -172,9 +172,7 @@ class Engine:
                 json.dump(summary, f, indent=2)
             if skipped:
                 log.warning("skipped %d corrupt or unreadable samples during training", skipped)
-        # the run's last collective carries no tensor: the ranks leave together and no gloo
-        # worker is still releasing a buffer while the interpreter shuts down (nn/collectives.py)
-        D.barrier(self.dist)
+        D.barrier(self.dist)  # the ranks leave together (see distributed.exit_process for the exit)
         return summary
 
     def _evaluate(self) -> Dict[str, float]:
@@ -302,7 +300,9 @@ def _truncate_log(path: str, step: int) -> None:
 def train(recipe: Recipe, out_dir: str, resume: bool = False, **kw) -> Dict[str, Any]:
     """Train ``recipe`` into ``out_dir`` (``resume``: from its latest checkpoint); the summary."""
     engine = Engine(recipe, out_dir, resume=resume, **kw)
+    info = engine.dist
     try:
         return engine.train()
     finally:
-        D.teardown(engine.dist)
+        del engine  # the model, optimizer, loader (and its workers) go before the process group
+        D.teardown(info)

@@ -123,3 +123,26 @@ def test_fsdp_two_ranks_match_one_process_and_resume(shapes_dir, tmp_path):
         for k in ("loss", "mse", "contrastive", "quant", "bsq_codebook_entropy", "grad_norm"):
             assert abs(ra[k] - rb[k]) <= 1e-4 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
     assert max_abs_diff(weights(tmp_path / "one" / "final"), weights(out / "final")) < 1e-4
+
+
+def test_exit_process_skips_finalisation_only_after_a_process_group(monkeypatch, capsys):
+    """A single process exits normally (SystemExit with the code); a process that initialised a
+    group flushes its streams and leaves with os._exit (no interpreter finalisation, where gloo's
+    worker threads abort the process: qlip.train.distributed.exit_process)."""
+    import qlip.train.distributed as D
+    monkeypatch.setattr(D, "_GROUP_USED", False)
+    with pytest.raises(SystemExit) as e:
+        D.exit_process(3)
+    assert e.value.code == 3
+    calls = []
+
+    def fake_exit(code):
+        calls.append(code)
+        raise RuntimeError("os._exit")  # stop here as os._exit would
+
+    monkeypatch.setattr(D, "_GROUP_USED", True)
+    monkeypatch.setattr(D.os, "_exit", fake_exit)
+    print("written before the exit", end="")
+    with pytest.raises(RuntimeError, match="os._exit"):
+        D.exit_process(0)
+    assert calls == [0] and capsys.readouterr().out == "written before the exit"
