@@ -35,7 +35,9 @@ steps, 4,096 training images held in memory, one thread):
   continuous code: how fast the MLPs learn without the quantiser), ``pca-thermometer-p8`` (a
   designed code, not learned: the 7 leading principal components of the training patches, each
   cut at 4 quantiles, i.e. 4 sign bits of a shifted projection, the only code a sign of a linear
-  map can give one number; the encoder fixed, an MLP decoder trained);
+  map can give one number; the encoder fixed, an MLP decoder trained); ``mlp-binary-p8-nonorm``
+  (the eighth round: the sign without the L2 normalisation before it, so that the straight-through
+  gradient is not divided by the pre-normalisation norm);
 * ``qlip-continuous`` / ``qlip-binary``: the demo's QLIP (``qlip-demo`` preset, conv stem, one
   encoder block, decoder 128 x 3) without the text tower, its bottleneck projection and
   up-projection with the BSQ step skipped (continuous) or kept (binary, with the 0.1-weighted BSQ
@@ -68,7 +70,7 @@ ROWS = ("linear-continuous", "linear-continuous-l2", "mlp-binary-p8", "mlp-binar
 # ways to train the binary code faster, tried on the per-patch MLP (rows only with --only)
 EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli", "mlp-binary-p8-edge",
          "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits", "mlp-continuous-p8",
-         "pca-thermometer-p8")
+         "pca-thermometer-p8", "mlp-binary-p8-nonorm")
 EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
 
 
@@ -161,6 +163,10 @@ class PatchAE(nn.Module):
             return (2 * (bit + prob - prob.detach()) - 1) * scale, aux
         if self.mode == "anneal" and self.training and self.progress < 0.5:  # soft codes first
             return torch.tanh(u * (1 + 18 * self.progress)) * scale, aux
+        if self.mode == "nonorm":  # BSQ's sign without the L2 normalisation before it: the
+            # straight-through gradient is not divided by |u| (which grows in training)
+            hard = torch.where(u > 0, 1.0, -1.0) * scale
+            return u * scale + (hard - u * scale).detach(), aux
         u = F.normalize(u, dim=-1)
         if self.mode == "l2":
             return u, aux
@@ -236,6 +242,7 @@ def build(row: str, train: torch.Tensor) -> nn.Module:
             "mlp-binary-p8-frozen-enc": lambda: frozen_encoder(PatchAE(8, 256, "binary")),
             "mlp-binary-p8-linear-dec": lambda: PatchAE(8, 256, "binary", linear_dec=True),
             "mlp-binary-p8-64bits": lambda: PatchAE(8, 256, "binary", bits=64),
+            "mlp-binary-p8-nonorm": lambda: PatchAE(8, 256, "nonorm"),
             "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
             "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),

@@ -345,6 +345,8 @@ CHEAP: Dict[str, Cheap] = {
     **{"python benchmarks/token_kind_probe.py --tokens runs/demo-um3-v10/data/tokens --test "
        "runs/demo-um3-v10/data/test.pt" + tail: Cheap("python benchmarks/token_kind_probe.py --help")
        for tail in ("", " --only tokens --token-train 480", " --only originals reconstructions --seed 1")},
+    "python benchmarks/demo_bottleneck.py --data runs/demo-v3/data --steps 300 --only mlp-binary-p8 "
+    "mlp-binary-p8-nonorm": Cheap("python benchmarks/demo_bottleneck.py --help"),
     "python benchmarks/demo_recon.py --stage1 runs/demo-v3/qlip_stage1/final --data runs/demo-v3/data --out "
     "runs/s1w/base --judge-only": Cheap("python benchmarks/demo_recon.py --help"),
     **{"python benchmarks/demo_recon.py --data runs/demo-v3/data --recipe qlip/configs/demo-stage1.yaml --out " + tail:

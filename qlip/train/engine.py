@@ -172,6 +172,9 @@ class Engine:
                 json.dump(summary, f, indent=2)
             if skipped:
                 log.warning("skipped %d corrupt or unreadable samples during training", skipped)
+        if getattr(self, "_tb", None) is not None:  # closed, not left to interpreter exit
+            self._tb.close()
+            del self._tb  # (a later log opens a new writer)
         D.barrier(self.dist)  # the ranks leave together (see distributed.exit_process for the exit)
         return summary
 

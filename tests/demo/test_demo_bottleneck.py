@@ -8,7 +8,7 @@ from qlip.data.shapes import generate_shapes
 
 ROWS = ("linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli",
         "mlp-binary-p8-edge", "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits",
-        "mlp-continuous-p8", "pca-thermometer-p8", "qlip-continuous", "qlip-binary")
+        "mlp-continuous-p8", "pca-thermometer-p8", "mlp-binary-p8-nonorm", "qlip-continuous", "qlip-binary")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
