@@ -32,7 +32,7 @@ import torch
 INT_KEYS = ("i2t_from", "steps", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "warmup", "calm_down_steps",
             "test_images", "draws_per_class", "train_shards", "groups", "corpus_sentences")
 OTHER_KEYS = ("seed", "draw_seed", "lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average",
-              "r0", "rT", "i2t_share", "i2t_image_loss", "top_k", "temperature")
+              "r0", "rT", "i2t_share", "i2t_image_loss", "top_k", "temperature", "caption_cfg")
 
 
 def main() -> None:
@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=full["top_k"],
                    help="drawing: top-k over each sub-token's rows (>= 2^(bits/groups): no cut)")
     p.add_argument("--temperature", type=float, default=full["temperature"], help="drawing: sampling temperature")
+    p.add_argument("--caption-cfg", type=float, default=full["caption_cfg"],
+                   help="captions: guidance against the text-only model (1: none)")
     p.add_argument("--seed", type=int, default=0, help="training seed (model init and batches; the demo's is 0)")
     p.add_argument("--draw-seed", type=int, default=1,
                    help="sampling seed of the drawings (the demo reports seed 0: recipes are chosen on others)")

@@ -332,7 +332,8 @@ CHEAP: Dict[str, Cheap] = {
                     "runs/um3h --tag d256-bf16-1000 --test-images 128 --dim 256 --ffn 1024 --precision bf16 --steps 1000 "
                     "--lr 3e-3",
                     "runs/um3f --tag img-i25-2000 --test-images 128 --i2t-image-loss",
-                    "runs/um3f --tag img-i50-2000 --test-images 128 --i2t-image-loss --i2t-share 0.5")},
+                    "runs/um3f --tag img-i50-2000 --test-images 128 --i2t-image-loss --i2t-share 0.5",
+                    "runs/um3f --tag mix2-lr6-2000 --test-images 128 --reuse --caption-cfg 2")},
     # (run on a tiny model by tests/um3/test_um3_colour_gain.py)
     "python benchmarks/um3_colour_gain.py --model runs/um3e/t2itext-2000/runs/um3/final --tokens "
     "runs/demo-um3-v9/data/tokens": Cheap("python benchmarks/um3_colour_gain.py --help"),

@@ -62,7 +62,7 @@ FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_se
         "steps": 2000, "lr": 6e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 500, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 10.0, "loss_average": "rows",
         "r0": 0.3, "rT": 0.05, "i2t_share": 0.25, "i2t_from": 0, "i2t_image_loss": False, "top_k": 200,
-        "temperature": 1.0}
+        "temperature": 1.0, "caption_cfg": 1.0}
 # (docs/um3.md, "Issue 12, third round": rows average, text 0.3 -> 0.05, a quarter of the multimodal
 # rows captions, lr 6e-3 and CFG 10 were chosen on the validation split)
 FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
@@ -70,7 +70,7 @@ FAST = {"train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sente
         "steps": 3, "lr": 3e-3, "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 3.0, "loss_average": "rows",
         "r0": 0.6, "rT": 0.3, "i2t_share": 0.5, "i2t_from": 0, "i2t_image_loss": False, "top_k": 200,
-        "temperature": 1.0}
+        "temperature": 1.0, "caption_cfg": 1.0}
 FAST_CLASSES = 2                        # --fast draws only the first classes
 CFG_DROPOUT = 0.1
 SEED = 0
@@ -300,7 +300,8 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
     test = torch.load(prep["test"])
     caps = []
     for i in range(0, len(test["ids"]), 64):
-        caps += caption(model, tok, test["ids"][i:i + 64], max_new=cfg["caption_tokens"])
+        caps += caption(model, tok, test["ids"][i:i + 64], max_new=cfg["caption_tokens"],
+                        sampling=Sampling(temperature=0.0, cfg_scale=cfg["caption_cfg"]))
     truth = [(COLOR_NAMES[int(y) // len(KINDS)], KINDS[int(y) % len(KINDS)]) for y in test["labels"]]
     parsed = [parse_caption(c) for c in caps]
     out["caption_colour"] = sum(p[0] == t[0] for p, t in zip(parsed, truth)) / len(caps)

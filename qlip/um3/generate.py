@@ -33,7 +33,8 @@ class Sampling:
     temperature: float = 1.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
-    cfg_scale: float = 1.0          # text-to-image only; 1 = conditional, no guidance
+    cfg_scale: float = 1.0          # guidance (draw: against <bos> <boi>; caption: against the text-only
+                                    # <bos>); 1 = conditional, no guidance
     seed: Optional[int] = None
 
 
@@ -102,12 +103,15 @@ def continue_text(model: UM3, tok: TextTokenizer, prompt: str, max_new: int = 64
 
 def caption(model: UM3, tok: TextTokenizer, image_ids: torch.Tensor, max_new: int = 48,
             sampling: Sampling = Sampling(temperature=0.0), use_cache: bool = True) -> List[str]:
-    """Captions of images given as QLIP ids ``(B, h, w)`` or ``(B, N)``: ``<bos> <boi> image <eoi>`` -> text."""
+    """Captions of images given as QLIP ids ``(B, h, w)`` or ``(B, N)``: ``<bos> <boi> image <eoi>`` -> text.
+    With ``sampling.cfg_scale != 1`` the words are guided against the text-only model (``<bos>`` and
+    the caption so far, no image): what the image adds to the language prior is amplified (ours)."""
     v = model.vocab
     rows = v.image_rows(image_ids.cpu())
     B = rows.shape[0]
     prompt = torch.cat([torch.tensor([[model.bos_id, v.boi]] * B), rows, torch.full((B, 1), v.eoi)], 1)
-    new = generate(model, prompt, max_new, lambda i: (0, v.text_size), sampling, stop=model.eos_id,
+    uncond = torch.tensor([[model.bos_id]] * B) if sampling.cfg_scale != 1.0 else None
+    new = generate(model, prompt, max_new, lambda i: (0, v.text_size), sampling, uncond=uncond, stop=model.eos_id,
                    use_cache=use_cache)
     return _text_out(model, tok, new)
 

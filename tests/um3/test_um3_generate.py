@@ -59,3 +59,30 @@ def test_guidance_scale_one_is_the_conditional_model(model):
     sub = generate(m, ids, 8, lambda i: (vis.group_start(i % 2), vis.group_start(i % 2) + vis.group_size),
                    Sampling(temperature=0.0))
     assert torch.equal(a.flatten(1), vis.decode(sub))
+
+
+def test_guided_captions_are_guided_against_the_text_only_model(model):
+    """caption(cfg_scale=s): each word is the argmax over the text rows of
+    uncond + s (cond - uncond), cond = after ``<bos> <boi> image <eoi>``, uncond = after ``<bos>`` (the
+    caption so far appended to both); the cache changes nothing."""
+    from qlip.nn import cfg_logits
+    m, tok = model
+    v = m.vocab
+    img = torch.from_numpy(np.stack([image_ids(1, 0), image_ids(3, 1)])).long().view(2, *GRID)
+    s = Sampling(temperature=0.0, cfg_scale=2.5)
+    words = caption(m, tok, img, max_new=6, sampling=s)
+    assert words == caption(m, tok, img, max_new=6, sampling=s, use_cache=False)
+    assert words != caption(m, tok, img, max_new=6)  # guidance changes what this random model says
+    rows = v.image_rows(img)
+    cond = torch.cat([torch.tensor([[m.bos_id, v.boi]] * 2), rows, torch.full((2, 1), v.eoi)], 1)
+    free = torch.tensor([[m.bos_id]] * 2)
+    out = []
+    with torch.no_grad():
+        for _ in range(6):
+            g = cfg_logits(m.next_logits(cond).float(), m.next_logits(free).float(), 2.5)[:, : v.text_size]
+            t = g.argmax(-1)
+            out.append(t)
+            cond, free = torch.cat([cond, t[:, None]], 1), torch.cat([free, t[:, None]], 1)
+    new = torch.stack(out, 1).tolist()
+    expect = [tok.decode(r[: r.index(m.eos_id)] if m.eos_id in r else r) for r in new]
+    assert words == expect
