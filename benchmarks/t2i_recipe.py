@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text-encoder", choices=t2i.TEXT_ENCODERS, default=None,
                     help="caption encoder (default: the demo's): the demo QLIP's frozen text tower, or a learned "
                          "embedding of the caption's BPE ids (text.encoder=embedding)")
+    for flag, key in (("--dim", "dim"), ("--layers", "n_layers"), ("--heads", "n_heads"), ("--ffn", "ffn_hidden")):
+        ap.add_argument(flag, type=int, default=None, dest=key,
+                        help=f"generator size: model.{key} over the preset's (default: the demo's {full['preset']})")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="reuse or continue this tag's run")
     a = ap.parse_args(argv)
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
     if a.pooled:
         st["pooled"] = True
     recipe = t2i.generator_recipe(tokens, qlip_path, qlip_path, st, a.head, a.groups)
+    sizes = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "ffn_hidden") if getattr(a, k) is not None}
+    recipe["model"].update(sizes)
     run_dir = os.path.join(a.out, a.tag)
     s = t2i.train_generator(a.tag, recipe, run_dir, a.resume, read_index(tokens)["fingerprint"])
     ev = t2i.evaluate_generator(s["final_model"], qlip_path, heldout, st, os.path.join(run_dir, "samples"),
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     row = {"tag": a.tag, "steps": s["steps"], "train_s": round(s["elapsed_s"], 1), "nll": s["last_log"].get("nll"),
            "lr": st["lr"], "batch": st["batch_size"], "precision": s.get("precision"),
            "pooled": bool(st.get("pooled")), "text_encoder": st.get("text_encoder", "qlip"), "head": recipe["head"], "cfg": st["cfg"],
-           "samples_per_prompt": a.samples, "sample_seed": a.sample_seed,
+           "samples_per_prompt": a.samples, "sample_seed": a.sample_seed, "model": recipe["model"],
            "adherence_top1": round(adh["top1"], 4), "adherence_colour": round(adh["colour"], 4),
            "adherence_kind": round(adh["kind"], 4), "zero_shot_top1": round(ev["zero_shot_top1"], 4),
            **caption_gain(s["final_model"], tokens), **novel_ids(ev["sample_ids"], tokens)}

@@ -334,6 +334,11 @@ CHEAP: Dict[str, Cheap] = {
                     "runs/um3f --tag img-i25-2000 --test-images 128 --i2t-image-loss",
                     "runs/um3f --tag img-i50-2000 --test-images 128 --i2t-image-loss --i2t-share 0.5",
                     "runs/um3f --tag mix2-lr6-2000 --test-images 128 --reuse --caption-cfg 2")},
+    # (the size flags run on tiny data by tests/gen/test_demo_t2i.py)
+    **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v6 --out runs/t2if --tag " + tail:
+       Cheap("python benchmarks/t2i_recipe.py --help")
+       for tail in ("d64l2-b16-2000 --dim 64 --layers 2 --heads 4 --ffn 256 --batch 16 --steps 2000 --lr 6e-3",
+                    "d64l2-b64-500 --dim 64 --layers 2 --heads 4 --ffn 256")},
     # (run on a tiny model by tests/um3/test_um3_colour_gain.py)
     "python benchmarks/um3_colour_gain.py --model runs/um3e/t2itext-2000/runs/um3/final --tokens "
     "runs/demo-um3-v9/data/tokens": Cheap("python benchmarks/um3_colour_gain.py --help"),

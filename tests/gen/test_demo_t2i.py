@@ -165,11 +165,14 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     unseen = next(i for i in range(1 << 20) if i not in every)
     assert mod.novel_ids(train, tokens)["novel_ids"] == 0.0  # ids of training images are never novel
     assert mod.novel_ids(np.array([train[0, 0], unseen, unseen, train[1, 1]]), tokens)["novel_ids"] == 0.5
-    assert mod.main(args[:7] + ["pooled", "--text-encoder", "qlip", "--pooled", "--precision", "fp32"] + args[10:]) == 0
+    assert mod.main(args[:7] + ["pooled", "--text-encoder", "qlip", "--pooled", "--precision", "fp32",
+                                "--dim", "48", "--layers", "1", "--heads", "2", "--ffn", "64"] + args[10:]) == 0
     row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[-1])
     assert row["tag"] == "pooled" and row["pooled"] is True and row["precision"] == "fp32"
+    assert row["model"] == {"preset": "gpt-demo", "dim": 48, "n_layers": 1, "n_heads": 2, "ffn_hidden": 64}
     assert row["text_encoder"] == "qlip"
     meta = json.loads((tmp_path / "b" / "pooled" / "final" / "config.json").read_text())
+    assert meta["config"]["dim"] == 48 and meta["config"]["n_layers"] == 1  # the size flags reach the model
     assert meta["text"]["pooled"] is True and meta["config"]["text_dim"] > 0 and meta["config"]["text_vocab"] == 0
     with pytest.raises(SystemExit, match="qlip demo t2i"):
         mod.main(["--demo-dir", str(demo_dir), "--t2i-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c"),
