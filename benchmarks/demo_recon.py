@@ -84,10 +84,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"no validation shards {val}: run `qlip demo` first")
     os.makedirs(a.out, exist_ok=True)
     if a.judge_only:
-        result = {"model": a.stage1, "final": judge(a.stage1, val)}
-        json.dump(result, open(os.path.join(a.out, "result.json"), "w"), indent=1)
-        print(json.dumps(result))
-        return 0
+        return _report(a.out, {"model": a.stage1, "final": judge(a.stage1, val)})
     init = a.stage1 if a.head is None else with_head(a.stage1, os.path.join(a.out, "init"), a.head, a.head_channels)
     cmd = [sys.executable, "-m", "qlip", "train", a.recipe, "--out", os.path.join(a.out, "run"),
            *([f"model.init={init}"] if init else []), f"data.train={os.path.join(data, 'shapes-train-*.tar')}",
@@ -102,7 +99,13 @@ def main(argv=None) -> int:
             model_dir = ck if os.path.exists(os.path.join(ck, "config.json")) else os.path.join(ck, "model")
             if os.path.exists(os.path.join(model_dir, "config.json")):
                 result[os.path.basename(ck)] = judge(model_dir, val)
-    json.dump(result, open(os.path.join(a.out, "result.json"), "w"), indent=1)
+    return _report(a.out, result)
+
+
+def _report(out: str, result: dict) -> int:
+    """OUT/result.json and the JSON line."""
+    with open(os.path.join(out, "result.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
     print(json.dumps(result))
     return 0
 

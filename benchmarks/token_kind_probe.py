@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 
 def _labels_from_captions(captions):
+    """(kind index, colour index) tensors of captions (their first kind / colour word, as the UM3 demo
+    reads captions: ``qlip.demo.um3.parse_caption``); -1 where the caption names none."""
     from qlip.data.shapes import COLOR_NAMES, KINDS
-    kinds, colours = [], []
-    for c in captions:
-        words = c.replace(",", " ").split()
-        kinds.append(next((KINDS.index(w) for w in words if w in KINDS), -1))
-        colours.append(next((COLOR_NAMES.index(w) for w in words if w in COLOR_NAMES), -1))
+    from qlip.demo.um3 import parse_caption
+    parsed = [parse_caption(c) for c in captions]
+    kinds = [KINDS.index(k) if k else -1 for _, k in parsed]
+    colours = [COLOR_NAMES.index(c) if c else -1 for c, _ in parsed]
     return torch.tensor(kinds), torch.tensor(colours)
 
 

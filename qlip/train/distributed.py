@@ -13,7 +13,6 @@ tensors, which once made every distributed GPU run die at its first logged step.
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -102,10 +101,8 @@ _GROUP_USED = False
 
 
 def teardown(info: DistInfo) -> None:
-    """Forget the process group (``destroy_process_group``) and collect what held it."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
-        gc.collect()
 
 
 def exit_process(code: int) -> None:

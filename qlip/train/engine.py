@@ -303,9 +303,7 @@ def _truncate_log(path: str, step: int) -> None:
 def train(recipe: Recipe, out_dir: str, resume: bool = False, **kw) -> Dict[str, Any]:
     """Train ``recipe`` into ``out_dir`` (``resume``: from its latest checkpoint); the summary."""
     engine = Engine(recipe, out_dir, resume=resume, **kw)
-    info = engine.dist
     try:
         return engine.train()
     finally:
-        del engine  # the model, optimizer, loader (and its workers) go before the process group
-        D.teardown(info)
+        D.teardown(engine.dist)
