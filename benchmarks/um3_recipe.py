@@ -32,7 +32,7 @@ import torch
 INT_KEYS = ("i2t_from", "steps", "batch_size", "dim", "layers", "heads", "kv_heads", "ffn", "warmup", "calm_down_steps",
             "test_images", "draws_per_class", "train_shards", "groups", "corpus_sentences")
 OTHER_KEYS = ("seed", "draw_seed", "lr", "visual_init", "visual_bits", "precision", "cfg_scale", "loss_average",
-              "r0", "rT", "i2t_share", "i2t_image_loss", "top_k", "temperature", "caption_cfg")
+              "r0", "rT", "i2t_share", "i2t_image_loss", "top_k", "temperature", "caption_cfg", "layout")
 
 
 def main() -> None:
@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--visual-init", default=full["visual_init"], choices=["mean", "bits"])
     p.add_argument("--visual-bits", action=argparse.BooleanOptionalAction, default=full["visual_bits"],
                    help="learned per-bit vectors on the visual rows (model.visual_bits)")
+    p.add_argument("--layout", default=full["layout"], choices=["subtoken", "token"],
+                   help="model.layout: a sequence position per sub-token (paper) or per QLIP token (ours)")
     p.add_argument("--loss-average", default=full["loss_average"], choices=["tokens", "rows"],
                    help="loss.average: the mean over target tokens or over rows (each row's token mean)")
     p.add_argument("--r0", type=float, default=full["r0"], help="Eq. 7: text-only fraction at step 0")

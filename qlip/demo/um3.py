@@ -62,7 +62,7 @@ FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_se
         "steps": 2000, "lr": 6e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 500, "visual_init": "bits",
         "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 10.0, "loss_average": "rows",
         "r0": 0.3, "rT": 0.05, "i2t_share": 0.25, "i2t_from": 0, "i2t_image_loss": False, "top_k": 200,
-        "temperature": 1.0, "caption_cfg": 1.0}
+        "temperature": 1.0, "caption_cfg": 1.0, "layout": "subtoken"}
 # (docs/um3.md, "Issue 12, third round": rows average, text 0.3 -> 0.05, a quarter of the multimodal
 # rows captions, lr 6e-3 and CFG 10 were chosen on the validation split)
 FAST = {**FULL, "train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
@@ -208,13 +208,13 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
 def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
     from ..train import Recipe
     softmax, mixing, text_only = RUNS[name]
-    groups = cfg.get("groups", 2)
-    seq_len = prep["grid"] ** 2 * groups + 4 + cfg["caption_tokens"]
+    groups, layout = cfg.get("groups", 2), cfg.get("layout", "subtoken")
+    seq_len = prep["grid"] ** 2 * (1 if layout == "token" else groups) + 4 + cfg["caption_tokens"]
     r0, rT = (1.0, 1.0) if text_only else (cfg["r0"], cfg["rT"])
     return Recipe.from_dict({
         "task": "um3",
         "model": {"init": prep["llama"], "qk_norm": True, "bits": prep["bits"], "groups": groups,
-                  "visual_init": cfg["visual_init"], "visual_bits": cfg["visual_bits"]},
+                  "visual_init": cfg["visual_init"], "visual_bits": cfg["visual_bits"], "layout": layout},
         "data": {"text": prep["corpus"], "tokens": prep["tokens"], "batch_size": cfg["batch_size"],
                  "seq_len": seq_len, "r0": r0, "rT": rT, "calm_down_steps": cfg["calm_down_steps"],
                  "mixing": mixing, "i2t_share": cfg["i2t_share"], "i2t_from": cfg["i2t_from"],

@@ -186,17 +186,72 @@ class BitwiseHead(VisualHead):
         return bits_to_ids(sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator))
 
 
-class IntraTokenHead(VisualHead):
-    """The ``groups`` sub-tokens one after another inside the position:
-    ``p(s_0 | h) p(s_1 | h, s_0) ... p(s_{G-1} | h, s_0 .. s_{G-2})`` (default 2 halves).
+class IntraChain(nn.Module):
+    """The in-position chain of sub-tokens (Open-MAGVIT2's "factorized" prediction, extended from
+    two halves to ``groups`` sub-tokens): ``p(s_0 | h) p(s_1 | h, s_0) ... p(s_{G-1} | h, s_0 .. s_{G-2})``.
 
-    Factor ``k >= 1`` reads ``c_k = h + sum_{j<k} P_j(s_j)`` through a small residual MLP,
-    ``x_k = c_k + MLP_k(norm_k(c_k))`` (Open-MAGVIT2's in-position factorisation in its smallest
-    form, extended from two halves to ``G`` sub-tokens). Unlike ``split``, a sampled id is a
-    combination the model chose jointly, not ``G`` independent draws that may never co-occur.
-    Training uses the true sub-tokens (teacher forcing), so the loss is the exact NLL of the id;
-    sampling draws ``s_0`` first. With ``G = 4`` x 7 bits the extra cost is ``G - 1`` MLPs of
-    width ``2 dim`` per position, tiny beside two 16,384-row output layers."""
+    Factor ``k`` reads the context ``c_k = h + sum_{j<k} P_j(s_j)`` (``P_j``: ``prev[j]``, one
+    embedding table per earlier sub-token) through a small residual MLP,
+    ``x_k = c_k + MLP_k(norm_k(c_k))`` (``x_0 = h``); its logits are ``logits_fn(k, x_k)``, supplied
+    by the owner of the output rows (:class:`IntraTokenHead`'s own tables, or the rows of UM3's
+    output layer in its ``token`` layout: :class:`qlip.um3.model.UM3`). Training uses the true
+    sub-tokens (teacher forcing), so :meth:`nll` is the exact NLL of the whole id; :meth:`sample`
+    draws ``s_0`` first."""
+
+    def __init__(self, dim: int, groups: int, group_size: int):
+        super().__init__()
+        self.groups = groups
+        self.prev = nn.ModuleList([nn.Embedding(group_size, dim) for _ in range(groups - 1)])
+        self.norms = nn.ModuleList([RMSNorm(dim) for _ in range(groups - 1)])
+        self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"),
+                                                 nn.Linear(2 * dim, dim)) for _ in range(groups - 1)])
+
+    def features(self, k: int, c: torch.Tensor) -> torch.Tensor:
+        """``x_k`` from the context ``c_k`` (the input of factor ``k``'s output rows)."""
+        return c if k == 0 else c + self.mlps[k - 1](self.norms[k - 1](c))
+
+    def context(self, k: int, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """``c_k = hidden + sum_{j<k} P_j(prev[..., j])`` (columns of ``prev`` from ``k`` on unused)."""
+        c = hidden
+        for j in range(k):
+            c = c + self.prev[j](prev[..., j])
+        return c
+
+    def nll(self, hidden: torch.Tensor, sub: torch.Tensor, logits_fn, targets: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+        """Summed NLL of the sub-tokens ``sub`` ``(..., G)`` given ``hidden`` ``(..., dim)``;
+        ``targets`` (default ``sub``): the index each factor's target has in ``logits_fn``'s rows."""
+        targets = sub if targets is None else targets
+        c, total = hidden, 0
+        for k in range(self.groups):  # the context grows by one sub-token embedding per factor
+            logp = logits_fn(k, self.features(k, c)).float().log_softmax(-1)
+            total = total - logp.gather(-1, targets[..., k:k + 1])[..., 0]
+            if k + 1 < self.groups:
+                c = c + self.prev[k](sub[..., k])
+        return total
+
+    def sample(self, logits_fn, h_cond: torch.Tensor, h_uncond: Optional[torch.Tensor] = None, cfg: float = 1.0,
+               temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sub-tokens ``(B, G)`` drawn one after another from ``h_cond`` ``(B, dim)``, each factor guided
+        against ``h_uncond`` with ``cfg`` (the same earlier sub-tokens in both branches); ``logits_fn``
+        gets a few rows (sampling)."""
+        cc, cu, subs = h_cond, h_uncond, []  # each branch's context, given the same earlier sub-tokens
+        for k in range(self.groups):
+            lc, lu = _paired_logits(lambda c: logits_fn(k, self.features(k, c)), cc, cu)
+            subs.append(sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator))
+            if k + 1 < self.groups:
+                e = self.prev[k](subs[-1])
+                cc, cu = cc + e, (None if cu is None else cu + e)
+        return torch.stack(subs, -1)
+
+
+class IntraTokenHead(VisualHead):
+    """The ``groups`` sub-tokens one after another inside the position (:class:`IntraChain`, default
+    2 halves), each from its own ``2**(bits/G)``-row output table. Unlike ``split``, a sampled id is
+    a combination the model chose jointly, not ``G`` independent draws that may never co-occur.
+    With ``G = 4`` x 7 bits the extra cost is ``G - 1`` MLPs of width ``2 dim`` per position, tiny
+    beside two 16,384-row output layers."""
 
     kind = "intra"
 
@@ -209,57 +264,42 @@ class IntraTokenHead(VisualHead):
         self.groups = G
         self.embeddings = nn.ModuleList([nn.Embedding(V, dim) for _ in range(G)])
         self.outputs = nn.ModuleList([nn.Linear(dim, V, bias=False) for _ in range(G)])
-        self.prev = nn.ModuleList([nn.Embedding(V, dim) for _ in range(G - 1)])
-        self.norms = nn.ModuleList([RMSNorm(dim) for _ in range(G - 1)])
-        self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"),
-                                                 nn.Linear(2 * dim, dim)) for _ in range(G - 1)])
+        self.chain = IntraChain(dim, G, V)
 
     def embed(self, ids, check: bool = True):
         sub = self.vocab.split(ids).to(ids.device) if check else ids_to_group_ids(ids, self.bits, self.vocab.group_bits)
         return sum(e(sub[..., g]) for g, e in enumerate(self.embeddings))
 
-    def factor_logits(self, k: int, hidden: torch.Tensor, prev: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
-        """Logits of sub-token ``k`` given the hidden state and the earlier sub-tokens ``prev``
-        ``(..., k)`` (same leading dims); ``few_rows``: ``hidden`` is ``(B, dim)`` (sampling)."""
-        c = hidden
-        for j in range(k):
-            c = c + self.prev[j](prev[..., j])
-        return self._logits(k, c, few_rows)
-
-    def _logits(self, k: int, c: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
-        """Logits of sub-token ``k`` from its context ``c = h + sum_{j<k} P_j(s_j)``."""
-        x = c if k == 0 else c + self.mlps[k - 1](self.norms[k - 1](c))
+    def _logits(self, k: int, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
         out = self.outputs[k]
         return (_few_rows_linear(out, x) if few_rows else out(x)).float()
 
+    def factor_logits(self, k: int, hidden: torch.Tensor, prev: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+        """Logits of sub-token ``k`` given the hidden state and the earlier sub-tokens ``prev``
+        ``(..., k)`` (same leading dims); ``few_rows``: ``hidden`` is ``(B, dim)`` (sampling)."""
+        return self._logits(k, self.chain.features(k, self.chain.context(k, hidden, prev)), few_rows)
+
     def nll(self, hidden, ids):
-        sub = self.vocab.split(ids).to(ids.device)                         # (B, N, G)
-        c, total = hidden, 0
-        for k in range(self.groups):  # the context grows by one sub-token embedding per factor
-            total = total - self._logits(k, c).log_softmax(-1).gather(-1, sub[..., k:k + 1])[..., 0]
-            if k + 1 < self.groups:
-                c = c + self.prev[k](sub[..., k])
-        return total
+        return self.chain.nll(hidden, self.vocab.split(ids).to(ids.device), self._logits)
 
     def sample(self, h_cond, h_uncond=None, cfg=1.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-        cc, cu, subs = h_cond, h_uncond, []  # each branch's context, given the same earlier sub-tokens
-        for k in range(self.groups):
-            lc, lu = _paired_logits(lambda c: self._logits(k, c, few_rows=True), cc, cu)
-            subs.append(sample(_guide(lc, lu, cfg), temperature, top_k, top_p, generator))
-            if k + 1 < self.groups:
-                e = self.prev[k](subs[-1])
-                cc, cu = cc + e, (None if cu is None else cu + e)
-        return group_ids_to_ids(torch.stack(subs, -1), self.vocab.group_bits)
+        sub = self.chain.sample(lambda k, x: self._logits(k, x, few_rows=True), h_cond, h_uncond, cfg,
+                                temperature, top_k, top_p, generator)
+        return group_ids_to_ids(sub, self.vocab.group_bits)
 
 
 # parameter names of the two-half intra head of earlier saved generators -> the current ones
 _OLD_INTRA_NAMES = {"head.out_hi.": "head.outputs.0.", "head.out_lo.": "head.outputs.1.",
-                    "head.hi_cond.": "head.prev.0.", "head.lo_norm.": "head.norms.0.",
-                    "head.lo_mlp.": "head.mlps.0."}
+                    "head.hi_cond.": "head.chain.prev.0.", "head.lo_norm.": "head.chain.norms.0.",
+                    "head.lo_mlp.": "head.chain.mlps.0.",
+                    # before the chain was its own module (shared with UM3's token layout)
+                    "head.prev.": "head.chain.prev.", "head.norms.": "head.chain.norms.",
+                    "head.mlps.": "head.chain.mlps."}
 
 
 def upgrade_state_dict(sd):
-    """A generator state dict saved before ``intra`` took ``groups`` (its two-half names) -> now."""
+    """A generator state dict saved with earlier ``intra`` head names (two halves; the chain's
+    modules directly on the head) -> now."""
     out = {}
     for k, v in sd.items():
         old = next((o for o in _OLD_INTRA_NAMES if k.startswith(o)), None)

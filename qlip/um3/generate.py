@@ -6,7 +6,9 @@ the rows Eq. 6 trained for that position (:func:`qlip.um3.loss.restrict_logits`)
 
 * text (continuation, captions): the text rows ``[0, text_size)``, until ``<eos>``;
 * inside ``<boi> ... <eoi>``: sub-token ``i`` of an image is group ``i % groups``, so only that
-  group's ``2 ** (bits / groups)`` rows; exactly ``N * groups`` steps, then ``<eoi>``.
+  group's ``2 ** (bits / groups)`` rows; exactly ``N * groups`` steps, then ``<eoi>``. In the
+  ``token`` layout (:mod:`qlip.um3.vocab`) an image is ``N`` steps, each drawing the token's
+  sub-tokens one after another from the position's state (:meth:`UM3.sample_image_tokens`).
 
 Text-to-image uses classifier-free guidance on logits (:func:`qlip.nn.cfg_logits`, LlamaGen's
 ``uncond + s * (cond - uncond)``) between the caption prompt ``<bos> caption <boi>`` and the
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import QLIPError
 from ..nn import cfg_logits, sample
@@ -39,19 +42,24 @@ class Sampling:
 
 
 class _Stream:
-    """A growing batch of sequences and the logits of its next token (cached or recomputed)."""
+    """A growing batch of sequences and the final hidden state of its last position (cached or
+    recomputed); ``logits``: the output layer on it."""
 
     def __init__(self, model: UM3, prompt: torch.Tensor, max_new: int, use_cache: bool):
         self.model, self.seq, self.use_cache = model, prompt, use_cache
         self.cache = model.make_cache(prompt.shape[0], prompt.shape[1] + max_new) if use_cache else None
-        self.logits = model.next_logits(prompt, cache=self.cache).float()
+        self.h = model.next_hidden(prompt, cache=self.cache)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return F.linear(self.h, self.model.output_weight()).float()
 
     def push(self, tok: torch.Tensor) -> None:
         self.seq = torch.cat([self.seq, tok[:, None]], 1)
         if self.use_cache:
-            self.logits = self.model.next_logits(tok[:, None], cache=self.cache).float()
+            self.h = self.model.next_hidden(tok[:, None], cache=self.cache)
         else:
-            self.logits = self.model.next_logits(self.seq).float()
+            self.h = self.model.next_hidden(self.seq)
 
 
 @torch.no_grad()
@@ -107,7 +115,7 @@ def caption(model: UM3, tok: TextTokenizer, image_ids: torch.Tensor, max_new: in
     With ``sampling.cfg_scale != 1`` the words are guided against the text-only model (``<bos>`` and
     the caption so far, no image): what the image adds to the language prior is amplified (ours)."""
     v = model.vocab
-    rows = v.image_rows(image_ids.cpu())
+    rows = v.image_seq(image_ids.cpu())
     B = rows.shape[0]
     prompt = torch.cat([torch.tensor([[model.bos_id, v.boi]] * B), rows, torch.full((B, 1), v.eoi)], 1)
     uncond = torch.tensor([[model.bos_id]] * B) if sampling.cfg_scale != 1.0 else None
@@ -118,8 +126,9 @@ def caption(model: UM3, tok: TextTokenizer, image_ids: torch.Tensor, max_new: in
 
 def draw(model: UM3, tok: TextTokenizer, captions: List[str], grid: Tuple[int, int], sampling: Sampling = Sampling(),
          use_cache: bool = True) -> torch.Tensor:
-    """QLIP ids ``(B, h, w)`` for the captions: ``<bos> caption <boi>`` -> ``h * w * groups`` sub-tokens,
-    guided against ``<bos> <boi>`` when ``sampling.cfg_scale != 1``."""
+    """QLIP ids ``(B, h, w)`` for the captions: ``<bos> caption <boi>`` -> ``h * w`` image tokens
+    (``h * w * groups`` sub-token steps, or ``h * w`` steps of the sub-token chain in the ``token``
+    layout), guided against ``<bos> <boi>`` when ``sampling.cfg_scale != 1``."""
     v = model.vocab
     vis = v.visual
     prompts = [[model.bos_id] + tok.encode(c) + [v.boi] for c in captions]
@@ -132,6 +141,8 @@ def draw(model: UM3, tok: TextTokenizer, captions: List[str], grid: Tuple[int, i
         return out
     prompt = torch.tensor(prompts)
     uncond = torch.tensor([[model.bos_id, v.boi]] * len(captions)) if sampling.cfg_scale != 1.0 else None
+    if v.layout == "token":
+        return _draw_tokens(model, prompt, uncond, grid[0] * grid[1], sampling, use_cache).view(len(captions), *grid)
     n = grid[0] * grid[1] * v.groups
 
     def rows(i: int) -> Tuple[int, int]:
@@ -142,3 +153,23 @@ def draw(model: UM3, tok: TextTokenizer, captions: List[str], grid: Tuple[int, i
     if sub.shape[1] != n:
         raise QLIPError(f"draw: expected {n} sub-tokens, got {sub.shape[1]}")
     return v.visual.decode(sub.cpu()).view(len(captions), *grid)
+
+
+@torch.no_grad()
+def _draw_tokens(model: UM3, prompt: torch.Tensor, uncond: Optional[torch.Tensor], n: int, sampling: Sampling,
+                 use_cache: bool) -> torch.Tensor:
+    """``token`` layout: ``n`` QLIP ids ``(B, n)``, one position each (:meth:`UM3.sample_image_tokens`)."""
+    dev = model.lm.output.weight.device
+    g = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
+    cond = _Stream(model, prompt.to(dev), n, use_cache)
+    free = _Stream(model, uncond.to(dev), n, use_cache) if uncond is not None else None
+    out: List[torch.Tensor] = []
+    for i in range(n):
+        ids = model.sample_image_tokens(cond.h, None if free is None else free.h, sampling.cfg_scale,
+                                        sampling.temperature, sampling.top_k, sampling.top_p, g)
+        out.append(ids)
+        if i < n - 1:
+            cond.push(ids + model.vocab.visual_start)
+            if free is not None:
+                free.push(ids + model.vocab.visual_start)
+    return torch.stack(out, 1).cpu()

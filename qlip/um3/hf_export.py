@@ -94,6 +94,10 @@ def write_hf(folder: str, sd: Mapping[str, torch.Tensor], cfg: CausalLMConfig, b
 
 def export_hf(model, tokenizer, folder: str) -> str:
     """A UM3 model as a Hugging Face Qwen3 (QK-norm) or Llama folder, with its tokenizer."""
+    if model.vocab.layout != "subtoken":
+        raise ConfigError(f"a UM3 with the {model.vocab.layout!r} layout reads and predicts image tokens through "
+                          "its sub-token chain (chain.*), which no Hugging Face Llama / Qwen3 has: only the "
+                          "subtoken layout (the paper's) exports")
     lm = {k[len("lm."):]: v for k, v in model.folded_state_dict().items() if k.startswith("lm.")}
     write_hf(folder, lm, model.cfg, model.bos_id, model.eos_id, um3_vocab=model.vocab.to_dict())
     tokenizer.save(folder)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant.bsq import ids_to_group_ids
+
 IGNORE = -100
 
 
@@ -70,6 +72,44 @@ def head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         nll = nll.masked_scatter(~text, _group_nll(h[~text], weight[split:], t[~text] - split))
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     return out.index_put(where, nll)
+
+
+def token_layout_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab, chain,
+                     softmax: str = "split") -> torch.Tensor:
+    """Per-position NLLs ``(...)`` (float32, 0 where ``targets == IGNORE``) in UM3's ``token`` layout
+    (:mod:`qlip.um3.vocab`): a target ``>= vocab.visual_start`` is an image token ``visual_start + id``,
+    scored as the chain of its sub-tokens (``chain``: :class:`qlip.gen.heads.IntraChain`), factor ``k``
+    over group ``k``'s rows of ``weight``; the other targets are text rows. What a position predicts
+    next is a text token or an image token's **first** sub-token, so Eq. 6 applies there:
+
+    * ``split``: a text target over the text rows ``[0, visual_start)``, a first sub-token over group
+      0's rows;
+    * ``joint``: both over the text rows and group 0's rows together (one softmax, the ablation).
+
+    Later sub-tokens are inside the position, where nothing else competes: always over their group."""
+    if softmax not in LOSSES:
+        raise ValueError(f"softmax must be one of {tuple(LOSSES)}, got {softmax!r}")
+    vv = vocab.visual
+    start, gs = vocab.visual_start, vv.group_size
+    vis = targets >= start
+    text = torch.where(vis, torch.full_like(targets, IGNORE), targets)
+    first_rows = weight[:start] if softmax == "split" else weight[:start + gs]  # group 0 follows the text rows
+    out = head_nll(hidden, first_rows, text, start, "joint")  # one softmax over first_rows
+    # no early return without image targets: the chain then gets zero gradients, not none, so
+    # every rank reduces the same parameters (DDP / FSDP need that)
+    where = vis.nonzero(as_tuple=True)
+    sub = ids_to_group_ids(targets[where] - start, vv.bits, vv.group_bits)   # (n, G)
+
+    def logits(k: int, x: torch.Tensor) -> torch.Tensor:
+        if k == 0 and softmax == "joint":
+            return F.linear(x, first_rows)
+        lo = vv.group_start(k)
+        return F.linear(x, weight[lo:lo + gs])
+
+    index = sub.clone()
+    if softmax == "joint":  # factor 0's target is a row of first_rows
+        index[:, 0] += start
+    return out.index_put(where, chain.nll(hidden[where], sub, logits, index).float())
 
 
 def restrict_logits(logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -112,7 +112,7 @@ class MixedLoader(IndexedLoader):
             raise DataError("no image-text samples (token shards) to mix in")
         if int(images.bits) != vocab.bits:
             raise ConfigError(f"the token shards hold {images.bits}-bit ids, the model's vocabulary {vocab.bits} bits")
-        self.n_visual = int(np.asarray(images.ids[0]).size) * vocab.groups
+        self.n_visual = int(np.asarray(images.ids[0]).size) * vocab.per_token
         self.max_caption = L - self.n_visual - 4
         if self.max_caption < 1:
             raise ConfigError(f"data.seq_len={mix.seq_len} leaves no room for a caption next to an image of "
@@ -127,9 +127,9 @@ class MixedLoader(IndexedLoader):
             self._captions[i] = self.tok.encode(str(self.images.captions[i]))[: self.max_caption]
         return self._captions[i]
 
-    def image_rows(self, i: int) -> List[int]:
+    def image_seq(self, i: int) -> List[int]:
         ids = torch.as_tensor(np.asarray(self.images.ids[i]).astype(np.int64))[None]
-        return self.vocab.image_rows(ids)[0].tolist()
+        return self.vocab.image_seq(ids)[0].tolist()
 
     def _row(self, kind: int, text_start: int, image: int, drop_caption: bool):
         """(ids, target flags, split): label positions ``>= split`` are the row's second segment
@@ -139,7 +139,7 @@ class MixedLoader(IndexedLoader):
             seq = self.text_ids[text_start:text_start + L].tolist()
             return seq, [True] * (L - 1), L - 1
         cap = [] if kind == T2I and drop_caption else self.caption_ids(image)
-        seq, first = multimodal_row(kind, v, self.tok.bos_id, self.tok.eos_id, cap, self.image_rows(image))
+        seq, first = multimodal_row(kind, v, self.tok.bos_id, self.tok.eos_id, cap, self.image_seq(image))
         n = len(seq)
         split = first - 1 if kind == I2T else L - 1
         if kind == I2T and self.mix.i2t_image_loss:

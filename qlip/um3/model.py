@@ -19,6 +19,12 @@ classes). :func:`from_llama` starts it from any Hugging Face ``LlamaForCausalLM`
    row's bits is added to that row of the embedding and of the output layer, zero at the start.
    Every image then trains what its bits mean for all rows that share them, not only its own rows.
    Saved models fold it into the two matrices (:func:`fold_visual_bits`): a plain UM3 / Llama.
+6. ``layout="token"`` (ours, opt-in; :mod:`qlip.um3.vocab`): one sequence position per QLIP token.
+   The position reads the sum of its sub-tokens' embedding rows; the sub-tokens are predicted one
+   after another from its final state by :class:`qlip.gen.heads.IntraChain` (``chain.*``: small
+   MLPs and one embedding table per earlier sub-token), each over its group's rows of the output
+   layer. The text rows and the visual rows are the paper's; the chain is the only addition, so
+   this model is no longer a plain Llama (``qlip um3 export-hf`` refuses it).
 
 Saved as ``config.json`` (``{"architecture": "um3", "lm": CausalLMConfig, "vocab": UM3Vocab,
 "bos_id", "eos_id"}``) + ``model.safetensors`` (the ``qlip.nn`` names) + ``tokenizer.json``.
@@ -36,7 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..gen.heads import IntraChain
 from ..io import read_json
+from ..quant.bsq import group_ids_to_ids, ids_to_group_ids
 from ..nn import CausalLMConfig, CausalTransformer, causal_lm_config_from_hf, state_dict_from_hf
 from .text import TextTokenizer
 from .vocab import UM3Vocab
@@ -109,7 +117,7 @@ def fold_visual_bits(state_dict: Dict[str, torch.Tensor], vocab: UM3Vocab) -> Di
 
 class UM3(nn.Module):
     """``lm`` (a :class:`CausalTransformer` over ``vocab.size`` rows) + the vocabulary layout
-    (+ :class:`VisualBits` with ``visual_bits``)."""
+    (+ :class:`VisualBits` with ``visual_bits``, + :class:`IntraChain` in the ``token`` layout)."""
 
     def __init__(self, cfg: CausalLMConfig, vocab: UM3Vocab, bos_id: int, eos_id: int, visual_bits: bool = False):
         super().__init__()
@@ -118,16 +126,38 @@ class UM3(nn.Module):
         self.lm = CausalTransformer(cfg)
         self.vocab, self.bos_id, self.eos_id = vocab, int(bos_id), int(eos_id)
         self.visual_bits = VisualBits(vocab, cfg.dim) if visual_bits else None
+        vv = vocab.visual
+        self.chain = IntraChain(cfg.dim, vv.groups, vv.group_size) if vocab.layout == "token" else None
 
     @property
     def cfg(self) -> CausalLMConfig:
         return self.lm.cfg
 
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of ``rows`` (any shape), with the visual bits' part."""
+        e = self.lm.tok_embeddings(rows)
+        return e if self.visual_bits is None else self.visual_bits.embed(e, rows)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``(B, T, dim)`` of sequence entries ``tokens``: one row each, or in the
+        ``token`` layout, for an image token ``visual_start + id``, the sum of its sub-tokens' rows."""
+        if self.chain is None:
+            return self._rows(tokens)
+        v = self.vocab
+        vv = v.visual
+        vis = tokens >= v.visual_start
+        sub = ids_to_group_ids((tokens - v.visual_start).clamp(min=0), vv.bits, vv.group_bits)  # (B, T, G)
+        rows = sub + v.visual_start + torch.arange(vv.groups, device=tokens.device) * vv.group_size
+        e = self._rows(torch.where(vis, rows[..., 0], tokens))
+        if vv.groups > 1:
+            e = e + (self._rows(rows[..., 1:]).sum(-2) * vis[..., None].to(e.dtype))
+        return e
+
     def hidden(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         """The final hidden states ``(B, T, dim)`` of ``tokens`` (:meth:`CausalTransformer.forward_hidden`)."""
-        if self.visual_bits is None:
+        if self.visual_bits is None and self.chain is None:
             return self.lm.forward_hidden(tokens, **kw)
-        return self.lm.forward_hidden(embeds=self.visual_bits.embed(self.lm.tok_embeddings(tokens), tokens), **kw)
+        return self.lm.forward_hidden(embeds=self.embed(tokens), **kw)
 
     def output_weight(self) -> torch.Tensor:
         """The output layer's weight ``(vocab.size, dim)`` (with the visual bits' part)."""
@@ -142,12 +172,35 @@ class UM3(nn.Module):
         """Per-position negative log-likelihoods ``(B, T)`` of ``targets`` (``IGNORE``: 0) after
         ``tokens`` ``(B, T)``, under Eq. 6's split softmax or the joint one; logits are computed only
         at target positions (:func:`qlip.um3.loss.head_nll`)."""
-        from .loss import head_nll
+        from .loss import head_nll, token_layout_nll
+        if self.chain is not None:  # the token layout: image tokens through the chain
+            return token_layout_nll(self.hidden(tokens), self.output_weight(), targets, self.vocab, self.chain, softmax)
         return head_nll(self.hidden(tokens), self.output_weight(), targets, self.vocab.visual_start, softmax)
+
+    def next_hidden(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        """The final hidden state ``(B, dim)`` of the last position (generation)."""
+        return self.hidden(tokens, **kw)[:, -1]
 
     def next_logits(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         """Logits ``(B, vocab.size)`` of the last position only (generation: the head on one position)."""
-        return F.linear(self.hidden(tokens, **kw)[:, -1], self.output_weight())
+        return F.linear(self.next_hidden(tokens, **kw), self.output_weight())
+
+    def sample_image_tokens(self, h_cond: torch.Tensor, h_uncond: Optional[torch.Tensor] = None, cfg: float = 1.0,
+                            temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``token`` layout: QLIP ids ``(B,)`` drawn from the last hidden states ``h_cond`` ``(B, dim)``,
+        sub-token by sub-token over each group's output rows, each guided against ``h_uncond``."""
+        if self.chain is None:
+            raise CheckpointError("sample_image_tokens needs the token layout (model.layout: token)")
+        vv = self.vocab.visual
+        w = self.output_weight()
+
+        def logits(k: int, x: torch.Tensor) -> torch.Tensor:
+            lo = vv.group_start(k)
+            return (w[lo:lo + vv.group_size] @ x.to(w.dtype).T).T.float()  # few rows: W @ h^T (heads.py)
+
+        sub = self.chain.sample(logits, h_cond, h_uncond, cfg, temperature, top_k, top_p, generator)
+        return group_ids_to_ids(sub, vv.group_bits)
 
     def folded_state_dict(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """The state dict of the plain UM3 computing the same function (:func:`fold_visual_bits`)."""
@@ -214,16 +267,18 @@ def read_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
 
 def from_llama(folder: str, bits: int = 28, groups: int = 2, qk_norm: bool = True,
                max_seq_len: Optional[int] = None, visual_init: str = "mean",
-               visual_bits: bool = False) -> Tuple[UM3, TextTokenizer]:
+               visual_bits: bool = False, layout: str = "subtoken") -> Tuple[UM3, TextTokenizer]:
     """A UM3 model (float32) and its text tokenizer from a Hugging Face Llama (or Qwen3) folder;
     ``visual_init``: ``mean`` (the paper) or ``bits`` (:func:`bits_extend`); ``visual_bits``: add
-    the learned :class:`VisualBits` (zero at the start)."""
+    the learned :class:`VisualBits` (zero at the start); ``layout``: ``subtoken`` (the paper) or
+    ``token`` (:mod:`qlip.um3.vocab`; its chain starts at PyTorch's default init, from the
+    caller's random state: the engine seeds it)."""
     if visual_init not in VISUAL_INITS:
         raise CheckpointError(f"visual_init must be one of {', '.join(VISUAL_INITS)}, got {visual_init!r}")
     hf = read_json(os.path.join(folder, "config.json"))
     src_cfg = causal_lm_config_from_hf(hf)
     sd = state_dict_from_hf({k: v.float() for k, v in read_hf_weights(folder).items()}, src_cfg)
-    vocab = UM3Vocab(text_size=src_cfg.vocab_size, bits=bits, groups=groups)
+    vocab = UM3Vocab(text_size=src_cfg.vocab_size, bits=bits, groups=groups, layout=layout)
     extra = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
     cfg = causal_lm_config_from_hf(hf, vocab_size=vocab.size, tie_embeddings=False,
                                    qk_norm=qk_norm or src_cfg.qk_norm, **extra)

@@ -37,7 +37,7 @@ def drawing_nll(model: UM3, tok: TextTokenizer, captions: List[str], ids: torch.
     out = []
     for cap, x in zip(captions, ids):
         row, first = multimodal_row(T2I, v, model.bos_id, model.eos_id, tok.encode(cap) if cap else [],
-                                    v.image_rows(x[None].long())[0].tolist())
+                                    v.image_seq(x[None].long())[0].tolist())
         seq = torch.tensor([row])
         labels = seq[:, 1:].clone()
         labels[:, : first - 1] = IGNORE  # input t predicts seq[t + 1]: targets from seq[first] on

@@ -30,6 +30,7 @@ from .loss import LOSSES
 from .mixing import I2T, KINDS, MixConfig, MixedLoader, segment_masks, text_windows, tokenize_corpus
 from .model import UM3, VISUAL_INITS, from_llama, save_um3
 from .schedule import SCHEDULES
+from .vocab import LAYOUTS
 
 
 @dataclass
@@ -41,9 +42,13 @@ class UM3ModelSection:
     grad_checkpointing: bool = False
     visual_init: str = "mean"           # mean (paper Sec. 4.1) | bits (ours: + a projection of the row's bits)
     visual_bits: bool = False           # ours: + learned per-bit vectors on the visual rows (qlip.um3.model.VisualBits)
+    # subtoken: one sequence position per sub-token (paper) | token (ours): one per QLIP token, its
+    # sub-tokens predicted one after another from that position (qlip.um3.vocab, docs/um3.md)
+    layout: str = "subtoken"
 
     def validate(self) -> None:
         check("model.visual_init", self.visual_init, " or ".join(VISUAL_INITS), self.visual_init in VISUAL_INITS)
+        check("model.layout", self.layout, " or ".join(LAYOUTS), self.layout in LAYOUTS)
         if not self.init:
             raise ConfigError("model.init is empty: give a Hugging Face Llama folder to start from "
                               "(qlip um3 tiny-llama writes a tiny random one)")
@@ -112,7 +117,7 @@ class UM3Task(Task):
     def build_model(self) -> UM3:
         m = self.r.model
         model, self.tokenizer = from_llama(m.init, bits=m.bits, groups=m.groups, qk_norm=m.qk_norm,
-                                           visual_init=m.visual_init, visual_bits=m.visual_bits)
+                                           visual_init=m.visual_init, visual_bits=m.visual_bits, layout=m.layout)
         model.lm.grad_checkpointing = m.grad_checkpointing
         self.model = model
         self._text_ids = None

@@ -91,12 +91,17 @@ def test_intra_head_reads_generators_saved_with_the_two_half_names():
     from qlip.gen.heads import upgrade_state_dict
     model = _tiny("intra")
     sd = model.state_dict()
+    assert "head.chain.prev.0.weight" in sd
+    # the chain's modules directly on the head (before IntraChain)
+    flat = {k.replace("head.chain.", "head."): v for k, v in sd.items()}
+    # the two-half names (before the head took groups)
     old = {k.replace("head.outputs.0.", "head.out_hi.").replace("head.outputs.1.", "head.out_lo.")
             .replace("head.prev.0.", "head.hi_cond.").replace("head.norms.0.", "head.lo_norm.")
-            .replace("head.mlps.0.", "head.lo_mlp."): v for k, v in sd.items()}
-    assert "head.out_hi.weight" in old and "head.lo_mlp.0.weight" in old
-    up = upgrade_state_dict(old)
-    assert up.keys() == sd.keys() and all(torch.equal(up[k], sd[k]) for k in sd)
+            .replace("head.mlps.0.", "head.lo_mlp."): v for k, v in flat.items()}
+    assert "head.out_hi.weight" in old and "head.lo_mlp.0.weight" in old and "head.mlps.0.0.weight" in flat
+    for saved in (flat, old):
+        up = upgrade_state_dict(saved)
+        assert up.keys() == sd.keys() and all(torch.equal(up[k], sd[k]) for k in sd)
 
 
 def test_bits_round_trip_msb_first():

@@ -79,10 +79,11 @@ train(load_recipe(sys.argv[1]), sys.argv[2], on_log=on_log)
 """
 
 
-def test_trains_logs_the_mix_and_resumes_exactly_after_sigkill(setup, tmp_path):
+@pytest.mark.parametrize("layout", ["subtoken", "token"])
+def test_trains_logs_the_mix_and_resumes_exactly_after_sigkill(setup, tmp_path, layout):
     from qlip.train import load_recipe, train
     import qlip.um3  # noqa: F401  (registers the task)
-    path = recipe(tmp_path, setup, train={"eval_every": STEPS})
+    path = recipe(tmp_path, setup, train={"eval_every": STEPS}, model={"layout": layout})
     summary = train(load_recipe(path), str(tmp_path / "ref"))
     log = [r for r in _log(tmp_path / "ref") if "ce" in r]
     assert summary["task"] == "um3" and "text_ppl" in summary["eval"]
@@ -101,6 +102,10 @@ def test_trains_logs_the_mix_and_resumes_exactly_after_sigkill(setup, tmp_path):
     assert main(["um3", "generate", "--model", str(out / "final"), "--prompt", "a red", "--max-new-tokens", "5",
                  "-o", str(tmp_path / "t.txt")]) == 0
     assert (tmp_path / "t.txt").read_text().startswith("a red")
+    if layout == "token":  # the chain is trained and saved with the model
+        from safetensors.torch import load_file
+        w = load_file(str(out / "final" / "model.safetensors"))
+        assert "chain.prev.0.weight" in w
 
 
 def _free_port():
@@ -110,13 +115,15 @@ def _free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_two_fsdp_ranks_equal_one_process(setup, tmp_path):
+@pytest.mark.parametrize("layout", ["subtoken", "token"])
+def test_two_fsdp_ranks_equal_one_process(setup, tmp_path, layout):
     """2 gloo ranks x 2 rows (decoder blocks sharded with FSDP2) == 1 process x 4 rows: the mixed
     batch is a function of (seed, index), ranks keep disjoint rows, the loss divides by the global
-    number of targets. With the learned visual bits (model.visual_bits), kept with the root module."""
+    number of targets. With the learned visual bits (model.visual_bits) and, in the token layout, the
+    sub-token chain, both kept with the root module."""
     from qlip.train import load_recipe, train
     import qlip.um3  # noqa: F401
-    bits = {"init": setup["llama"], "bits": 8, "groups": 2, "visual_bits": True}
+    bits = {"init": setup["llama"], "bits": 8, "groups": 2, "visual_bits": True, "layout": layout}
     train(load_recipe(recipe(tmp_path, setup, "one.yaml", model=bits)), str(tmp_path / "one"))
     two = recipe(tmp_path, setup, "two.yaml", model=bits, data={"batch_size": 2}, train={"fsdp": True})
     _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

@@ -73,7 +73,7 @@ def test_guided_captions_are_guided_against_the_text_only_model(model):
     words = caption(m, tok, img, max_new=6, sampling=s)
     assert words == caption(m, tok, img, max_new=6, sampling=s, use_cache=False)
     assert words != caption(m, tok, img, max_new=6)  # guidance changes what this random model says
-    rows = v.image_rows(img)
+    rows = v.image_seq(img)
     cond = torch.cat([torch.tensor([[m.bos_id, v.boi]] * 2), rows, torch.full((2, 1), v.eoi)], 1)
     free = torch.tensor([[m.bos_id]] * 2)
     out = []

@@ -142,7 +142,7 @@ def test_vocabulary_layout():
     assert (v.boi, v.eoi, v.visual_start) == (128256, 128257, 128258)
     assert v.added == 2 + 2 * 16384 and v.size == 128258 + 32768
     ids = torch.tensor([[0, (1 << 28) - 1, (5 << 14) | 7]])
-    rows = v.image_rows(ids)
+    rows = v.image_seq(ids)
     assert rows.tolist() == [[128258, 128258 + 16384, 128258 + 16383, 128258 + 32767,
                               128258 + 5, 128258 + 16384 + 7]]
     assert torch.equal(v.visual.decode(rows), ids)
