@@ -37,7 +37,9 @@ steps, 4,096 training images held in memory, one thread):
   cut at 4 quantiles, i.e. 4 sign bits of a shifted projection, the only code a sign of a linear
   map can give one number; the encoder fixed, an MLP decoder trained); ``mlp-binary-p8-nonorm``
   (the eighth round: the sign without the L2 normalisation before it, so that the straight-through
-  gradient is not divided by the pre-normalisation norm);
+  gradient is not divided by the pre-normalisation norm); ``mlp-binary-p8-mix`` /
+  ``mlp-binary-p8-mix-decay`` (the ninth round: quantiser dropout, half of the codes left
+  continuous in training, or a share falling from all to none over the first 80% of the steps);
 * ``qlip-continuous`` / ``qlip-binary``: the demo's QLIP (``qlip-demo`` preset, conv stem, one
   encoder block, decoder 128 x 3) without the text tower, its bottleneck projection and
   up-projection with the BSQ step skipped (continuous) or kept (binary, with the 0.1-weighted BSQ
@@ -70,7 +72,7 @@ ROWS = ("linear-continuous", "linear-continuous-l2", "mlp-binary-p8", "mlp-binar
 # ways to train the binary code faster, tried on the per-patch MLP (rows only with --only)
 EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli", "mlp-binary-p8-edge",
          "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits", "mlp-continuous-p8",
-         "pca-thermometer-p8", "mlp-binary-p8-nonorm")
+         "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay")
 EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
 
 
@@ -173,7 +175,16 @@ class PatchAE(nn.Module):
         hard = torch.where(u > 0, 1.0, -1.0) * scale  # BSQ's forward: sign / sqrt(L)
         if self.mode == "commit":
             aux = 0.25 * ((u - hard) ** 2).sum(-1).mean()
-        return u + (hard - u).detach(), aux  # straight-through
+        ste = u + (hard - u).detach()  # straight-through
+        if self.mode in ("mix", "mix-decay") and self.training:
+            # quantiser dropout (the ninth round): a random share of the codes stays continuous (the
+            # unit-norm u, on the sphere through the cube's corners), so the decoder is also trained
+            # between the corners and the straight-through gradient at a corner is not a guess;
+            # the share is 1/2, or falls from 1 to 0 over training (mix-decay); evaluation is hard
+            share = 0.5 if self.mode == "mix" else max(0.0, 1.0 - self.progress / 0.8)
+            soft = torch.rand(u.shape[:-1] + (1,), device=u.device) < share
+            return torch.where(soft, u, ste), aux
+        return ste, aux
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         q, aux = self.code(self.enc(patches(x, self.patch)))
@@ -243,6 +254,8 @@ def build(row: str, train: torch.Tensor) -> nn.Module:
             "mlp-binary-p8-linear-dec": lambda: PatchAE(8, 256, "binary", linear_dec=True),
             "mlp-binary-p8-64bits": lambda: PatchAE(8, 256, "binary", bits=64),
             "mlp-binary-p8-nonorm": lambda: PatchAE(8, 256, "nonorm"),
+            "mlp-binary-p8-mix": lambda: PatchAE(8, 256, "mix"),
+            "mlp-binary-p8-mix-decay": lambda: PatchAE(8, 256, "mix-decay"),
             "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
             "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),

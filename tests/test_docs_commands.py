@@ -334,6 +334,14 @@ CHEAP: Dict[str, Cheap] = {
                     "runs/um3f --tag img-i25-2000 --test-images 128 --i2t-image-loss",
                     "runs/um3f --tag img-i50-2000 --test-images 128 --i2t-image-loss --i2t-share 0.5",
                     "runs/um3f --tag mix2-lr6-2000 --test-images 128 --reuse --caption-cfg 2")},
+    # docs/um3.md, "Issue 12, fifth round" (--layout runs on tiny data by tests/um3/test_um3_recipe_bench.py)
+    **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3f --tag " + tail:
+       Cheap("python benchmarks/um3_recipe.py --help")
+       for tail in ("tok-2000 --test-images 128 --layout token",
+                    "tok-6000 --test-images 128 --layout token --steps 6000 --reuse --cfg-scale 5",
+                    "tok-8000-lr3-s2 --seed 2 --lr 3e-3 --test-images 128 --layout token --steps 8000 --cfg-scale 5",
+                    "tok-6000-i35-s0 --seed 0 --i2t-share 0.35 --test-images 128 --layout token --steps 6000 "
+                    "--cfg-scale 5")},
     # (the size flags run on tiny data by tests/gen/test_demo_t2i.py)
     **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v6 --out runs/t2if --tag " + tail:
        Cheap("python benchmarks/t2i_recipe.py --help")
@@ -353,6 +361,8 @@ CHEAP: Dict[str, Cheap] = {
        for tail in ("", " --only tokens --token-train 480", " --only originals reconstructions --seed 1")},
     "python benchmarks/demo_bottleneck.py --data runs/demo-v3/data --steps 300 --only mlp-binary-p8 "
     "mlp-binary-p8-nonorm": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    "python benchmarks/demo_bottleneck.py --data runs/demo-v3/data --steps 300 --only mlp-binary-p8 "
+    "mlp-binary-p8-mix mlp-binary-p8-mix-decay mlp-continuous-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
     "python benchmarks/demo_recon.py --stage1 runs/demo-v3/qlip_stage1/final --data runs/demo-v3/data --out "
     "runs/s1w/base --judge-only": Cheap("python benchmarks/demo_recon.py --help"),
     **{"python benchmarks/demo_recon.py --data runs/demo-v3/data --recipe qlip/configs/demo-stage1.yaml --out " + tail:

@@ -59,12 +59,13 @@ from ..errors import ConfigError, DataError
 # the model, the budget and the data (FAST: the seconds-long smoke run of the tests)
 FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_sentences": 40000, "vocab": 512,
         "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "batch_size": 16, "caption_tokens": 24,
-        "steps": 2000, "lr": 6e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 500, "visual_init": "bits",
-        "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 10.0, "loss_average": "rows",
+        "steps": 8000, "lr": 3e-3, "warmup": 20, "calm_down_steps": 70, "ckpt_every": 2000, "visual_init": "bits",
+        "visual_bits": False, "precision": "fp32", "groups": 4, "cfg_scale": 5.0, "loss_average": "rows",
         "r0": 0.3, "rT": 0.05, "i2t_share": 0.25, "i2t_from": 0, "i2t_image_loss": False, "top_k": 200,
-        "temperature": 1.0, "caption_cfg": 1.0, "layout": "subtoken"}
+        "temperature": 1.0, "caption_cfg": 1.0, "layout": "token"}
 # (docs/um3.md, "Issue 12, third round": rows average, text 0.3 -> 0.05, a quarter of the multimodal
-# rows captions, lr 6e-3 and CFG 10 were chosen on the validation split)
+# rows captions; "fifth round": one position per QLIP token, 8,000 steps, lr 3e-3, CFG 5; all chosen
+# on the validation split)
 FAST = {**FULL, "train_shards": 1, "test_images": 8, "draws_per_class": 1, "corpus_sentences": 300, "vocab": 300,
         "dim": 32, "layers": 1, "ffn": 64, "batch_size": 4, "caption_tokens": 12, "steps": 3, "lr": 3e-3,
         "warmup": 1, "calm_down_steps": 2, "ckpt_every": 2, "cfg_scale": 3.0, "r0": 0.6, "rT": 0.3, "i2t_share": 0.5}

@@ -78,7 +78,7 @@ def token_layout_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                      softmax: str = "split") -> torch.Tensor:
     """Per-position NLLs ``(...)`` (float32, 0 where ``targets == IGNORE``) in UM3's ``token`` layout
     (:mod:`qlip.um3.vocab`): a target ``>= vocab.visual_start`` is an image token ``visual_start + id``,
-    scored as the chain of its sub-tokens (``chain``: :class:`qlip.gen.heads.IntraChain`), factor ``k``
+    scored as the chain of its sub-tokens (``chain``: :class:`qlip.nn.IntraChain`), factor ``k``
     over group ``k``'s rows of ``weight``; the other targets are text rows. What a position predicts
     next is a text token or an image token's **first** sub-token, so Eq. 6 applies there:
 

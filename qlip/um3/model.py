@@ -21,7 +21,7 @@ classes). :func:`from_llama` starts it from any Hugging Face ``LlamaForCausalLM`
    Saved models fold it into the two matrices (:func:`fold_visual_bits`): a plain UM3 / Llama.
 6. ``layout="token"`` (ours, opt-in; :mod:`qlip.um3.vocab`): one sequence position per QLIP token.
    The position reads the sum of its sub-tokens' embedding rows; the sub-tokens are predicted one
-   after another from its final state by :class:`qlip.gen.heads.IntraChain` (``chain.*``: small
+   after another from its final state by :class:`qlip.nn.IntraChain` (``chain.*``: small
    MLPs and one embedding table per earlier sub-token), each over its group's rows of the output
    layer. The text rows and the visual rows are the paper's; the chain is the only addition, so
    this model is no longer a plain Llama (``qlip um3 export-hf`` refuses it).
@@ -42,10 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..gen.heads import IntraChain
 from ..io import read_json
 from ..quant.bsq import group_ids_to_ids, ids_to_group_ids
-from ..nn import CausalLMConfig, CausalTransformer, causal_lm_config_from_hf, state_dict_from_hf
+from ..nn import CausalLMConfig, CausalTransformer, IntraChain, causal_lm_config_from_hf, state_dict_from_hf
 from .text import TextTokenizer
 from .vocab import UM3Vocab
 

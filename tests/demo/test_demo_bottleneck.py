@@ -8,7 +8,8 @@ from qlip.data.shapes import generate_shapes
 
 ROWS = ("linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli",
         "mlp-binary-p8-edge", "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits",
-        "mlp-continuous-p8", "pca-thermometer-p8", "mlp-binary-p8-nonorm", "qlip-continuous", "qlip-binary")
+        "mlp-continuous-p8", "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "qlip-continuous",
+        "qlip-binary")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -45,7 +46,21 @@ def test_patch_codes_are_what_the_rows_say():
     torch.manual_seed(0)
     train = torch.rand(32, 3, 64, 64)
     x = torch.randn(2, 3, 64, 64)
-    for row in ("mlp-binary-p8", "mlp-binary-p8-bernoulli", "mlp-binary-p8-64bits", "pca-thermometer-p8"):
+    # quantiser dropout: in training a share of the codes is the continuous unit-norm u (all at the
+    # start of mix-decay, none at its end), the others the hard code; evaluation is always hard
+    m = mod.build("mlp-binary-p8-mix-decay", train).train()
+    u = m.enc(mod.patches(x, 8))
+    unit = torch.nn.functional.normalize(u, dim=-1)
+    m.progress = 0.0
+    assert torch.allclose(m.code(u)[0], unit)
+    m.progress = 0.9
+    assert torch.allclose(m.code(u)[0].abs(), torch.full_like(unit, 1 / math.sqrt(m.bits)))
+    half = mod.build("mlp-binary-p8-mix", train).train()
+    q = half.code(u)[0]
+    soft = torch.isclose(q, unit).all(-1)
+    assert 0 < int(soft.sum()) < soft.numel()  # some codes continuous, some hard (2 x 64 codes)
+    for row in ("mlp-binary-p8", "mlp-binary-p8-bernoulli", "mlp-binary-p8-64bits", "pca-thermometer-p8",
+                "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay"):
         m = mod.build(row, train).eval()
         q, aux = m.code(m.enc(mod.patches(x, 8)))
         assert torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(m.bits))), row

@@ -36,6 +36,7 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     assert entry["visual_bits"] is True  # trained with the learned bit vectors, saved folded, scored
     assert entry["i2t_image_loss"] is True and "i2t_image_loss: true" in (out / "t" / "runs" / "um3" / "recipe.yaml").read_text()
     assert entry["top_k"] == 200 and entry["temperature"] == 1.0 and entry["caption_cfg"] == 1.0
+    assert entry["layout"] == "token" and "layout: token" in (out / "t" / "runs" / "um3" / "recipe.yaml").read_text()
     assert entry["eval_split"] == "val" and entry["eval_images"] == 6 and entry["ceiling"]["n"] == 6
     for k in ("caption_colour", "caption_kind", "draw_colour", "draw_kind", "draw_adherence_top1"):
         assert 0.0 <= entry[k] <= 1.0
@@ -52,7 +53,7 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     subprocess.run(cmd + ["--reuse", "--cfg-scale", "7", "--temperature", "0.5", "--top-k", "4", "--caption-cfg", "1"],
                    check=True, env=env, capture_output=True, text=True, cwd=REPO)
     again = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert again["cfg_scale"] == 7.0 and entry["cfg_scale"] == 10.0 and again["train_s"] is None
+    assert again["cfg_scale"] == 7.0 and entry["cfg_scale"] == 5.0 and again["train_s"] is None
     assert again["temperature"] == 0.5 and again["top_k"] == 4 and again["caption_cfg"] == 1.0
     assert final.stat().st_mtime_ns == before and again["text_ppl"] == entry["text_ppl"]  # same weights
     assert again["caption_colour"] == entry["caption_colour"]  # greedy captions do not depend on guidance
