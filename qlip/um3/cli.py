@@ -29,7 +29,9 @@ def register(sub) -> None:
                    help="default: 1.0 for --prompt and --draw, 0 (greedy) for --image")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of --draw (1 = off)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off); default 5 for --draw (the demo's), 1 for --image "
+                        "(a caption guided against the text-only model: docs/um3.md, fourth round), unused by --prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     g.set_defaults(func=_generate)
@@ -58,7 +60,8 @@ def _generate(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok = load_um3(args.model, device=device)
     temp = args.temperature if args.temperature is not None else (0.0 if args.image else 1.0)
-    s = Sampling(temperature=temp, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg, seed=args.seed)
+    cfg = args.cfg if args.cfg is not None else (5.0 if args.draw else 1.0)
+    s = Sampling(temperature=temp, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg, seed=args.seed)
     if args.prompt is not None:
         texts = continue_text(model, tok, args.prompt, args.max_new_tokens, s, n=args.n)
         return _write_texts(args.output, [args.prompt + t for t in texts])

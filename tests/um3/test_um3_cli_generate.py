@@ -28,6 +28,16 @@ def test_caption_and_draw_through_the_cli(folders, capsys):
     assert main(["um3", "generate", "--model", str(d / "um3"), "--image", str(d / "x.png"), "--qlip", str(d / "qlip"),
                  "--max-new-tokens", "4", "-o", str(d / "cap.txt")]) == 0
     assert len((d / "cap.txt").read_text().splitlines()) == 1
+    # by default a caption is greedy and unguided (the demo's captions), whatever --cfg draws use
+    import qlip
+    from qlip.um3.generate import Sampling, caption
+    from qlip.um3.model import load_um3
+    q = qlip.load(str(d / "qlip"))
+    model, tok = load_um3(str(d / "um3"))
+    ids = q.tokenize(q.preprocess(str(d / "x.png")))
+    want = caption(model, tok, ids, 4, Sampling(temperature=0.0))[0]
+    assert (d / "cap.txt").read_text().rstrip("\n") == want
+    assert want != caption(model, tok, ids, 4, Sampling(temperature=0.0, cfg_scale=5.0))[0]
     assert main(["um3", "generate", "--model", str(d / "um3"), "--draw", "a red circle", "--qlip", str(d / "qlip"),
                  "-n", "2", "--cfg", "2", "-o", str(d / "draw.png")]) == 0
     for i in range(2):
