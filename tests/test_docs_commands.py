@@ -334,6 +334,8 @@ CHEAP: Dict[str, Cheap] = {
                     "runs/um3f --tag img-i25-2000 --test-images 128 --i2t-image-loss",
                     "runs/um3f --tag img-i50-2000 --test-images 128 --i2t-image-loss --i2t-share 0.5",
                     "runs/um3f --tag mix2-lr6-2000 --test-images 128 --reuse --caption-cfg 2")},
+    # docs/um3.md, "Layouts" (run on a tiny model by tests/um3/test_um3_layout_bench.py)
+    "python benchmarks/um3_layout.py": Cheap("python benchmarks/um3_layout.py --help"),
     # docs/um3.md, "Issue 12, fifth round" (--layout runs on tiny data by tests/um3/test_um3_recipe_bench.py)
     **{"python benchmarks/um3_recipe.py --demo-dir runs/demo-v3 --out runs/um3f --tag " + tail:
        Cheap("python benchmarks/um3_recipe.py --help")
