@@ -7,7 +7,8 @@ last ``seq_len``); ``labels[t]`` is the target of input position ``t`` or ``IGNO
     image-to-text   <bos> <boi> v_1 .. v_2N <eoi> caption <eos> pad..     loss on caption + <eos>
     text-to-image   <bos> caption <boi> v_1 .. v_2N <eoi> pad..           loss on v_1 .. v_2N + <eoi>
 
-(``v``: visual sub-tokens, ``groups`` per QLIP token; pads are ``<eos>``, never a target). For
+(``v``: visual sub-tokens, ``groups`` per QLIP token, or one entry per QLIP token in the ``token``
+layout, :mod:`qlip.um3.vocab`; pads are ``<eos>``, never a target). For
 classifier-free guidance a text-to-image caption is dropped with probability ``cfg_dropout``
 (``<bos> <boi> v .. <eoi>``: the unconditional prompt used at sampling). That is also the start of
 every image-to-text row: with ``i2t_image_loss`` (ours, off by default) an image-to-text row
@@ -116,7 +117,7 @@ class MixedLoader(IndexedLoader):
         self.max_caption = L - self.n_visual - 4
         if self.max_caption < 1:
             raise ConfigError(f"data.seq_len={mix.seq_len} leaves no room for a caption next to an image of "
-                              f"{self.n_visual} sub-tokens (+ <bos> <boi> <eoi> <eos>): use at least "
+                              f"{self.n_visual} positions (+ <bos> <boi> <eoi> <eos>): use at least "
                               f"{self.n_visual + 4 + 8}")
         self._captions: Dict[int, List[int]] = {}
         super().__init__()

@@ -24,7 +24,7 @@ classes). :func:`from_llama` starts it from any Hugging Face ``LlamaForCausalLM`
    after another from its final state by :class:`qlip.nn.IntraChain` (``chain.*``: small
    MLPs and one embedding table per earlier sub-token), each over its group's rows of the output
    layer. The text rows and the visual rows are the paper's; the chain is the only addition, so
-   this model is no longer a plain Llama (``qlip um3 export-hf`` refuses it).
+   this model is no longer a plain Llama (:func:`qlip.um3.hf_export.export_hf` refuses it).
 
 Saved as ``config.json`` (``{"architecture": "um3", "lm": CausalLMConfig, "vocab": UM3Vocab,
 "bos_id", "eos_id"}``) + ``model.safetensors`` (the ``qlip.nn`` names) + ``tokenizer.json``.
@@ -43,8 +43,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import read_json
-from ..quant.bsq import group_ids_to_ids, ids_to_group_ids
 from ..nn import CausalLMConfig, CausalTransformer, IntraChain, causal_lm_config_from_hf, state_dict_from_hf
+from ..quant.bsq import group_ids_to_ids, ids_to_group_ids
 from .text import TextTokenizer
 from .vocab import UM3Vocab
 
