@@ -67,13 +67,17 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from qlip.quant.bsq import cross_correlation  # noqa: E402  (the penalty of loss.bit_decorrelation)
+
 BITS = 28
 ROWS = ("linear-continuous", "linear-continuous-l2", "mlp-binary-p8", "mlp-binary-p4", "qlip-continuous", "qlip-binary")
 # ways to train the binary code faster, tried on the per-patch MLP (rows only with --only)
 EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli", "mlp-binary-p8-edge",
          "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits", "mlp-continuous-p8",
-         "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay")
+         "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
+         "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn")
 EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
+DECOR_WEIGHT = 1.0  # mlp-binary-p8-decorrelated: weight of the bits' squared cross-correlations
 
 
 def gradient_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -152,6 +156,8 @@ class PatchAE(nn.Module):
         self.progress = 0.0  # fraction of training done (set by the loop; the annealed relaxation reads it)
         self.enc = mlp(d, hidden, bits) if hidden else nn.Linear(d, bits)
         self.dec = mlp(bits, hidden, d) if hidden and not linear_dec else nn.Linear(bits, d)
+        # balanced bits (the ninth round): each pre-sign number centred and scaled over the batch
+        self.bn = nn.BatchNorm1d(bits, affine=False) if mode in ("balanced", "decorrelated") else None
 
     def code(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pre-quantisation outputs -> (the decoder's input, an auxiliary loss)."""
@@ -169,6 +175,12 @@ class PatchAE(nn.Module):
             # straight-through gradient is not divided by |u| (which grows in training)
             hard = torch.where(u > 0, 1.0, -1.0) * scale
             return u * scale + (hard - u * scale).detach(), aux
+        if self.bn is not None:  # every bit splits the batch near 50/50: no constant (dead) bits
+            u = self.bn(u.reshape(-1, u.shape[-1])).view(u.shape)
+            if self.mode == "decorrelated" and self.training:  # and no two bits say the same thing
+                aux = aux + DECOR_WEIGHT * cross_correlation(u)
+        if self.mode == "decorrelated-nobn" and self.training:  # the same penalty, no normalisation layer
+            aux = aux + DECOR_WEIGHT * cross_correlation(u)
         u = F.normalize(u, dim=-1)
         if self.mode == "l2":
             return u, aux
@@ -256,6 +268,9 @@ def build(row: str, train: torch.Tensor) -> nn.Module:
             "mlp-binary-p8-nonorm": lambda: PatchAE(8, 256, "nonorm"),
             "mlp-binary-p8-mix": lambda: PatchAE(8, 256, "mix"),
             "mlp-binary-p8-mix-decay": lambda: PatchAE(8, 256, "mix-decay"),
+            "mlp-binary-p8-balanced": lambda: PatchAE(8, 256, "balanced"),
+            "mlp-binary-p8-decorrelated": lambda: PatchAE(8, 256, "decorrelated"),
+            "mlp-binary-p8-decorrelated-nobn": lambda: PatchAE(8, 256, "decorrelated-nobn"),
             "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
             "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),
@@ -300,6 +315,26 @@ def judged(name: str, images01: torch.Tensor, val: torch.Tensor, labels: torch.T
 
 
 @torch.no_grad()
+def code_usage(model: nn.Module, val: torch.Tensor) -> Dict:
+    """Per-patch rows: distinct codes among the validation patches and the mean entropy of a bit
+    (1 bit: the bit splits the patches 50/50; 0: a constant, dead bit). Empty for the others."""
+    from qlip.model.config import OPENAI_MEAN, OPENAI_STD
+    from qlip.model.preprocess import normalize
+    if not isinstance(model, PatchAE) or model.mode in ("continuous", "l2"):
+        return {}
+    model.eval()
+    u = model.enc(patches(normalize(val, OPENAI_MEAN, OPENAI_STD), model.patch)).flatten(0, -2)
+    if model.bn is not None:
+        u = model.bn(u)
+    bits = u > 0
+    p = bits.double().mean(0).clamp(1e-12, 1 - 1e-12)
+    entropy = -(p * p.log2() + (1 - p) * (1 - p).log2())
+    weights = 1 << torch.arange(model.bits, dtype=torch.int64) if model.bits < 63 else None
+    distinct = int(torch.unique((bits.long() * weights).sum(-1)).numel()) if weights is not None else None
+    return {"distinct_codes": distinct, "bit_entropy_mean": round(float(entropy.mean()), 3)}
+
+
+@torch.no_grad()
 def reconstruct(model: nn.Module, val: torch.Tensor) -> torch.Tensor:
     from qlip.model.config import OPENAI_MEAN, OPENAI_STD
     from qlip.model.preprocess import denormalize, normalize
@@ -321,6 +356,7 @@ def references(val: torch.Tensor, labels: torch.Tensor) -> List[Dict]:
 
 
 def main(argv=None) -> int:
+    global DECOR_WEIGHT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="runs/demo/data", help="the demo's data folder")
     ap.add_argument("--steps", type=int, default=300)
@@ -331,14 +367,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", choices=ROWS + EXTRA, default=None, help=f"rows to train (default: {', '.join(ROWS)})")
     ap.add_argument("--out", default="runs/bottleneck.json")
+    ap.add_argument("--decor-weight", type=float, default=DECOR_WEIGHT,
+                    help="mlp-binary-p8-decorrelated: weight of the bits' squared cross-correlations")
+    ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                    help="judge the degraded originals too (blur, patch means)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    DECOR_WEIGHT = a.decor_weight
     val, labels = load_val(a.data)
     train = load_train(a.data, a.train_images)
-    rows = references(val, labels)
+    rows = references(val, labels) if a.references else []
     for row in a.only or ROWS:
         model, secs = train_row(row, train, a.steps, a.lr, a.batch, a.seed)
-        rows.append(judged(row, reconstruct(model, val), val, labels, steps=a.steps, train_s=round(secs, 1)))
+        rows.append(judged(row, reconstruct(model, val), val, labels, steps=a.steps, train_s=round(secs, 1),
+                           **code_usage(model, val)))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"settings": vars(a), "rows": rows}, f, indent=1)

@@ -201,3 +201,20 @@ def test_distributed_true_needs_a_process_group():
         q(torch.randn(3, 4), compute_loss=True)
     q.distributed = None  # default: local average without a process group
     assert torch.isfinite(q(torch.randn(3, 4), compute_loss=True)[2])
+
+
+def test_decorrelation_term_adds_the_bits_cross_correlation():
+    """BSQ's opt-in decorrelation (the recipe's loss.bit_decorrelation): loss + w * cross_correlation(u),
+    logged as bit_correlation; 0 for independent numbers, L - 1 for copies of one."""
+    from qlip.quant.bsq import cross_correlation
+    torch.manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(4, 16, 28), dim=-1)
+    plain = BinarySphericalQuantizer(embed_dim=28, group_size=7).train()
+    q = BinarySphericalQuantizer(embed_dim=28, group_size=7, decorrelation=2.0).train()
+    _, _, l0, s0 = plain(u)
+    _, _, l1, s1 = q(u)
+    assert "bit_correlation" not in s0 and torch.allclose(s1["bit_correlation"], cross_correlation(u))
+    assert torch.allclose(l1, l0 + 2.0 * cross_correlation(u))
+    z = torch.randn(8192, 28, generator=torch.Generator().manual_seed(1))
+    assert float(cross_correlation(z)) < 0.01
+    assert abs(float(cross_correlation(z[:, :1].expand(-1, 28))) - 27.0) < 0.05

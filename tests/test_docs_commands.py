@@ -365,6 +365,17 @@ CHEAP: Dict[str, Cheap] = {
     "mlp-binary-p8-nonorm": Cheap("python benchmarks/demo_bottleneck.py --help"),
     "python benchmarks/demo_bottleneck.py --data runs/demo-v3/data --steps 300 --only mlp-binary-p8 "
     "mlp-binary-p8-mix mlp-binary-p8-mix-decay mlp-continuous-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    **{"python benchmarks/demo_bottleneck.py --data runs/demo-v3/data --steps " + tail:
+       Cheap("python benchmarks/demo_bottleneck.py --help")
+       for tail in ("1000 --only mlp-binary-p8 mlp-binary-p8-balanced",
+                    "1000 --no-references --decor-weight 0.3 --only mlp-binary-p8-decorrelated "
+                    "mlp-binary-p8-decorrelated-nobn",
+                    "1000 --no-references --seed 1 --decor-weight 0.3 --only mlp-binary-p8 mlp-binary-p8-decorrelated",
+                    "3000 --no-references --only mlp-binary-p8-decorrelated")},
+    **{"python benchmarks/demo_recon.py --stage1 runs/demo-v3/qlip_stage1/final --data runs/demo-v3/data --out "
+       + tail: Cheap("python benchmarks/demo_recon.py --help")
+       for tail in ("runs/rec9/base", "runs/rec9/decor05 loss.bit_decorrelation=0.5",
+                    "runs/rec9/decor3 loss.bit_decorrelation=3")},
     "python benchmarks/demo_recon.py --stage1 runs/demo-v3/qlip_stage1/final --data runs/demo-v3/data --out "
     "runs/s1w/base --judge-only": Cheap("python benchmarks/demo_recon.py --help"),
     **{"python benchmarks/demo_recon.py --data runs/demo-v3/data --recipe qlip/configs/demo-stage1.yaml --out " + tail:

@@ -89,6 +89,21 @@ def check_ids(ids: torch.Tensor, num_bits: int, what: str = "ids") -> None:
                             f"found values in [{lo}, {hi}]")
 
 
+def cross_correlation(u: torch.Tensor) -> torch.Tensor:
+    """Squared off-diagonal correlations between the ``L`` pre-quantisation numbers of ``u``
+    ``(..., L)`` over all its tokens (each number standardised over them), divided by ``L``: 0 when no
+    two bits covary, ``L - 1`` when all are copies of one. Ours (the recipe's
+    ``loss.bit_decorrelation``, off by default): a code whose bits repeat each other carries few distinct ids (the demo's
+    stage-1 code used 881 of 2^28 over 20,480 tokens); penalising the correlations spreads it
+    (docs/demo.md, "Ninth round"). Computed over the tokens this call sees: per rank (and per chunk
+    when the loss is chunked), not over the global batch."""
+    flat = u.reshape(-1, u.shape[-1]).float()
+    z = (flat - flat.mean(0)) / (flat.std(0) + 1e-5)
+    corr = (z.T @ z) / flat.shape[0]
+    off = corr - torch.diag(torch.diagonal(corr))
+    return (off ** 2).sum() / u.shape[-1]
+
+
 class BinarySphericalQuantizer(nn.Module):
     """BSQ over the last dimension of ``(..., L)`` inputs.
 
@@ -112,7 +127,8 @@ class BinarySphericalQuantizer(nn.Module):
 
     def __init__(self, embed_dim: int = 28, group_size: int = 7, inv_temperature: float = 1.0,
                  l2_norm: bool = True, beta: float = 0.0, gamma_0: float = 1.0, gamma_1: float = 1.0,
-                 persample_entropy: str = "group", distributed: Optional[bool] = None, group=None):
+                 persample_entropy: str = "group", distributed: Optional[bool] = None, group=None,
+                 decorrelation: float = 0.0):
         super().__init__()
         if embed_dim < 1 or embed_dim > 62:
             raise ValueError(f"embed_dim (bits per token) must be in [1, 62], got {embed_dim}")
@@ -127,6 +143,7 @@ class BinarySphericalQuantizer(nn.Module):
         self.inv_temperature, self.l2_norm = float(inv_temperature), bool(l2_norm)
         self.beta, self.gamma_0, self.gamma_1 = float(beta), float(gamma_0), float(gamma_1)
         self.persample_entropy = persample_entropy
+        self.decorrelation = float(decorrelation)
         self.distributed, self.group = distributed, group
         self._reference: Optional[Tuple[torch.Tensor, float]] = None  # set by codebook_reference
         self.scale = 1.0 / math.sqrt(embed_dim) if l2_norm else 1.0
@@ -262,9 +279,14 @@ class BinarySphericalQuantizer(nn.Module):
         loss = self.beta * commit + (self.gamma_0 * persample - self.gamma_1 * codebook) / self.inv_temperature
         stats: Dict[str, torch.Tensor] = {"persample_entropy": persample.detach(),
                                           "codebook_entropy": codebook.detach(), "commit": commit.detach()}
+        if self.decorrelation:  # ours, off by default: no two bits should say the same thing
+            corr = cross_correlation(u)
+            loss = loss + self.decorrelation * corr
+            stats["bit_correlation"] = corr.detach()
         return codes, ids, loss, stats
 
     def extra_repr(self) -> str:
         return (f"bits={self.embed_dim}, group_size={self.group_size}, inv_temperature={self.inv_temperature}, "
                 f"l2_norm={self.l2_norm}, beta={self.beta}, gamma=({self.gamma_0}, {self.gamma_1}), "
-                f"persample_entropy={self.persample_entropy!r}")
+                f"persample_entropy={self.persample_entropy!r}"
+                + (f", decorrelation={self.decorrelation}" if self.decorrelation else ""))

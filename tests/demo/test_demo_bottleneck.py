@@ -8,8 +8,8 @@ from qlip.data.shapes import generate_shapes
 
 ROWS = ("linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli",
         "mlp-binary-p8-edge", "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits",
-        "mlp-continuous-p8", "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "qlip-continuous",
-        "qlip-binary")
+        "mlp-continuous-p8", "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
+        "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "qlip-continuous", "qlip-binary")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -30,6 +30,9 @@ def test_bottleneck_benchmark_rows(tmp_path):
         r = rows[name]
         assert r["steps"] == 2 and r["train_s"] >= 0
         assert 0.0 <= r["judge_colour"] <= 1.0 and 0.0 <= r["judge_kind"] <= 1.0 and 0 < r["psnr"] < 60
+        if name.startswith("mlp-binary-p8") and name != "mlp-binary-p8-64bits":  # code usage of the per-patch codes
+            assert 1 <= r["distinct_codes"] <= 8 * 64 and 0.0 <= r["bit_entropy_mean"] <= 1.0
+    assert "distinct_codes" not in rows["mlp-continuous-p8"]
 
 
 def test_patch_codes_are_what_the_rows_say():
@@ -59,8 +62,15 @@ def test_patch_codes_are_what_the_rows_say():
     q = half.code(u)[0]
     soft = torch.isclose(q, unit).all(-1)
     assert 0 < int(soft.sum()) < soft.numel()  # some codes continuous, some hard (2 x 64 codes)
+    # decorrelation: the penalty is 0 for uncorrelated numbers and large for copies of one number
+    z = torch.randn(4096, 28, generator=torch.Generator().manual_seed(0))
+    assert float(mod.cross_correlation(z)) < 0.02
+    assert abs(float(mod.cross_correlation(z[:, :1].expand(-1, 28))) - 27.0) < 0.05   # 28 * 27 ones / 28
+    m = mod.build("mlp-binary-p8-decorrelated", train).train()
+    assert float(m.code(m.enc(mod.patches(x, 8)))[1].detach()) > 0
     for row in ("mlp-binary-p8", "mlp-binary-p8-bernoulli", "mlp-binary-p8-64bits", "pca-thermometer-p8",
-                "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay"):
+                "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
+                "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn"):
         m = mod.build(row, train).eval()
         q, aux = m.code(m.enc(mod.patches(x, 8)))
         assert torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(m.bits))), row

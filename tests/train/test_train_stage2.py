@@ -106,3 +106,20 @@ def test_stage2_can_replace_the_pixel_head(shapes_dir, stage1, tmp_path):
     bad = tiny_recipe(shapes_dir, model={"decoder_head": "conv"})
     with pytest.raises(ConfigError, match="model.decoder_head replaces the head of a model.init checkpoint"):
         train(Recipe.from_dict(bad), str(tmp_path / "bad"))
+
+
+def test_stage2_bit_decorrelation_is_a_training_loss_only(shapes_dir, stage1, tmp_path):
+    """loss.bit_decorrelation (ours, off by default) adds the bits' cross-correlation to the BSQ loss
+    and logs it; it is not part of the saved model's config, so the model loads like any other."""
+    from qlip.train import train
+    from qlip.train.recipe import Recipe
+    import qlip
+    d = tiny_recipe(shapes_dir, model={"preset": None, "init": str(stage1)},
+                    optim={"steps": 2, "warmup_steps": 0, "schedule": "constant", "optimizer": "adamw"},
+                    loss={"alpha_a": 0.0, "bit_decorrelation": 0.5}, train={"stage": 2, "ckpt_every": 0})
+    train(Recipe.from_dict(d), str(tmp_path / "run"))
+    log = read_log(tmp_path / "run")
+    assert all(r["bsq_bit_correlation"] >= 0 for r in log)
+    assert qlip.load(str(tmp_path / "run" / "final")).quantizer.decorrelation == 0.0
+    with pytest.raises(Exception, match="bit_decorrelation"):
+        Recipe.from_dict(tiny_recipe(shapes_dir, loss={"bit_decorrelation": -1.0}))

@@ -89,6 +89,9 @@ class LossSection:
     lpips_net: str = "vgg"    # LPIPS trunk: vgg (paper) | alex | squeeze
     lpips_backbone: str = "auto"  # auto: the real trunk weights or a one-line error; random: explicit opt-in
     hard_negatives: bool = False  # score each image against a hard-negative caption ({key}.neg.txt) too
+    # ours, off: + this weight x the bits' squared cross-correlations over the batch, inside the BSQ
+    # loss (so scaled by alpha_q too; qlip.quant.bsq.cross_correlation, docs/demo.md "Ninth round")
+    bit_decorrelation: float = 0.0
     logit_scale_max: float = 4.6052   # ln(100), clamp as CLIP does
 
     def validate(self) -> None:
@@ -98,7 +101,7 @@ class LossSection:
             raise ConfigError(f"loss.lpips_backbone must be auto, pretrained or random, got {self.lpips_backbone!r}")
         if self.semantic_features not in ("embedding", "tokens"):
             raise ConfigError(f"loss.semantic_features must be embedding or tokens, got {self.semantic_features!r}")
-        for name in ("alpha_r", "alpha_q", "alpha_a", "alpha_z", "alpha_p", "alpha_g", "alpha_s"):
+        for name in ("alpha_r", "alpha_q", "alpha_a", "alpha_z", "alpha_p", "alpha_g", "alpha_s", "bit_decorrelation"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0")
         check("loss.logit_scale_max", self.logit_scale_max, "> 0", self.logit_scale_max > 0)
@@ -229,6 +232,7 @@ class QLIPTask(Task):
             raise ConfigError("loss.alpha_a > 0 needs a text tower, but the model has none")
         if L.alpha_z > 0 and model.config.decoder.width != model.config.vision.width:
             raise ConfigError("loss.alpha_z (||sg(Z_hat) - Z||) needs decoder width == vision width")
+        model.quantizer.decorrelation = float(L.bit_decorrelation)  # a training-loss weight, not saved
         if t.stage == 2:
             model.visual.requires_grad_(False)
             model.logit_scale.requires_grad_(False)
