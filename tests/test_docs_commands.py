@@ -376,6 +376,9 @@ CHEAP: Dict[str, Cheap] = {
        + tail: Cheap("python benchmarks/demo_recon.py --help")
        for tail in ("runs/rec9/base", "runs/rec9/decor05 loss.bit_decorrelation=0.5",
                     "runs/rec9/decor3 loss.bit_decorrelation=3")},
+    **{"python benchmarks/demo_recon.py --data runs/demo-v3/data --recipe qlip/configs/demo-stage1.yaml --out "
+       + tail: Cheap("python benchmarks/demo_recon.py --help")
+       for tail in ("runs/s1w/decor3 loss.bit_decorrelation=3", "runs/s1w/decor10 loss.bit_decorrelation=10")},
     "python benchmarks/demo_recon.py --stage1 runs/demo-v3/qlip_stage1/final --data runs/demo-v3/data --out "
     "runs/s1w/base --judge-only": Cheap("python benchmarks/demo_recon.py --help"),
     **{"python benchmarks/demo_recon.py --data runs/demo-v3/data --recipe qlip/configs/demo-stage1.yaml --out " + tail:
