@@ -149,10 +149,11 @@ class PatchAE(nn.Module):
     linear decoder behind the MLP encoder.
     """
 
-    def __init__(self, patch: int, hidden: int, mode: str, bits: int = BITS, linear_dec: bool = False):
+    def __init__(self, patch: int, hidden: int, mode: str, bits: int = BITS, linear_dec: bool = False,
+                 decor_weight: float = DECOR_WEIGHT):
         super().__init__()
         d = 3 * patch * patch
-        self.patch, self.mode, self.bits = patch, mode, bits
+        self.patch, self.mode, self.bits, self.decor_weight = patch, mode, bits, decor_weight
         self.progress = 0.0  # fraction of training done (set by the loop; the annealed relaxation reads it)
         self.enc = mlp(d, hidden, bits) if hidden else nn.Linear(d, bits)
         self.dec = mlp(bits, hidden, d) if hidden and not linear_dec else nn.Linear(bits, d)
@@ -177,10 +178,8 @@ class PatchAE(nn.Module):
             return u * scale + (hard - u * scale).detach(), aux
         if self.bn is not None:  # every bit splits the batch near 50/50: no constant (dead) bits
             u = self.bn(u.reshape(-1, u.shape[-1])).view(u.shape)
-            if self.mode == "decorrelated" and self.training:  # and no two bits say the same thing
-                aux = aux + DECOR_WEIGHT * cross_correlation(u)
-        if self.mode == "decorrelated-nobn" and self.training:  # the same penalty, no normalisation layer
-            aux = aux + DECOR_WEIGHT * cross_correlation(u)
+        if self.mode.startswith("decorrelated") and self.training:  # no two bits say the same thing
+            aux = aux + self.decor_weight * cross_correlation(u)
         u = F.normalize(u, dim=-1)
         if self.mode == "l2":
             return u, aux
@@ -253,7 +252,7 @@ def frozen_encoder(model: PatchAE) -> PatchAE:
     return model
 
 
-def build(row: str, train: torch.Tensor) -> nn.Module:
+def build(row: str, train: torch.Tensor, decor_weight: float = DECOR_WEIGHT) -> nn.Module:
     return {"linear-continuous": lambda: PatchAE(8, 0, "continuous"),
             "linear-continuous-l2": lambda: PatchAE(8, 0, "l2"),
             "mlp-binary-p8": lambda: PatchAE(8, 256, "binary"),
@@ -269,19 +268,20 @@ def build(row: str, train: torch.Tensor) -> nn.Module:
             "mlp-binary-p8-mix": lambda: PatchAE(8, 256, "mix"),
             "mlp-binary-p8-mix-decay": lambda: PatchAE(8, 256, "mix-decay"),
             "mlp-binary-p8-balanced": lambda: PatchAE(8, 256, "balanced"),
-            "mlp-binary-p8-decorrelated": lambda: PatchAE(8, 256, "decorrelated"),
-            "mlp-binary-p8-decorrelated-nobn": lambda: PatchAE(8, 256, "decorrelated-nobn"),
+            "mlp-binary-p8-decorrelated": lambda: PatchAE(8, 256, "decorrelated", decor_weight=decor_weight),
+            "mlp-binary-p8-decorrelated-nobn": lambda: PatchAE(8, 256, "decorrelated-nobn", decor_weight=decor_weight),
             "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
             "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),
             "qlip-binary": lambda: QLIPAE(True)}[row]()
 
 
-def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, seed: int) -> Tuple[nn.Module, float]:
+def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
+              decor_weight: float = DECOR_WEIGHT) -> Tuple[nn.Module, float]:
     from qlip.model.config import OPENAI_MEAN, OPENAI_STD
     from qlip.model.preprocess import normalize
     torch.manual_seed(seed)
-    model = build(row, train)
+    model = build(row, train, decor_weight)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
@@ -356,7 +356,6 @@ def references(val: torch.Tensor, labels: torch.Tensor) -> List[Dict]:
 
 
 def main(argv=None) -> int:
-    global DECOR_WEIGHT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="runs/demo/data", help="the demo's data folder")
     ap.add_argument("--steps", type=int, default=300)
@@ -373,12 +372,11 @@ def main(argv=None) -> int:
                     help="judge the degraded originals too (blur, patch means)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    DECOR_WEIGHT = a.decor_weight
     val, labels = load_val(a.data)
     train = load_train(a.data, a.train_images)
     rows = references(val, labels) if a.references else []
     for row in a.only or ROWS:
-        model, secs = train_row(row, train, a.steps, a.lr, a.batch, a.seed)
+        model, secs = train_row(row, train, a.steps, a.lr, a.batch, a.seed, a.decor_weight)
         rows.append(judged(row, reconstruct(model, val), val, labels, steps=a.steps, train_s=round(secs, 1),
                            **code_usage(model, val)))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

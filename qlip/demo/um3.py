@@ -209,8 +209,10 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
 def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
     from ..train import Recipe
     softmax, mixing, text_only = RUNS[name]
+    from ..um3.vocab import UM3Vocab
     groups, layout = cfg.get("groups", 2), cfg.get("layout", "subtoken")
-    seq_len = prep["grid"] ** 2 * (1 if layout == "token" else groups) + 4 + cfg["caption_tokens"]
+    per_token = UM3Vocab(text_size=1, bits=prep["bits"], groups=groups, layout=layout).per_token
+    seq_len = prep["grid"] ** 2 * per_token + 4 + cfg["caption_tokens"]
     r0, rT = (1.0, 1.0) if text_only else (cfg["r0"], cfg["rT"])
     return Recipe.from_dict({
         "task": "um3",

@@ -93,10 +93,10 @@ def cross_correlation(u: torch.Tensor) -> torch.Tensor:
     """Squared off-diagonal correlations between the ``L`` pre-quantisation numbers of ``u``
     ``(..., L)`` over all its tokens (each number standardised over them), divided by ``L``: 0 when no
     two bits covary, ``L - 1`` when all are copies of one. Ours (the recipe's
-    ``loss.bit_decorrelation``, off by default): a code whose bits repeat each other carries few distinct ids (the demo's
-    stage-1 code used 881 of 2^28 over 20,480 tokens); penalising the correlations spreads it
-    (docs/demo.md, "Ninth round"). Computed over the tokens this call sees: per rank (and per chunk
-    when the loss is chunked), not over the global batch."""
+    ``loss.bit_decorrelation``, off by default): a code whose bits repeat each other carries few
+    distinct ids (the demo's stage-1 code used 881 of 2^28 over 20,480 tokens); penalising the
+    correlations spreads it (docs/demo.md, "Ninth round"). Computed over the tokens this call sees:
+    per rank (and per chunk when the loss is chunked), not over the global batch."""
     flat = u.reshape(-1, u.shape[-1]).float()
     z = (flat - flat.mean(0)) / (flat.std(0) + 1e-5)
     corr = (z.T @ z) / flat.shape[0]

@@ -63,12 +63,13 @@ class _Stream:
 
 
 @torch.no_grad()
-def generate(model: UM3, prompt: torch.Tensor, max_new: int, rows: Callable[[int], Tuple[int, int]],
-             sampling: Sampling = Sampling(), uncond: Optional[torch.Tensor] = None,
-             stop: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
-    """``max_new`` tokens after ``prompt`` ``(B, T)``; step ``i`` samples among rows ``rows(i)``.
-    With ``uncond`` (``(B, T')``) the logits are guided with ``sampling.cfg_scale``. With ``stop``
-    the loop ends once every row has produced it (later tokens of a row are ``stop``)."""
+def _decode(model: UM3, prompt: torch.Tensor, max_new: int, pick: Callable, sampling: Sampling,
+            uncond: Optional[torch.Tensor] = None, stop: Optional[int] = None, use_cache: bool = True,
+            feed: Callable[[torch.Tensor], torch.Tensor] = lambda tok: tok) -> torch.Tensor:
+    """The decoding loop of every mode: ``max_new`` outputs after ``prompt`` ``(B, T)``; step ``i``'s
+    output is ``pick(i, cond, free, generator)`` (``cond`` / ``free``: the :class:`_Stream` of the
+    prompt and of ``uncond``, ``None`` without it), and ``feed(output)`` is the next entry of both
+    streams. With ``stop`` the loop ends once every row has produced it (later outputs are ``stop``)."""
     dev = model.lm.output.weight.device
     g = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
     cond = _Stream(model, prompt.to(dev), max_new, use_cache)
@@ -76,20 +77,33 @@ def generate(model: UM3, prompt: torch.Tensor, max_new: int, rows: Callable[[int
     out: List[torch.Tensor] = []
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=dev)
     for i in range(max_new):
-        logits = cond.logits if free is None else cfg_logits(cond.logits, free.logits, sampling.cfg_scale)
-        lo, hi = rows(i)
-        tok = sample(restrict_logits(logits, lo, hi), temperature=sampling.temperature, top_k=sampling.top_k,
-                     top_p=sampling.top_p, generator=g)
+        tok = pick(i, cond, free, g)
         if stop is not None:
             tok = torch.where(done, torch.full_like(tok, stop), tok)
             done |= tok == stop
         out.append(tok)
         if (stop is not None and bool(done.all())) or i == max_new - 1:
             break
-        cond.push(tok)
+        nxt = feed(tok)
+        cond.push(nxt)
         if free is not None:
-            free.push(tok)
+            free.push(nxt)
     return torch.stack(out, 1)
+
+
+def generate(model: UM3, prompt: torch.Tensor, max_new: int, rows: Callable[[int], Tuple[int, int]],
+             sampling: Sampling = Sampling(), uncond: Optional[torch.Tensor] = None,
+             stop: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
+    """``max_new`` tokens after ``prompt`` ``(B, T)``; step ``i`` samples among rows ``rows(i)``.
+    With ``uncond`` (``(B, T')``) the logits are guided with ``sampling.cfg_scale``. With ``stop``
+    the loop ends once every row has produced it (later tokens of a row are ``stop``)."""
+    def pick(i: int, cond: _Stream, free: Optional[_Stream], g) -> torch.Tensor:
+        logits = cond.logits if free is None else cfg_logits(cond.logits, free.logits, sampling.cfg_scale)
+        lo, hi = rows(i)
+        return sample(restrict_logits(logits, lo, hi), temperature=sampling.temperature, top_k=sampling.top_k,
+                      top_p=sampling.top_p, generator=g)
+
+    return _decode(model, prompt, max_new, pick, sampling, uncond, stop, use_cache)
 
 
 def _text_out(model: UM3, tok: TextTokenizer, new: torch.Tensor) -> List[str]:
@@ -155,21 +169,12 @@ def draw(model: UM3, tok: TextTokenizer, captions: List[str], grid: Tuple[int, i
     return v.visual.decode(sub.cpu()).view(len(captions), *grid)
 
 
-@torch.no_grad()
 def _draw_tokens(model: UM3, prompt: torch.Tensor, uncond: Optional[torch.Tensor], n: int, sampling: Sampling,
                  use_cache: bool) -> torch.Tensor:
     """``token`` layout: ``n`` QLIP ids ``(B, n)``, one position each (:meth:`UM3.sample_image_tokens`)."""
-    dev = model.lm.output.weight.device
-    g = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
-    cond = _Stream(model, prompt.to(dev), n, use_cache)
-    free = _Stream(model, uncond.to(dev), n, use_cache) if uncond is not None else None
-    out: List[torch.Tensor] = []
-    for i in range(n):
-        ids = model.sample_image_tokens(cond.h, None if free is None else free.h, sampling.cfg_scale,
-                                        sampling.temperature, sampling.top_k, sampling.top_p, g)
-        out.append(ids)
-        if i < n - 1:
-            cond.push(ids + model.vocab.visual_start)
-            if free is not None:
-                free.push(ids + model.vocab.visual_start)
-    return torch.stack(out, 1).cpu()
+    def pick(i: int, cond: _Stream, free: Optional[_Stream], g) -> torch.Tensor:
+        return model.sample_image_tokens(cond.h, None if free is None else free.h, sampling.cfg_scale,
+                                         sampling.temperature, sampling.top_k, sampling.top_p, g)
+
+    start = model.vocab.visual_start
+    return _decode(model, prompt, n, pick, sampling, uncond, use_cache=use_cache, feed=lambda ids: ids + start).cpu()
