@@ -40,6 +40,10 @@ steps, 4,096 training images held in memory, one thread):
   gradient is not divided by the pre-normalisation norm); ``mlp-binary-p8-mix`` /
   ``mlp-binary-p8-mix-decay`` (the ninth round: quantiser dropout, half of the codes left
   continuous in training, or a share falling from all to none over the first 80% of the steps);
+  ``mlp-binary-p8-noise`` / ``mlp-binary-p8-noise-hard`` (the tenth round: a noisy channel, the
+  decoder reads ``tanh(u) + N(0, 0.5^2)`` in training so that only saturated, i.e. binary, numbers
+  carry information, with a smooth gradient instead of the straight-through one; evaluation reads
+  the sign; ``-hard`` trains the last 20% of the steps with the straight-through sign);
 * ``qlip-continuous`` / ``qlip-binary``: the demo's QLIP (``qlip-demo`` preset, conv stem, one
   encoder block, decoder 128 x 3) without the text tower, its bottleneck projection and
   up-projection with the BSQ step skipped (continuous) or kept (binary, with the 0.1-weighted BSQ
@@ -75,9 +79,13 @@ ROWS = ("linear-continuous", "linear-continuous-l2", "mlp-binary-p8", "mlp-binar
 EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli", "mlp-binary-p8-edge",
          "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits", "mlp-continuous-p8",
          "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
-         "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn")
+         "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "mlp-binary-p8-noise",
+         "mlp-binary-p8-noise-hard")
 EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
 DECOR_WEIGHT = 1.0  # mlp-binary-p8-decorrelated: weight of the bits' squared cross-correlations
+
+
+NOISE_SIGMA = 0.5  # the noisy channel's standard deviation (per code number, before the 1/sqrt(L) scale)
 
 
 def gradient_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -172,6 +180,16 @@ class PatchAE(nn.Module):
             return (2 * (bit + prob - prob.detach()) - 1) * scale, aux
         if self.mode == "anneal" and self.training and self.progress < 0.5:  # soft codes first
             return torch.tanh(u * (1 + 18 * self.progress)) * scale, aux
+        if self.mode.startswith("noise") and self.training and not (self.mode == "noise-hard" and self.progress >= 0.8):
+            # a noisy channel (the tenth round; semantic hashing's trick): the decoder reads
+            # tanh(u) + Gaussian noise, so the only way to pass information is to saturate, and the
+            # code becomes binary with a smooth gradient (no straight-through); evaluation reads the
+            # sign; "noise-hard" switches to the straight-through sign for the last 20% of steps
+            return (torch.tanh(u) + NOISE_SIGMA * torch.randn_like(u)) * scale, aux
+        if self.mode.startswith("noise"):
+            hard = torch.where(u > 0, 1.0, -1.0) * scale
+            soft = torch.tanh(u) * scale
+            return soft + (hard - soft).detach(), aux
         if self.mode == "nonorm":  # BSQ's sign without the L2 normalisation before it: the
             # straight-through gradient is not divided by |u| (which grows in training)
             hard = torch.where(u > 0, 1.0, -1.0) * scale
@@ -270,6 +288,8 @@ def build(row: str, train: torch.Tensor, decor_weight: float = DECOR_WEIGHT) -> 
             "mlp-binary-p8-balanced": lambda: PatchAE(8, 256, "balanced"),
             "mlp-binary-p8-decorrelated": lambda: PatchAE(8, 256, "decorrelated", decor_weight=decor_weight),
             "mlp-binary-p8-decorrelated-nobn": lambda: PatchAE(8, 256, "decorrelated-nobn", decor_weight=decor_weight),
+            "mlp-binary-p8-noise": lambda: PatchAE(8, 256, "noise"),
+            "mlp-binary-p8-noise-hard": lambda: PatchAE(8, 256, "noise-hard"),
             "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
             "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),

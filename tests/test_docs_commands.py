@@ -385,6 +385,27 @@ CHEAP: Dict[str, Cheap] = {
        Cheap("python benchmarks/demo_recon.py --help")
        for tail in ("runs/s1w/r4 loss.alpha_r=4", "runs/s1w/r10 loss.alpha_r=10",
                     "runs/s1w/g4 model.overrides.quantizer.gamma_1=4", "runs/s1w/q1 loss.alpha_q=1.0")},
+    # docs/demo.md, tenth round (stage-2 overrides through the engine; the noise rows are run on tiny
+    # data by tests/demo/test_demo_bottleneck.py; --stage2-steps by tests/demo/test_demo.py)
+    **{"python benchmarks/demo_recon.py --stage1 runs/demo/qlip_stage1/final --out runs/rec10/" + tail:
+       Cheap("python benchmarks/demo_recon.py --help")
+       for tail in ("long6k --checkpoints optim.steps=6000 train.ckpt_every=1000 train.keep_ckpts=0",
+                    "lr6 optim.lr=6e-3 optim.lr_generator=6e-3",
+                    "b16lr6 data.batch_size=16 optim.steps=2200 optim.lr=6e-3 optim.lr_generator=6e-3",
+                    "lr6x3 --checkpoints optim.steps=3300 optim.lr=6e-3 optim.lr_generator=6e-3 train.ckpt_every=1100 "
+                    "train.keep_ckpts=0",
+                    "gan loss.alpha_g=0.1 gan.disc_start=200")},
+    "python benchmarks/demo_recon.py --stage1 runs/demo/recon_only/final --out runs/rec10/ro_base --judge-only": Cheap(
+        "python benchmarks/demo_recon.py --help"),
+    "python benchmarks/demo_recon.py --data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/rec10/ro_v1e3 "
+    "loss.alpha_a=0 model.drop_text=true optim.lr_visual=1e-3": Cheap("python benchmarks/demo_recon.py --help"),
+    "python benchmarks/demo_recon.py --data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/rec10/ro_g4 "
+    "loss.alpha_a=0 model.drop_text=true model.overrides.quantizer.gamma_1=4": Cheap("python benchmarks/demo_recon.py --help"),
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 10000 --no-references --train-images 10240 "
+    "--only mlp-binary-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --no-references --only mlp-binary-p8-noise "
+    "mlp-binary-p8-noise-hard mlp-binary-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    "qlip demo --resume --stage2-steps 6000": Cheap("qlip demo --help"),
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
     "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(
         "python benchmarks/demo_style.py --help"),

@@ -24,6 +24,11 @@ def register(sub) -> None:
                    help="demo: the tuned demo recipe (default); paper: the paper's recipe at the same scale "
                         "(patchify stem, 4 encoder blocks, trained text tower, LAMB; stage 2 with GAN, without "
                         "the embedding-consistency term; docs/demo.md)")
+    d.add_argument("--stage2-steps", type=int, default=None, metavar="N",
+                   help="QLIP stage 2's steps (default: the recipe's 1,100). More steps give sharper "
+                        "reconstructions (validation: judge kind 35%% at 1,100, 61%% at 6,000, ~0.23 s per step "
+                        "on one core; docs/demo.md). With --resume on a finished demo only the new stage 2 "
+                        "trains (its own folder) and everything is evaluated again")
     d.set_defaults(func=_demo)
     names = [n for n in DOWNSTREAM if importlib.util.find_spec(f"qlip.demo.{n}") is not None]
     if names:
@@ -38,5 +43,6 @@ def register(sub) -> None:
 
 def _demo(args) -> int:
     from .qlip import run_demo
-    run_demo(args.out, fast=args.fast, resume=args.resume, threads=args.threads, lanes=args.lanes, recipe=args.recipe)
+    run_demo(args.out, fast=args.fast, resume=args.resume, threads=args.threads, lanes=args.lanes, recipe=args.recipe,
+             stage2_steps=args.stage2_steps)
     return 0

@@ -43,6 +43,27 @@ def test_demo_resume_reuses_finished_runs(demo_dir, capfd):
     assert out.count("finished earlier") == 4
 
 
+def test_resume_with_other_stage2_steps_trains_only_the_new_stage2(demo_dir, capfd):
+    """`--resume --stage2-steps N` on a finished demo reuses stage 1 and both baselines, trains stage 2
+    for N steps in its own folder (the recipe-length run is kept, never continued), and the final
+    model, metrics and report are the new stage 2's."""
+    before = json.loads((demo_dir / "metrics.json").read_text())
+    assert before["stage2_steps"] == 4  # --fast's stage 2
+    assert main(["demo", "--fast", "--resume", "--lanes", "1", "--stage2-steps", "6", "--out", str(demo_dir)]) == 0
+    out = capfd.readouterr().out
+    assert out.count("finished earlier") == 3 and "qlip_stage2_6steps: 6 steps" in out
+    summary = json.loads((demo_dir / "qlip_stage2_6steps" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert json.loads((demo_dir / "qlip_stage2" / "summary.json").read_text())["steps"] == 4  # untouched
+    m = json.loads((demo_dir / "metrics.json").read_text())
+    assert m["stage2_steps"] == 6
+    assert m["qlip"]["psnr_stage1"] == before["qlip"]["psnr_stage1"]  # the same stage-1 model
+    assert "stage 2: 6 steps" in (demo_dir / "report.html").read_text()
+    with pytest.raises(ValueError, match="stage2_steps must be >= 1"):
+        from qlip.demo.qlip import run_demo
+        run_demo(str(demo_dir), fast=True, resume=True, stage2_steps=0)
+
+
 def test_a_failing_baselines_lane_is_reported(tmp_path):
     """The spawned baselines process reports its exception to the demo, which raises it."""
     import multiprocessing

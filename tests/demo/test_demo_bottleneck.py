@@ -70,7 +70,8 @@ def test_patch_codes_are_what_the_rows_say():
     assert float(m.code(m.enc(mod.patches(x, 8)))[1].detach()) > 0
     for row in ("mlp-binary-p8", "mlp-binary-p8-bernoulli", "mlp-binary-p8-64bits", "pca-thermometer-p8",
                 "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
-                "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn"):
+                "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "mlp-binary-p8-noise",
+                "mlp-binary-p8-noise-hard"):
         m = mod.build(row, train).eval()
         q, aux = m.code(m.enc(mod.patches(x, 8)))
         assert torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(m.bits))), row
@@ -88,6 +89,17 @@ def test_patch_codes_are_what_the_rows_say():
     assert torch.all(first[:, 1:] <= first[:, :-1])
     # ... cut at the 20/40/60/80% quantiles of the training patches' projections
     assert torch.allclose(first.mean(0), torch.tensor([0.8, 0.6, 0.4, 0.2]), atol=0.01)
+    # the noisy channel: in training tanh(u) plus noise (not a corner of the cube); noise-hard is
+    # the straight-through sign over the last 20% of the steps
+    for row in ("mlp-binary-p8-noise", "mlp-binary-p8-noise-hard"):
+        m = mod.build(row, train).train()
+        u = m.enc(mod.patches(x, 8))
+        q = m.code(u)[0]
+        assert not torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(m.bits)))
+        assert float((q * math.sqrt(m.bits) - torch.tanh(u)).std()) > 0.3  # sigma 0.5 of noise
+        m.progress = 0.9
+        hard = m.code(u)[0].abs()
+        assert torch.allclose(hard, torch.full_like(hard, 1 / math.sqrt(m.bits))) == (row == "mlp-binary-p8-noise-hard"), row
     # the edge row adds the image-gradient term in training only
     edge = mod.build("mlp-binary-p8-edge", train)
     _, aux_train = edge.train()(x)
