@@ -406,6 +406,7 @@ CHEAP: Dict[str, Cheap] = {
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --no-references --only mlp-binary-p8-noise "
     "mlp-binary-p8-noise-hard mlp-binary-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
     "qlip demo --resume --stage2-steps 6000": Cheap("qlip demo --help"),
+    "qlip demo --stage2-steps 6000": Cheap("qlip demo --help"),
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
     "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(
         "python benchmarks/demo_style.py --help"),
