@@ -83,9 +83,17 @@ EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoull
          "mlp-binary-p8-noise-hard")
 EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
 DECOR_WEIGHT = 1.0  # mlp-binary-p8-decorrelated: weight of the bits' squared cross-correlations
+NOISE_SIGMA = 0.5  # mlp-binary-p8-noise: the channel's standard deviation (per code number, before 1/sqrt(L))
 
 
-NOISE_SIGMA = 0.5  # the noisy channel's standard deviation (per code number, before the 1/sqrt(L) scale)
+def _sign(u: torch.Tensor, scale: float) -> torch.Tensor:
+    """BSQ's forward: +-scale by the sign of ``u`` (0 -> -scale)."""
+    return torch.where(u > 0, 1.0, -1.0) * scale
+
+
+def _straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """``hard`` in the forward pass, the gradient of ``soft`` in the backward pass."""
+    return soft + (hard - soft).detach()
 
 
 def gradient_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -187,13 +195,10 @@ class PatchAE(nn.Module):
             # sign; "noise-hard" switches to the straight-through sign for the last 20% of steps
             return (torch.tanh(u) + NOISE_SIGMA * torch.randn_like(u)) * scale, aux
         if self.mode.startswith("noise"):
-            hard = torch.where(u > 0, 1.0, -1.0) * scale
-            soft = torch.tanh(u) * scale
-            return soft + (hard - soft).detach(), aux
+            return _straight_through(torch.tanh(u) * scale, _sign(u, scale)), aux
         if self.mode == "nonorm":  # BSQ's sign without the L2 normalisation before it: the
             # straight-through gradient is not divided by |u| (which grows in training)
-            hard = torch.where(u > 0, 1.0, -1.0) * scale
-            return u * scale + (hard - u * scale).detach(), aux
+            return _straight_through(u * scale, _sign(u, scale)), aux
         if self.bn is not None:  # every bit splits the batch near 50/50: no constant (dead) bits
             u = self.bn(u.reshape(-1, u.shape[-1])).view(u.shape)
         if self.mode.startswith("decorrelated") and self.training:  # no two bits say the same thing
@@ -201,10 +206,10 @@ class PatchAE(nn.Module):
         u = F.normalize(u, dim=-1)
         if self.mode == "l2":
             return u, aux
-        hard = torch.where(u > 0, 1.0, -1.0) * scale  # BSQ's forward: sign / sqrt(L)
+        hard = _sign(u, scale)
         if self.mode == "commit":
             aux = 0.25 * ((u - hard) ** 2).sum(-1).mean()
-        ste = u + (hard - u).detach()  # straight-through
+        ste = _straight_through(u, hard)
         if self.mode in ("mix", "mix-decay") and self.training:
             # quantiser dropout (the ninth round): a random share of the codes stays continuous (the
             # unit-norm u, on the sphere through the cube's corners), so the decoder is also trained

@@ -59,8 +59,8 @@ def test_resume_with_other_stage2_steps_trains_only_the_new_stage2(demo_dir, cap
     assert m["stage2_steps"] == 6
     assert m["qlip"]["psnr_stage1"] == before["qlip"]["psnr_stage1"]  # the same stage-1 model
     assert "stage 2: 6 steps" in (demo_dir / "report.html").read_text()
+    from qlip.demo.qlip import run_demo
     with pytest.raises(ValueError, match="stage2_steps must be >= 1"):
-        from qlip.demo.qlip import run_demo
         run_demo(str(demo_dir), fast=True, resume=True, stage2_steps=0)
 
 
