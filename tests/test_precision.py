@@ -43,15 +43,35 @@ def test_resolve_precision(monkeypatch):
     monkeypatch.setattr(DP, "cpu_has_amx_bf16", lambda: True)
     assert DP.resolve_precision("auto", "cpu") == P.PrecisionChoice("bf16", "auto: CPU with AMX (amx_bf16)")
     monkeypatch.setattr(DP, "cpu_has_amx_bf16", lambda: False)
-    choice = DP.resolve_precision("auto", "cpu")
-    assert choice.name == "fp32" and "without AMX" in choice.reason
+    # without AMX the avx512_bf16 flag alone does not decide: the measured matmul speed-up does
+    measured = []
+    monkeypatch.setattr(DP, "cpu_bf16_matmul_speedup", lambda: measured.append(1) or speed)
+    for flags, speed, expected, words in ((frozenset({"avx2"}), 3.0, "fp32", "without AMX or avx512_bf16"),
+                                          (frozenset({"avx512_bf16"}), 0.53, "fp32", "measured only 0.53x"),
+                                          (frozenset({"avx512_bf16"}), 1.49, "fp32", "measured only 1.49x"),
+                                          (frozenset({"avx512_bf16"}), 2.3, "bf16", "measured 2.3x fp32")):
+        monkeypatch.setattr(DP, "cpu_flags", lambda: flags)
+        choice = DP.resolve_precision("auto", "cpu")
+        assert choice.name == expected and words in choice.reason, (flags, speed, choice)
+    assert len(measured) == 3  # never measured on a CPU without the flag (bf16 runs reference kernels there)
 
 
-def test_auto_on_this_machine_follows_proc_cpuinfo():
+def test_auto_on_this_machine_follows_proc_cpuinfo_and_the_measured_matmul():
     with open("/proc/cpuinfo") as f:
-        amx = any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    assert P.cpu_has_amx_bf16() == amx
-    assert P.resolve_precision("auto", "cpu").name == ("bf16" if amx else "fp32")
+        flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    assert P.cpu_has_amx_bf16() == ("amx_bf16" in flags)
+    if "amx_bf16" in flags:
+        expected = "bf16"
+    elif "avx512_bf16" in flags:
+        expected = "bf16" if DP.cpu_bf16_matmul_speedup() >= DP.BF16_MIN_SPEEDUP else "fp32"
+    else:
+        expected = "fp32"
+    assert P.resolve_precision("auto", "cpu").name == expected
+
+
+def test_bf16_matmul_speedup_is_a_cached_positive_ratio():
+    s = DP.cpu_bf16_matmul_speedup()
+    assert s > 0 and DP.cpu_bf16_matmul_speedup() == s  # measured once per process
 
 
 def test_weights_cast_once_sign_projection_kept_exact(tiny_pair):

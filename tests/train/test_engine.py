@@ -236,6 +236,7 @@ def test_train_precision_auto_is_bf16_only_where_bf16_matmul_is_fast(tmp_path, m
     from qlip.errors import ConfigError
     from qlip.train import Recipe, train
     monkeypatch.setattr(P, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(P, "cpu_flags", lambda: frozenset({"avx2"}))  # no avx512_bf16: the rule is AMX alone
     _DtypeToyTask.seen = set()
     d = {"task": f"{__name__}:_DtypeToyTask", "data": {"batch_size": 4},
          "optim": {"optimizer": "adamw", "lr": 0.05, "warmup_steps": 0, "steps": 2},
