@@ -76,19 +76,26 @@ def _recipe(name: str, overrides: List[str]):
         return load_recipe(str(p), overrides)
 
 
-def _run(name: str, recipe, out_dir: str, resume: bool) -> Dict[str, Any]:
+def _run(name: str, recipe, out_dir: str, resume: bool, upstream_new: bool = False) -> Dict[str, Any]:
+    """Train (or under ``resume`` reuse / continue) the run ``out_dir/name``; its summary, with
+    ``reused`` True when a finished run of the same recipe was taken as it is. ``upstream_new``: the
+    run it starts from was trained in this call, so an earlier run here is stale."""
     from ..train.engine import train
-    from .resume import can_resume, finished_run
+    from .resume import can_resume, finished_run, stale_run
     run_dir = os.path.join(out_dir, name)
+    # the data and the stage-1 model live in the demo's folder (paths move with it): their identity is
+    # the demo's own business (`_claim_out`, `upstream_new`), not a recipe change
+    if stale_run(run_dir, recipe, resume, f"[demo] {name}", upstream_new, ignore=("data.train", "model.init")):
+        resume = False
     s = finished_run(run_dir, recipe.optim.steps, resume)
     if s is not None:
         print(f"[demo] {name}: finished earlier, reusing {s['final_model']}")
-        return s
+        return {**s, "reused": True}
     again = can_resume(run_dir, resume)
     print(f"[demo] {name}: {recipe.optim.steps} steps x batch {recipe.data.batch_size}"
           + (" (resuming)" if again else ""))
     t0 = time.time()
-    s = train(recipe, run_dir, resume=again)
+    s = {**train(recipe, run_dir, resume=again), "reused": False}
     print(f"[demo] {name}: done in {time.time() - t0:.0f} s, last losses "
           + ", ".join(f"{k}={v:.4g}" for k, v in s["last_log"].items()
                       if k in ("contrastive", "mse", "lpips", "quant", "g_gan")))
@@ -246,7 +253,7 @@ def _qlip_lane(common: List[str], s2_common: List[str], out: str, resume: bool,
     s = {"qlip_stage1": _run("qlip_stage1", _recipe("demo-stage1.yaml", common), out, resume)}
     s1_final = s["qlip_stage1"]["final_model"]
     s["qlip_stage2"] = _run(s2_name, _recipe("demo-stage2.yaml", s2_common + [f"model.init={s1_final}"]),
-                            out, resume)
+                            out, resume, upstream_new=not s["qlip_stage1"]["reused"])
     return s
 
 

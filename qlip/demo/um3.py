@@ -234,7 +234,9 @@ def _recipe(name: str, prep: Dict[str, Any], cfg: Dict[str, Any]):
 def _train(name: str, recipe, run_dir: str, resume: bool) -> Dict[str, Any]:
     import qlip.um3.task  # noqa: F401  (registers the engine task "um3")
     from ..train import train
-    from .resume import can_resume, finished_run
+    from .resume import can_resume, finished_run, stale_run
+    if stale_run(run_dir, recipe, resume, f"[demo-um3] {name}", ignore=("model.init", "data.text", "data.tokens")):
+        resume = False
     s = finished_run(run_dir, recipe.optim.steps, resume)
     if s is not None:
         print(f"[demo-um3] {name}: finished earlier, reusing {s['final_model']}")

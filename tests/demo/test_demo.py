@@ -64,6 +64,56 @@ def test_resume_with_other_stage2_steps_trains_only_the_new_stage2(demo_dir, cap
         run_demo(str(demo_dir), fast=True, resume=True, stage2_steps=0)
 
 
+def test_resume_retrains_only_runs_whose_recipe_changed(demo_dir, capfd, monkeypatch):
+    """`--resume` after a demo setting changed: the run trained with the old setting is moved aside
+    (never deleted) and trained again, the others are reused; a retrained stage 1 makes stage 2 stale."""
+    from qlip.demo.qlip import RECIPES
+    args = ["demo", "--fast", "--resume", "--lanes", "1", "--out", str(demo_dir)]
+    old_final = json.loads((demo_dir / "recon_only" / "summary.json").read_text())["final_model"]
+    monkeypatch.setitem(RECIPES["demo"], "recon_only", ["model.overrides.quantizer.gamma_1=2"])
+    assert main(args) == 0
+    out = capfd.readouterr().out
+    assert "recon_only: trained with other settings (model.overrides.quantizer.gamma_1: 4 -> 2)" in out
+    assert out.count("finished earlier") == 3  # stage 1, stage 2, CLIP-only
+    assert (demo_dir / "recon_only.previous" / "summary.json").is_file()  # the old run, kept
+    assert old_final.startswith(str(demo_dir / "recon_only"))
+    import yaml
+    r = yaml.safe_load((demo_dir / "recon_only" / "recipe.yaml").read_text())
+    assert r["model"]["overrides"]["quantizer.gamma_1"] == 2
+    monkeypatch.setitem(RECIPES["demo"], "stage1", ["loss.alpha_q=0.2"])
+    assert main(args) == 0
+    out = capfd.readouterr().out
+    assert "qlip_stage1: trained with other settings (loss.alpha_q: 0.1 -> 0.2)" in out
+    assert "qlip_stage2: trained with other settings (its input run was trained again)" in out
+    # the baselines derive from stage 1's recipe: reconstruction-only changed with it, CLIP-only (alpha_q
+    # = 0 there) did not and is reused
+    assert "recon_only: trained with other settings (loss.alpha_q: 0.1 -> 0.2)" in out
+    assert out.count("finished earlier") == 1 and "clip_only: finished earlier" in out
+
+
+def test_recipe_changes_reads_the_saved_recipe_with_todays_defaults(tmp_path):
+    from qlip.demo.resume import recipe_changes, stale_run
+    from qlip.train.recipe import Recipe, recipe_to_yaml
+    d = {"model": {"preset": "qlip-tiny"}, "optim": {"lr": 1e-3, "steps": 10}, "train": {"log_every": 5}}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe_to_yaml(Recipe.from_dict(d)))
+    assert recipe_changes(str(run), Recipe.from_dict(d)) == []
+    assert recipe_changes(str(tmp_path / "none"), Recipe.from_dict(d)) == []  # nothing saved: nothing to compare
+    # logging cadence is not a change; the learning rate is; ignored keys are not compared
+    d2 = {**d, "optim": {"lr": 2e-3, "steps": 10}, "train": {"log_every": 1}}
+    assert recipe_changes(str(run), Recipe.from_dict(d2)) == ["optim.lr: 0.001 -> 0.002"]
+    assert recipe_changes(str(run), Recipe.from_dict(d2), ignore=("optim.lr",)) == []
+    # a saved recipe without a key added since (at its default) is not a change
+    (run / "recipe.yaml").write_text("model:\n  preset: qlip-tiny\noptim:\n  lr: 0.001\n  steps: 10\n")
+    assert recipe_changes(str(run), Recipe.from_dict(d)) == []
+    (run / "recipe.yaml").write_text("optim:\n  no_such_option: 1\n")
+    assert "cannot be read with this version" in recipe_changes(str(run), Recipe.from_dict(d))[0]
+    assert not stale_run(str(run), Recipe.from_dict(d), resume=False, label="x")  # only under --resume
+    assert stale_run(str(run), Recipe.from_dict(d), resume=True, label="x")
+    assert not run.exists() and (tmp_path / "run.previous" / "recipe.yaml").is_file()
+
+
 def test_a_failing_baselines_lane_is_reported(tmp_path):
     """The spawned baselines process reports its exception to the demo, which raises it."""
     import multiprocessing
