@@ -21,8 +21,12 @@ Each run prints one JSON line (and writes OUT/result.json): the validation split
 independent shape judge's colour and kind accuracy on the reconstructions (fractions; the judge
 reads the pixels only, qlip.eval.shape_judge), the zero-shot top-1 and kind accuracy on the
 originals, distinct codes, the training time, and the same for
-every checkpoint with ``--checkpoints``. The test split is not read: recipes are chosen on
-validation (docs/evaluation.md).
+every checkpoint with ``--checkpoints``. The test split is not read, except by ``--judge-only
+--split test``: recipes are chosen on validation (docs/evaluation.md), and a model so chosen is
+judged on the held-out test images once.
+
+    python benchmarks/demo_recon.py --stage1 runs/rec11/long20k/run/final --data runs/demo/data \
+        --out runs/rec11/long20k-test --judge-only --split test
 """
 from __future__ import annotations
 
@@ -72,19 +76,23 @@ def main(argv=None) -> int:
     ap.add_argument("--head", choices=["linear", "conv"], default=None, help="swap the decoder's pixel head")
     ap.add_argument("--head-channels", type=int, default=16)
     ap.add_argument("--checkpoints", action="store_true", help="also judge every checkpoint")
+    ap.add_argument("--split", choices=["val", "test"], default="val",
+                    help="the images judged; test only with --judge-only, once, for a model chosen on validation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("overrides", nargs="*", help="stage-2 recipe overrides, e.g. loss.alpha_s=0")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.stage1 is None and (a.data is None or a.head or a.judge_only):
         raise SystemExit("without --stage1 (a stage-1 recipe from scratch) give --data, and no --head / --judge-only")
+    if a.split == "test" and not a.judge_only:
+        raise SystemExit("--split test judges a model chosen on validation: use it with --judge-only")
     data = a.data or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(a.stage1))), "data")
-    val = os.path.join(data, "shapes-val-*.tar")
+    val = os.path.join(data, "shapes-val-*.tar" if a.split == "val" else "shapes-heldout-*.tar")
     if not glob.glob(val):
-        raise SystemExit(f"no validation shards {val}: run `qlip demo` first")
+        raise SystemExit(f"no {'validation' if a.split == 'val' else 'test'} shards {val}: run `qlip demo` first")
     os.makedirs(a.out, exist_ok=True)
     if a.judge_only:
-        return _report(a.out, {"model": a.stage1, "final": judge(a.stage1, val)})
+        return _report(a.out, {"model": a.stage1, "split": a.split, "final": judge(a.stage1, val)})
     init = a.stage1 if a.head is None else with_head(a.stage1, os.path.join(a.out, "init"), a.head, a.head_channels)
     cmd = [sys.executable, "-m", "qlip", "train", a.recipe, "--out", os.path.join(a.out, "run"),
            *([f"model.init={init}"] if init else []), f"data.train={os.path.join(data, 'shapes-train-*.tar')}",

@@ -39,9 +39,18 @@ def test_scratch_then_judge_only(data, tmp_path):
     again = _run(["--stage1", model, "--data", data, "--out", str(tmp_path / "j"), "--judge-only"])
     assert again["model"] == model and again["final"] == out["final"]  # the same model, judged the same
     assert json.loads((tmp_path / "j" / "result.json").read_text()) == again
+    test = _run(["--stage1", model, "--data", data, "--out", str(tmp_path / "t"), "--judge-only", "--split", "test"])
+    assert test["split"] == "test" and test["final"]["n"] == 4  # the held-out split, not validation's 6
 
 
 def test_scratch_needs_data(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, BENCH, "--out", str(tmp_path / "x")], env=env, capture_output=True, text=True)
     assert p.returncode != 0 and "without --stage1" in p.stderr
+
+
+def test_test_split_only_for_a_model_judged_as_it_is(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, BENCH, "--stage1", "x", "--out", str(tmp_path / "x"), "--split", "test"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "use it with --judge-only" in p.stderr
