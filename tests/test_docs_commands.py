@@ -274,6 +274,8 @@ CHEAP: Dict[str, Cheap] = {
     # docs/gen.md, recipe screens (run on tiny inputs by tests/gen/test_demo_t2i.py)
     "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v11-long --t2i-dir runs/demo-t2i-v11 --out runs/t2i11 --tag "
     "bf16-1500 --steps 1500 --precision bf16 --samples 8 --cfg 10": Cheap("python benchmarks/t2i_recipe.py --help"),
+    "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v11-long --t2i-dir runs/demo-t2i-v11 --out runs/t2i11 --tag "
+    "bf16-1500 --steps 1500 --precision bf16 --samples 8 --cfg 4 --resume": Cheap("python benchmarks/t2i_recipe.py --help"),
     "python benchmarks/demo_recon.py --stage1 runs/demo/qlip_stage1/final --out runs/rec11/long20k --checkpoints "
     "optim.steps=20000 train.ckpt_every=4000 train.keep_ckpts=0": Cheap("python benchmarks/demo_recon.py --help"),
     "python benchmarks/demo_recon.py --stage1 runs/rec11/long20k/run/final --data runs/demo/data --out "
