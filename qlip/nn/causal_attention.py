@@ -37,9 +37,27 @@ def _torch_at_least(major: int, minor: int) -> bool:
 SDPA_HAS_GQA = _torch_at_least(2, 5)  # F.scaled_dot_product_attention(..., enable_gqa=True)
 
 
+def _upcast_on_this_cpu(q: torch.Tensor) -> bool:
+    """bf16 / fp16 attention on a CPU without AMX: torch's CPU flash kernel is 1.8-2.7x slower in bf16
+    than in fp32 at the sequence lengths of the demos (64-80 tokens; equal at 256; measured on an AMD
+    EPYC Zen 4, docs/performance.md), so such attention runs in fp32 and returns to the input dtype."""
+    from .precision import cpu_has_amx_bf16
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not cpu_has_amx_bf16()
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
          is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-    """SDPA with grouped-query attention: ``q`` ``(B, H, Tq, D)``, ``k, v`` ``(B, H_kv, Tk, D)``."""
+    """SDPA with grouped-query attention: ``q`` ``(B, H, Tq, D)``, ``k, v`` ``(B, H_kv, Tk, D)``.
+    Every attention of the library goes through here (the ViT towers with ``H_kv == H``)."""
+    if _upcast_on_this_cpu(q):
+        with torch.autocast("cpu", enabled=False):
+            y = _sdpa(q.float(), k.float(), v.float(), mask, is_causal, dropout_p)
+        return y.to(q.dtype)
+    return _sdpa(q, k, v, mask, is_causal, dropout_p)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool,
+          dropout_p: float) -> torch.Tensor:
     n_heads, n_kv = q.shape[1], k.shape[1]
     if n_heads == n_kv:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)

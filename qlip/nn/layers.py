@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .rope import RoPE2D
+from .causal_attention import sdpa
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             q, k = rope(q), rope(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = sdpa(q, k, v, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, N, D)
         if self.inner_ln is not None:
             y = self.inner_ln(y)
