@@ -146,17 +146,6 @@ def qlip_step(stage: int, repeats: int) -> Dict[str, float]:
     return {"stage": stage, "batch": d["data"]["batch_size"], **{f"{k}_s": v for k, v in t.items()}}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -165,10 +154,10 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from qlip.nn.precision import cpu_flags, resolve_precision
+    from qlip.nn.precision import cpu_flags, cpu_name, resolve_precision
     reps = 2 if a.quick else a.repeats
     flags = cpu_flags()
-    out = {"cpu": cpu_name(), "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+    out = {"cpu": cpu_name() or platform.processor() or "unknown", "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
            "threads": a.threads, "torch": torch.__version__, "auto": str(resolve_precision("auto", "cpu")),
            "matmul": matmul(512 if a.quick else 2048, reps),
            "attention": [attention(s, reps) for s in ([(8, 4, 80, 64)] if a.quick else

@@ -35,6 +35,7 @@ from typing import Tuple  # noqa: E402
 import torch  # noqa: E402
 
 from qlip.gen.model import GenConfig, T2IModel  # noqa: E402
+from qlip.nn.precision import cpu_name  # noqa: E402
 
 
 def tokens_per_s(model: T2IModel, batch: int, use_cache: bool, device: torch.device, cfg: float) -> Tuple[float, float]:
@@ -49,18 +50,6 @@ def tokens_per_s(model: T2IModel, batch: int, use_cache: bool, device: torch.dev
         torch.cuda.synchronize()
     n = batch * model.cfg.num_image_tokens
     return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def main() -> None:

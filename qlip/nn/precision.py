@@ -46,6 +46,18 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
+def cpu_name() -> str:
+    """The CPU model as ``/proc/cpuinfo`` names it (empty where there is none): benchmarks print it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_has_amx_bf16() -> bool:
     """True where the CPU has AMX bf16 tiles, the hardware on which bf16 matmul beats fp32 on CPU."""
     return "amx_bf16" in cpu_flags()
