@@ -258,14 +258,17 @@ def _qlip_lane(common: List[str], s2_common: List[str], out: str, resume: bool,
 
 
 def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, threads: Optional[int] = None,
-             lanes: Optional[int] = None, recipe: str = "demo", stage2_steps: Optional[int] = None) -> Dict[str, Any]:
+             lanes: Optional[int] = None, recipe: str = "demo", stage2_steps: Optional[int] = None,
+             precision: Optional[str] = None) -> Dict[str, Any]:
     """``threads``: torch threads in all (default: torch's default, the cores); ``lanes``: 1 runs the
     four trainings one after the other, 2 (the default with >= 2 threads) runs QLIP stage 1 -> 2
     and the two baselines in two processes at once, ``threads // 2`` threads each. ``recipe``:
     ``"demo"`` (the tuned demo recipe) or ``"paper"`` (the paper's recipe at the same scale,
     ``RECIPES``). ``stage2_steps``: QLIP stage 2's steps instead of the recipe's (1,100): the judge's
     kind on reconstructions rises with them (docs/demo.md "Tenth round"); the run goes to its own
-    folder (``stage2_dir_name``), the rest of the demo is unchanged."""
+    folder (``stage2_dir_name``), the rest of the demo is unchanged. ``precision``: the four trainings'
+    ``train.precision`` (``fp32`` / ``bf16`` / ``auto``) instead of the recipes' fp32; the evaluation
+    always runs in fp32."""
     from ..data.shapes import generate_shapes
     t_start = time.time()
     if lanes not in (None, 1, 2):
@@ -274,6 +277,8 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     if stage2_steps is not None and stage2_steps < 1:
         raise ValueError(f"stage2_steps must be >= 1, got {stage2_steps!r}")
+    if precision not in (None, "fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
     _claim_out(out, fast, resume, recipe)
     n_train, n_heldout, n_val = (FAST_N, FAST_HELDOUT, FAST_VAL) if fast else (DATA_N, DATA_HELDOUT, DATA_VAL)
     data_dir = os.path.join(out, "data-fast" if fast else "data")  # a --fast run never touches the full data
@@ -290,8 +295,12 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     val = os.path.join(data_dir, "shapes-val-*.tar")
     fast_ov = ["data.batch_size=32", "optim.warmup_steps=2", "train.log_every=2", "train.ckpt_every=4",
                "train.progress=false"]
-    common = [f"data.train={train_glob}"] + RECIPES[recipe]["stage1"] + (["optim.steps=8"] + fast_ov if fast else [])
-    s2_common = ([f"data.train={train_glob}"] + RECIPES[recipe]["stage2"]
+    prec = [] if precision is None else [f"train.precision={precision}"]
+    if precision is not None:
+        print(f"[demo] trainings in train.precision={precision} (the recipes say fp32)")
+    common = ([f"data.train={train_glob}"] + RECIPES[recipe]["stage1"] + prec
+              + (["optim.steps=8"] + fast_ov if fast else []))
+    s2_common = ([f"data.train={train_glob}"] + RECIPES[recipe]["stage2"] + prec
                  + (["optim.steps=4", "gan.disc_start=2"] + fast_ov if fast else [])
                  + ([] if stage2_steps is None else [f"optim.steps={stage2_steps}"]))
     s2_name = stage2_dir_name(stage2_steps)
@@ -376,6 +385,7 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
                       "training_wall": round(t_train, 1), "lanes": lanes, "eval": None, "total": None},
         "fast": fast,
         "stage2_steps": int(summaries["qlip_stage2"].get("steps", 0)),
+        "training_precision": {name: summaries[name].get("precision") for name in dirs},
     }
     metrics["robustness"] = _robustness(models, metrics, FAST_ALT_N if fast else ALT_N)
     metrics["checks"] = _checks(metrics)

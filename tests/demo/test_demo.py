@@ -57,6 +57,7 @@ def test_resume_with_other_stage2_steps_trains_only_the_new_stage2(demo_dir, cap
     assert json.loads((demo_dir / "qlip_stage2" / "summary.json").read_text())["steps"] == 4  # untouched
     m = json.loads((demo_dir / "metrics.json").read_text())
     assert m["stage2_steps"] == 6
+    assert set(m["training_precision"].values()) == {"fp32"}  # the recipes' precision by default
     assert m["qlip"]["psnr_stage1"] == before["qlip"]["psnr_stage1"]  # the same stage-1 model
     assert "stage 2: 6 steps" in (demo_dir / "report.html").read_text()
     from qlip.demo.qlip import run_demo
@@ -89,6 +90,16 @@ def test_resume_retrains_only_runs_whose_recipe_changed(demo_dir, capfd, monkeyp
     # = 0 there) did not and is reused
     assert "recon_only: trained with other settings (loss.alpha_q: 0.1 -> 0.2)" in out
     assert out.count("finished earlier") == 1 and "clip_only: finished earlier" in out
+    # --precision bf16: a setting of all four trainings, so all four train again, in bf16
+    assert main(args + ["--precision", "bf16"]) == 0
+    out = capfd.readouterr().out
+    assert out.count("train.precision: 'fp32' -> 'bf16'") == 3 and "finished earlier" not in out
+    assert "qlip_stage2: trained with other settings (its input run was trained again)" in out
+    m = json.loads((demo_dir / "metrics.json").read_text())
+    assert m["training_precision"] == {k: "bf16" for k in ("qlip_stage1", "clip_only", "recon_only", "qlip_stage2")}
+    from qlip.demo.qlip import run_demo
+    with pytest.raises(ValueError, match="precision must be fp32, bf16 or auto"):
+        run_demo(str(demo_dir), fast=True, resume=True, precision="fp16")
 
 
 def test_recipe_changes_reads_the_saved_recipe_with_todays_defaults(tmp_path):
