@@ -218,3 +218,19 @@ def test_decorrelation_term_adds_the_bits_cross_correlation():
     z = torch.randn(8192, 28, generator=torch.Generator().manual_seed(1))
     assert float(cross_correlation(z)) < 0.01
     assert abs(float(cross_correlation(z[:, :1].expand(-1, 28))) - 27.0) < 0.05
+
+
+@pytest.mark.parametrize("persample", ["group", "analytical"])
+def test_entropies_under_bf16_autocast_are_the_fp32_ones(persample):
+    """Under bf16 autocast (a bf16 training) the loss's entropies are computed in fp32: the einsum
+    of the soft code distribution used to run in bf16, and both ~19-nat entropies came out equal to
+    bf16's rounding, so the quantizer loss read 0."""
+    q = BinarySphericalQuantizer(embed_dim=28, group_size=7, persample_entropy=persample)
+    u = torch.nn.functional.normalize(torch.randn(256, 28, generator=torch.Generator().manual_seed(0)), dim=-1)
+    ref = q.entropy_terms(u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = q.entropy_terms(u)
+        _, _, loss, stats = q.train()(u.clone().requires_grad_())
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert stats["persample_entropy"] != stats["codebook_entropy"] and loss.dtype == torch.float32

@@ -196,8 +196,11 @@ class BinarySphericalQuantizer(nn.Module):
         if u.dtype not in (torch.float32, torch.float64):
             u = u.float()  # entropies in reduced precision are too coarse
         cb = self.group_codebook.to(u) * self.scale                          # (2^g, g)
-        logits = 2 * self.inv_temperature * torch.einsum("ngc,kc->ngk", u, cb)
-        return u, logits.softmax(-1)
+        # outside autocast: under bf16 autocast the einsum ran in bf16, and the entropies of 28 bits
+        # (~19 nats) came out rounded to bf16's 8 bits of mantissa (the two terms of the loss equal)
+        with torch.autocast(u.device.type, enabled=False):
+            logits = 2 * self.inv_temperature * torch.einsum("ngc,kc->ngk", u, cb)
+            return u, logits.softmax(-1)
 
     def code_distribution_sum(self, u: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """``(sum over the tokens of p(c | u), (G, 2^g); number of tokens)``: the pieces of the
