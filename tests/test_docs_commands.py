@@ -416,6 +416,7 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo --resume --stage2-steps 6000": Cheap("qlip demo --help"),
     "qlip demo --stage2-steps 6000": Cheap("qlip demo --help"),
     "qlip demo --precision bf16 --out runs/demo-bf16b": Cheap("qlip demo --help"),
+    "qlip demo --precision bf16": Cheap("qlip demo --help"),
     "python benchmarks/cpu_bf16.py": Cheap("python benchmarks/cpu_bf16.py --help"),
     "qlip demo t2i --demo-dir runs/demo-v11-long --out runs/demo-t2i-v11": Cheap("qlip demo t2i --help"),
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
