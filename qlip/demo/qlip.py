@@ -295,8 +295,9 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     val = os.path.join(data_dir, "shapes-val-*.tar")
     fast_ov = ["data.batch_size=32", "optim.warmup_steps=2", "train.log_every=2", "train.ckpt_every=4",
                "train.progress=false"]
-    prec = [] if precision is None else [f"train.precision={precision}"]
+    prec = []
     if precision is not None:
+        prec = [f"train.precision={precision}"]
         print(f"[demo] trainings in train.precision={precision} (the recipes say fp32)")
     common = ([f"data.train={train_glob}"] + RECIPES[recipe]["stage1"] + prec
               + (["optim.steps=8"] + fast_ov if fast else []))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision as _precision
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .rmsnorm import RMSNorm
@@ -41,8 +42,7 @@ def _upcast_on_this_cpu(q: torch.Tensor) -> bool:
     """bf16 / fp16 attention on a CPU without AMX: torch's CPU flash kernel is 1.8-2.7x slower in bf16
     than in fp32 at the sequence lengths of the demos (64-80 tokens; equal at 256; measured on an AMD
     EPYC Zen 4, docs/performance.md), so such attention runs in fp32 and returns to the input dtype."""
-    from .precision import cpu_has_amx_bf16
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not cpu_has_amx_bf16()
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not _precision.cpu_has_amx_bf16()
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

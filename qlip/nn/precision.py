@@ -33,29 +33,27 @@ class PrecisionChoice:
         return f"{self.name} ({self.reason})"
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where the file does not exist)."""
+def _cpuinfo(key: str) -> Optional[str]:
+    """The value of the first ``/proc/cpuinfo`` line starting with ``key`` (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(key):
+                    return line.split(":", 1)[1]
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where the file does not exist)."""
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 def cpu_name() -> str:
     """The CPU model as ``/proc/cpuinfo`` names it (empty where there is none): benchmarks print it."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return (_cpuinfo("model name") or "").strip()
 
 
 def cpu_has_amx_bf16() -> bool:
