@@ -44,6 +44,9 @@ steps, 4,096 training images held in memory, one thread):
   decoder reads ``tanh(u) + N(0, 0.5^2)`` in training so that only saturated, i.e. binary, numbers
   carry information, with a smooth gradient instead of the straight-through one; evaluation reads
   the sign; ``-hard`` trains the last 20% of the steps with the straight-through sign);
+  ``mlp-binary-p8-rotation`` (the twelfth round: the rotation trick of Fifty et al. 2024 instead of
+  the straight-through copy: the gradient at the sign is rotated by the rotation that takes the
+  unit code to its corner of the cube);
 * ``qlip-continuous`` / ``qlip-binary``: the demo's QLIP (``qlip-demo`` preset, conv stem, one
   encoder block, decoder 128 x 3) without the text tower, its bottleneck projection and
   up-projection with the BSQ step skipped (continuous) or kept (binary, with the 0.1-weighted BSQ
@@ -80,7 +83,7 @@ EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoull
          "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits", "mlp-continuous-p8",
          "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
          "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "mlp-binary-p8-noise",
-         "mlp-binary-p8-noise-hard")
+         "mlp-binary-p8-noise-hard", "mlp-binary-p8-rotation")
 EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
 DECOR_WEIGHT = 1.0  # mlp-binary-p8-decorrelated: weight of the bits' squared cross-correlations
 NOISE_SIGMA = 0.5  # mlp-binary-p8-noise: the channel's standard deviation (per code number, before 1/sqrt(L))
@@ -94,6 +97,19 @@ def _sign(u: torch.Tensor, scale: float) -> torch.Tensor:
 def _straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     """``hard`` in the forward pass, the gradient of ``soft`` in the backward pass."""
     return soft + (hard - soft).detach()
+
+
+def _rotation_trick(u: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """``hard`` in the forward pass; backward, the gradient rotated by the rotation taking ``u`` to
+    ``hard`` (Fifty et al. 2024, "the rotation trick"; both are unit vectors here, so no rescaling).
+
+    With ``r = (u + hard) / |u + hard|`` (no gradient), ``R = I - 2 r r^T + 2 hard u^T`` maps ``u`` to
+    ``hard``; ``R`` is held constant, so ``d loss / d u = R^T d loss / d hard`` instead of the
+    straight-through identity.
+    """
+    e, q = u.detach(), hard.detach()
+    r = F.normalize(e + q, dim=-1)
+    return u - 2 * (u * r).sum(-1, keepdim=True) * r + 2 * (u * e).sum(-1, keepdim=True) * q
 
 
 def gradient_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -209,6 +225,8 @@ class PatchAE(nn.Module):
         hard = _sign(u, scale)
         if self.mode == "commit":
             aux = 0.25 * ((u - hard) ** 2).sum(-1).mean()
+        if self.mode == "rotation":
+            return (_rotation_trick(u, hard) if self.training else hard), aux
         ste = _straight_through(u, hard)
         if self.mode in ("mix", "mix-decay") and self.training:
             # quantiser dropout (the ninth round): a random share of the codes stays continuous (the
@@ -295,6 +313,7 @@ def build(row: str, train: torch.Tensor, decor_weight: float = DECOR_WEIGHT) -> 
             "mlp-binary-p8-decorrelated-nobn": lambda: PatchAE(8, 256, "decorrelated-nobn", decor_weight=decor_weight),
             "mlp-binary-p8-noise": lambda: PatchAE(8, 256, "noise"),
             "mlp-binary-p8-noise-hard": lambda: PatchAE(8, 256, "noise-hard"),
+            "mlp-binary-p8-rotation": lambda: PatchAE(8, 256, "rotation"),
             "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
             "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),

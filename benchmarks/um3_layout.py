@@ -112,13 +112,8 @@ def main(argv=None) -> int:
 
 
 def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info = f.read()
-    except OSError:
-        return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return name + (" (AMX)" if "amx_bf16" in info else "")
+    from qlip.nn.precision import cpu_has_amx_bf16, cpu_name
+    return (cpu_name() or "unknown") + (" (AMX)" if cpu_has_amx_bf16() else "")
 
 
 if __name__ == "__main__":

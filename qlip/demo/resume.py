@@ -33,11 +33,11 @@ def can_resume(run_dir: str, resume: bool) -> bool:
     return resume and latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None
 
 
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
@@ -61,10 +61,10 @@ def recipe_changes(run_dir: str, recipe, ignore: Sequence[str] = ()) -> List[str
         return []
     try:
         with open(path, encoding="utf-8") as f:
-            old = _flat(Recipe.from_dict(yaml.safe_load(f) or {}).to_dict())
+            old = flat(Recipe.from_dict(yaml.safe_load(f) or {}).to_dict())
     except (QLIPError, yaml.YAMLError) as e:  # an option removed since, or a damaged file
         return [f"recipe.yaml cannot be read with this version ({str(e).splitlines()[0]})"]
-    new = _flat(recipe.to_dict())
+    new = flat(recipe.to_dict())
     return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(new)) if k not in _IGNORED and k not in ignore and old.get(k) != new.get(k)]
 
@@ -78,7 +78,14 @@ def stale_run(run_dir: str, recipe, resume: bool, label: str, upstream_new: bool
     if not (resume and os.path.isdir(run_dir)):
         return False
     changes = ["its input run was trained again"] if upstream_new else recipe_changes(run_dir, recipe, ignore)
-    if not changes:
+    return move_aside(run_dir, label, changes)
+
+
+def move_aside(run_dir: str, label: str, changes: Sequence[str]) -> bool:
+    """When ``changes`` (why the run in ``run_dir`` cannot be reused) is not empty: move the run to
+    ``run_dir + ".previous"`` (replacing an older one there, so that nothing trained is deleted),
+    print why and return True; else False."""
+    if not changes or not os.path.isdir(run_dir):
         return False
     shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
     aside = run_dir.rstrip("/\\") + ".previous"

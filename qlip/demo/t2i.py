@@ -186,24 +186,44 @@ def _file_id(folder: str) -> List[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _run_changes(marker: str, ident: Dict[str, Any]) -> List[str]:
+    """Why the generator run whose identity file is ``marker`` is not the one ``ident`` asks for
+    (recipe settings, token shards, text encoder weights); empty when it is, or when there is no run."""
+    from .resume import flat
+    if not os.path.isdir(os.path.dirname(marker)):
+        return []
+    if not os.path.isfile(marker):
+        return ["no record of what it was trained with (demo-t2i-run.json)"]
+    old = _read_json(marker)
+    a, b = flat(old.get("recipe") or {}), flat(ident["recipe"])
+    out = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+           if json.dumps(a.get(k)) != json.dumps(b.get(k))]
+    if old.get("tokens") != ident["tokens"]:
+        out.append("the token shards changed")
+    if old.get("text_model") != ident["text_model"]:
+        out.append("the text encoder's weights changed")
+    return out
+
+
 def train_generator(name: str, recipe: Dict[str, Any], run_dir: str, resume: bool, tokens: str) -> Dict[str, Any]:
     """Train ``recipe`` into ``run_dir`` through the engine. ``resume``: a finished run of the same
     recipe, token shards (``tokens``: their fingerprint) and text encoder weights is reused, an
     interrupted one continues from its latest checkpoint; otherwise it starts over."""
     import qlip.gen  # noqa: F401  (registers task "t2i")
     from ..train import Recipe, train
-    from .resume import can_resume, finished_run
+    from .resume import can_resume, finished_run, move_aside
     marker = os.path.join(run_dir, "demo-t2i-run.json")
     text_model = recipe["text"].get("model")
     ident = {"recipe": recipe, "tokens": tokens, "text_model": _file_id(text_model) if text_model else None}
-    same = os.path.isfile(marker) and _read_json(marker) == ident
-    s = finished_run(run_dir, recipe["optim"]["steps"], resume and same,
+    if resume and move_aside(run_dir, f"[demo-t2i] {name}", _run_changes(marker, ident)):
+        resume = False
+    s = finished_run(run_dir, recipe["optim"]["steps"], resume,
                      also_done=lambda summary: summary.get("stopped_by") == "max_time_s")
     if s is not None:
         print(f"[demo-t2i] {name}: finished earlier ({s['steps']} steps), reusing {s['final_model']}")
         return s
-    again = can_resume(run_dir, resume and same)
-    if not again and os.path.isdir(run_dir):
+    again = can_resume(run_dir, resume)
+    if not again and os.path.isdir(run_dir):  # a fresh start (no --resume): the old run's checkpoints go
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with open(marker, "w", encoding="utf-8") as f:

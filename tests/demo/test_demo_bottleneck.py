@@ -96,7 +96,7 @@ def test_patch_codes_are_what_the_rows_say():
         u = m.enc(mod.patches(x, 8))
         q = m.code(u)[0]
         assert not torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(m.bits)))
-        assert float((q * math.sqrt(m.bits) - torch.tanh(u)).std()) > 0.3  # sigma 0.5 of noise
+        assert float((q * math.sqrt(m.bits) - torch.tanh(u)).std().detach()) > 0.3  # sigma 0.5 of noise
         m.progress = 0.9
         hard = m.code(u)[0].abs()
         assert torch.allclose(hard, torch.full_like(hard, 1 / math.sqrt(m.bits))) == (row == "mlp-binary-p8-noise-hard"), row
@@ -105,3 +105,18 @@ def test_patch_codes_are_what_the_rows_say():
     _, aux_train = edge.train()(x)
     _, aux_eval = edge.eval()(x)
     assert float(aux_train.detach()) > 0 and float(aux_eval.detach()) == 0.0
+    # the rotation trick: the hard corner in the forward pass; backward, the gradient rotated by the
+    # rotation that takes the unit code to its corner (its norm kept), not copied as the straight-through one
+    rot = mod.build("mlp-binary-p8-rotation", train).train()
+    u = torch.nn.functional.normalize(torch.randn(4, 28), dim=-1).requires_grad_()
+    hard = mod._sign(u.detach(), 1 / math.sqrt(28))
+    out = mod._rotation_trick(u, hard)
+    assert torch.allclose(out, hard, atol=1e-6)
+    g = torch.randn(4, 28)
+    out.backward(g)
+    e, r = u.detach(), torch.nn.functional.normalize(u.detach() + hard, dim=-1)
+    R = torch.eye(28) - 2 * r[:, :, None] * r[:, None, :] + 2 * hard[:, :, None] * e[:, None, :]
+    assert torch.allclose(u.grad, torch.einsum("bij,bi->bj", R, g), atol=1e-5)
+    assert torch.allclose(u.grad.norm(dim=-1), g.norm(dim=-1), atol=1e-5) and not torch.allclose(u.grad, g)
+    code = rot.code(rot.enc(mod.patches(x, 8)))[0]
+    assert torch.allclose(code.abs(), torch.full_like(code, 1 / math.sqrt(rot.bits)), atol=1e-6)

@@ -104,6 +104,23 @@ def test_demo_t2i_fast_end_to_end(demo_dir, tmp_path):
     assert t["parts_written"] == 1 and t["parts_reused"] == 0 and t["fingerprint"] != before["fingerprint"]
     run = json.loads((out / "runs" / "recon_only" / "demo-t2i-run.json").read_text())
     assert run["tokens"] == t["fingerprint"]  # trained again, on the new shards
+    old = json.loads((out / "runs" / "recon_only.previous" / "demo-t2i-run.json").read_text())
+    assert old["tokens"] == before["fingerprint"]  # the stale run moved aside, not deleted
+
+
+def test_stale_generator_run_names_what_changed(tmp_path):
+    from qlip.demo.t2i import _run_changes
+    run = tmp_path / "run"
+    ident = {"recipe": {"optim": {"lr": 1e-3, "steps": 10}, "head": {"kind": "split"}}, "tokens": "abc",
+             "text_model": [1, 2]}
+    assert _run_changes(str(run / "demo-t2i-run.json"), ident) == []  # nothing there
+    run.mkdir()
+    assert _run_changes(str(run / "demo-t2i-run.json"), ident) == ["no record of what it was trained with (demo-t2i-run.json)"]
+    (run / "demo-t2i-run.json").write_text(json.dumps(ident))
+    assert _run_changes(str(run / "demo-t2i-run.json"), ident) == []
+    new = {"recipe": {"optim": {"lr": 2e-3, "steps": 10}, "head": {"kind": "split"}}, "tokens": "abd",
+           "text_model": [1, 2]}
+    assert _run_changes(str(run / "demo-t2i-run.json"), new) == ["optim.lr: 0.001 -> 0.002", "the token shards changed"]
 
 
 def test_missing_demo_is_a_one_line_error(tmp_path, demo_dir):
