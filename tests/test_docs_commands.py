@@ -418,6 +418,21 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo --precision bf16 --out runs/demo-bf16b": Cheap("qlip demo --help"),
     "qlip demo --precision bf16": Cheap("qlip demo --help"),
     "python benchmarks/cpu_bf16.py": Cheap("python benchmarks/cpu_bf16.py --help"),
+    # docs/demo.md, twelfth round (the rotation row is run on tiny data by tests/demo/test_demo_bottleneck.py)
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --no-references --only mlp-binary-p8 "
+    "mlp-binary-p8-rotation": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    **{"python benchmarks/demo_recon.py " + tail: Cheap("python benchmarks/demo_recon.py --help")
+       for tail in ("--stage1 runs/demo/qlip_stage1/final --out runs/r12/s2-bf16 train.precision=bf16",
+                    "--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/r12/s1-bf16-seed1 "
+                    "train.precision=bf16 train.seed=1",
+                    "--stage1 runs/r12/s1-bf16-seed1/run/final --data runs/demo/data --out runs/r12/s12-bf16-seed1 "
+                    "train.precision=bf16",
+                    "--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/r12/ro-g4-g00-seed1 "
+                    "loss.alpha_a=0 model.drop_text=true model.overrides.quantizer.gamma_1=4 "
+                    "model.overrides.quantizer.gamma_0=0 train.seed=1",
+                    "--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/r12/s1-g00-seed1 "
+                    "model.overrides.quantizer.gamma_0=0 train.seed=1")},
+    "qlip demo --resume --out runs/demo-v11": Cheap("qlip demo --help"),
     "qlip demo t2i --demo-dir runs/demo-v11-long --out runs/demo-t2i-v11": Cheap("qlip demo t2i --help"),
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
     "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(

@@ -43,6 +43,11 @@ def flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def shown_setting(d: Dict[str, Any], key: str) -> str:
+    """A setting as a change line shows it: its repr, or ``(absent)`` where the recipe lacks it."""
+    return repr(d[key]) if key in d else "(absent)"
+
+
 # settings that do not change what a run computes (logging, checkpoint cadence, the progress bar)
 _IGNORED = ("train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.progress", "train.tensorboard")
 
@@ -65,7 +70,7 @@ def recipe_changes(run_dir: str, recipe, ignore: Sequence[str] = ()) -> List[str
     except (QLIPError, yaml.YAMLError) as e:  # an option removed since, or a damaged file
         return [f"recipe.yaml cannot be read with this version ({str(e).splitlines()[0]})"]
     new = flat(recipe.to_dict())
-    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+    return [f"{k}: {shown_setting(old, k)} -> {shown_setting(new, k)}"
             for k in sorted(set(old) | set(new)) if k not in _IGNORED and k not in ignore and old.get(k) != new.get(k)]
 
 

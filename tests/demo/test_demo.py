@@ -71,7 +71,8 @@ def test_resume_retrains_only_runs_whose_recipe_changed(demo_dir, capfd, monkeyp
     from qlip.demo.qlip import RECIPES
     args = ["demo", "--fast", "--resume", "--lanes", "1", "--out", str(demo_dir)]
     old_final = json.loads((demo_dir / "recon_only" / "summary.json").read_text())["final_model"]
-    monkeypatch.setitem(RECIPES["demo"], "recon_only", ["model.overrides.quantizer.gamma_1=2"])
+    monkeypatch.setitem(RECIPES["demo"], "recon_only", ["model.overrides.quantizer.gamma_1=2",
+                                                        "model.overrides.quantizer.gamma_0=0"])
     assert main(args) == 0
     out = capfd.readouterr().out
     assert "recon_only: trained with other settings (model.overrides.quantizer.gamma_1: 4 -> 2)" in out

@@ -142,12 +142,13 @@ def test_paper_recipe_is_the_papers_choices_at_the_demos_scale():
 
 def test_recon_only_baseline_has_its_own_tuned_codebook_weight():
     """The demo's reconstruction-only baseline (chosen on validation: it collapses with the stage-1
-    recipe's codebook-entropy weight) quadruples gamma_1; QLIP stage 1 and the paper recipe's
-    baseline keep the preset's."""
+    recipe's codebook-entropy weight) quadruples gamma_1 and drops the per-sample entropy term
+    (gamma_0 = 0); QLIP stage 1 and the paper recipe's baseline keep the preset's."""
     base = ["loss.alpha_a=0", "model.drop_text=true"]
     demo_ro = _recipe("demo-stage1.yaml", RECIPES["demo"]["stage1"] + base + RECIPES["demo"]["recon_only"])
     paper_ro = _recipe("demo-stage1.yaml", RECIPES["paper"]["stage1"] + base + RECIPES["paper"]["recon_only"])
     qlip1 = _recipe("demo-stage1.yaml", RECIPES["demo"]["stage1"])
-    assert demo_ro.model.overrides["quantizer.gamma_1"] == 4
+    assert demo_ro.model.overrides["quantizer.gamma_1"] == 4 and demo_ro.model.overrides["quantizer.gamma_0"] == 0
+    assert "quantizer.gamma_0" not in paper_ro.model.overrides and "quantizer.gamma_0" not in qlip1.model.overrides
     assert "quantizer.gamma_1" not in paper_ro.model.overrides and "quantizer.gamma_1" not in qlip1.model.overrides
     assert demo_ro.optim == qlip1.optim and demo_ro.data.batch_size == qlip1.data.batch_size  # same budget
