@@ -434,6 +434,7 @@ CHEAP: Dict[str, Cheap] = {
                     "model.overrides.quantizer.gamma_0=0 train.seed=1")},
     "qlip demo --resume --out runs/demo-v11": Cheap("qlip demo --help"),
     "qlip demo t2i --demo-dir runs/demo-v11-long --out runs/demo-t2i-v11": Cheap("qlip demo t2i --help"),
+    "qlip demo t2i --demo-dir runs/demo-v11-long --out runs/demo-t2i-v12": Cheap("qlip demo t2i --help"),
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
     "python benchmarks/demo_style.py --demo-dir runs/demo --out runs/wide": Cheap(
         "python benchmarks/demo_style.py --help"),
