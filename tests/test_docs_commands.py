@@ -433,6 +433,7 @@ CHEAP: Dict[str, Cheap] = {
                     "--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/r12/s1-g00-seed1 "
                     "model.overrides.quantizer.gamma_0=0 train.seed=1")},
     "qlip demo --resume --out runs/demo-v11": Cheap("qlip demo --help"),
+    "qlip demo --out runs/demo-v12": Cheap("qlip demo --help"),
     "qlip demo t2i --demo-dir runs/demo-v11-long --out runs/demo-t2i-v11": Cheap("qlip demo t2i --help"),
     "qlip demo t2i --demo-dir runs/demo-v11-long --out runs/demo-t2i-v12": Cheap("qlip demo t2i --help"),
     # docs/demo.md, seventh round (run on tiny data by tests/demo/test_demo_style.py)
