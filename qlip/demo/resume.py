@@ -33,19 +33,26 @@ def can_resume(run_dir: str, resume: bool) -> bool:
     return resume and latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None
 
 
-def flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
+            out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
 
 
-def shown_setting(d: Dict[str, Any], key: str) -> str:
-    """A setting as a change line shows it: its repr, or ``(absent)`` where the recipe lacks it."""
+def _shown(d: Dict[str, Any], key: str) -> str:
     return repr(d[key]) if key in d else "(absent)"
+
+
+def setting_changes(old: Dict[str, Any], new: Dict[str, Any], skip: Sequence[str] = ()) -> List[str]:
+    """``section.key: old -> new`` (``(absent)`` for a missing key) for every setting of two nested
+    settings dicts that differs, in key order; the dotted keys in ``skip`` are not compared."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {_shown(a, k)} -> {_shown(b, k)}"
+            for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)]
 
 
 # settings that do not change what a run computes (logging, checkpoint cadence, the progress bar)
@@ -66,12 +73,10 @@ def recipe_changes(run_dir: str, recipe, ignore: Sequence[str] = ()) -> List[str
         return []
     try:
         with open(path, encoding="utf-8") as f:
-            old = flat(Recipe.from_dict(yaml.safe_load(f) or {}).to_dict())
+            old = Recipe.from_dict(yaml.safe_load(f) or {}).to_dict()
     except (QLIPError, yaml.YAMLError) as e:  # an option removed since, or a damaged file
         return [f"recipe.yaml cannot be read with this version ({str(e).splitlines()[0]})"]
-    new = flat(recipe.to_dict())
-    return [f"{k}: {shown_setting(old, k)} -> {shown_setting(new, k)}"
-            for k in sorted(set(old) | set(new)) if k not in _IGNORED and k not in ignore and old.get(k) != new.get(k)]
+    return setting_changes(old, recipe.to_dict(), _IGNORED + tuple(ignore))
 
 
 def stale_run(run_dir: str, recipe, resume: bool, label: str, upstream_new: bool = False,

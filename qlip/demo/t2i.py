@@ -189,15 +189,13 @@ def _file_id(folder: str) -> List[int]:
 def _run_changes(marker: str, ident: Dict[str, Any]) -> List[str]:
     """Why the generator run whose identity file is ``marker`` is not the one ``ident`` asks for
     (recipe settings, token shards, text encoder weights); empty when it is, or when there is no run."""
-    from .resume import flat, shown_setting
+    from .resume import setting_changes
     if not os.path.isdir(os.path.dirname(marker)):
         return []
     if not os.path.isfile(marker):
         return ["no record of what it was trained with (demo-t2i-run.json)"]
     old = _read_json(marker)
-    a, b = flat(old.get("recipe") or {}), flat(ident["recipe"])
-    out = [f"{k}: {shown_setting(a, k)} -> {shown_setting(b, k)}" for k in sorted(set(a) | set(b))
-           if json.dumps(a.get(k)) != json.dumps(b.get(k))]
+    out = setting_changes(old.get("recipe") or {}, ident["recipe"])
     if old.get("tokens") != ident["tokens"]:
         out.append("the token shards changed")
     if old.get("text_model") != ident["text_model"]:
