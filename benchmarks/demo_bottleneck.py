@@ -46,7 +46,9 @@ steps, 4,096 training images held in memory, one thread):
   the sign; ``-hard`` trains the last 20% of the steps with the straight-through sign);
   ``mlp-binary-p8-rotation`` (the twelfth round: the rotation trick of Fifty et al. 2024 instead of
   the straight-through copy: the gradient at the sign is rotated by the rotation that takes the
-  unit code to its corner of the cube);
+  unit code to its corner of the cube); ``mlp-binary-p8-l1`` / ``mlp-continuous-p8-l1`` (the
+  thirteenth round: the same autoencoders trained with L1 instead of MSE on the pixels, BSQ-ViT's
+  choice: the per-pixel median of what a code stands for instead of the mean, i.e. a sharper edge);
 * ``qlip-continuous`` / ``qlip-binary``: the demo's QLIP (``qlip-demo`` preset, conv stem, one
   encoder block, decoder 128 x 3) without the text tower, its bottleneck projection and
   up-projection with the BSQ step skipped (continuous) or kept (binary, with the 0.1-weighted BSQ
@@ -83,7 +85,7 @@ EXTRA = ("mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoull
          "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits", "mlp-continuous-p8",
          "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
          "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "mlp-binary-p8-noise",
-         "mlp-binary-p8-noise-hard", "mlp-binary-p8-rotation")
+         "mlp-binary-p8-noise-hard", "mlp-binary-p8-rotation", "mlp-binary-p8-l1", "mlp-continuous-p8-l1")
 EDGE_WEIGHT = 1.0  # mlp-binary-p8-edge: weight of the image-gradient MSE
 DECOR_WEIGHT = 1.0  # mlp-binary-p8-decorrelated: weight of the bits' squared cross-correlations
 NOISE_SIGMA = 0.5  # mlp-binary-p8-noise: the channel's standard deviation (per code number, before 1/sqrt(L))
@@ -182,10 +184,11 @@ class PatchAE(nn.Module):
     """
 
     def __init__(self, patch: int, hidden: int, mode: str, bits: int = BITS, linear_dec: bool = False,
-                 decor_weight: float = DECOR_WEIGHT):
+                 decor_weight: float = DECOR_WEIGHT, recon: str = "mse"):
         super().__init__()
         d = 3 * patch * patch
         self.patch, self.mode, self.bits, self.decor_weight = patch, mode, bits, decor_weight
+        self.recon = recon  # the training loss on pixels (qlip.losses.reconstruction_loss kind)
         self.progress = 0.0  # fraction of training done (set by the loop; the annealed relaxation reads it)
         self.enc = mlp(d, hidden, bits) if hidden else nn.Linear(d, bits)
         self.dec = mlp(bits, hidden, d) if hidden and not linear_dec else nn.Linear(bits, d)
@@ -315,6 +318,8 @@ def build(row: str, train: torch.Tensor, decor_weight: float = DECOR_WEIGHT) -> 
             "mlp-binary-p8-noise-hard": lambda: PatchAE(8, 256, "noise-hard"),
             "mlp-binary-p8-rotation": lambda: PatchAE(8, 256, "rotation"),
             "mlp-continuous-p8": lambda: PatchAE(8, 256, "continuous"),
+            "mlp-binary-p8-l1": lambda: PatchAE(8, 256, "binary", recon="l1"),
+            "mlp-continuous-p8-l1": lambda: PatchAE(8, 256, "continuous", recon="l1"),
             "pca-thermometer-p8": lambda: pca_thermometer(train),
             "qlip-continuous": lambda: QLIPAE(False),
             "qlip-binary": lambda: QLIPAE(True)}[row]()
@@ -322,6 +327,7 @@ def build(row: str, train: torch.Tensor, decor_weight: float = DECOR_WEIGHT) -> 
 
 def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
               decor_weight: float = DECOR_WEIGHT) -> Tuple[nn.Module, float]:
+    from qlip.losses import reconstruction_loss
     from qlip.model.config import OPENAI_MEAN, OPENAI_STD
     from qlip.model.preprocess import normalize
     torch.manual_seed(seed)
@@ -338,7 +344,7 @@ def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, 
             model.progress = (step - 1) / steps
         x = normalize(train[torch.randint(0, len(train), (batch,), generator=g)], OPENAI_MEAN, OPENAI_STD)
         recon, aux = model(x)
-        loss = F.mse_loss(recon, x) + aux
+        loss = reconstruction_loss(recon, x, getattr(model, "recon", "mse")) + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)

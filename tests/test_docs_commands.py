@@ -432,6 +432,13 @@ CHEAP: Dict[str, Cheap] = {
                     "model.overrides.quantizer.gamma_0=0 train.seed=1",
                     "--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/r12/s1-g00-seed1 "
                     "model.overrides.quantizer.gamma_0=0 train.seed=1")},
+    # docs/demo.md, thirteenth round (the l1 row is run on tiny data by tests/demo/test_demo_bottleneck.py)
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --no-references --seed 1 --only "
+    "mlp-binary-p8-l1 mlp-binary-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    **{"python benchmarks/demo_recon.py " + tail: Cheap("python benchmarks/demo_recon.py --help")
+       for tail in ("--stage1 runs/demo/qlip_stage1/final --out runs/r13/s2-l1 loss.recon_kind=l1",
+                    "--stage1 runs/demo/qlip_stage1/final --out runs/r13/s2-q0 loss.alpha_q=0",
+                    "--stage1 runs/demo/qlip_stage2/final --out runs/r13/s2-base --judge-only")},
     "qlip demo --resume --out runs/demo-v11": Cheap("qlip demo --help"),
     "qlip demo --out runs/demo-v12": Cheap("qlip demo --help"),
     "qlip demo t2i --demo-dir runs/demo-v11-long --out runs/demo-t2i-v11": Cheap("qlip demo t2i --help"),

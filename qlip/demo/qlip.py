@@ -102,7 +102,7 @@ def _run(name: str, recipe, out_dir: str, resume: bool, upstream_new: bool = Fal
     s = {**train(recipe, run_dir, resume=again), "reused": False}
     print(f"[demo] {name}: done in {time.time() - t0:.0f} s, last losses "
           + ", ".join(f"{k}={v:.4g}" for k, v in s["last_log"].items()
-                      if k in ("contrastive", "mse", "lpips", "quant", "g_gan")))
+                      if k in ("contrastive", "mse", "l1", "lpips", "quant", "g_gan")))
     return s
 
 
@@ -210,7 +210,7 @@ def _curves(run_dirs: Dict[str, str]) -> Dict[str, list]:
             continue
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        for key in ("contrastive", "mse", "lpips"):
+        for key in ("contrastive", "mse", "l1", "lpips"):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 curves[f"{name}: {key}"] = pts

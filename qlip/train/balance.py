@@ -115,7 +115,7 @@ def balance(recipe_path: str, overrides: Sequence[str], out_dir: str, steps: Opt
     align_weight = recipe.loss.alpha_a if recipe.loss.alpha_a > 0 else 1.0
     recon_log = _run(_probe(recipe, "recon", steps), os.path.join(out_dir, "recon"))
     align_log = _run(_probe(recipe, "align", steps), os.path.join(out_dir, "align"))
-    l_mse = tail_mean(recon_log, "mse", tail)
+    l_mse = tail_mean(recon_log, recipe.loss.recon_kind, tail)  # the alpha_r term, logged under its kind
     l_align = tail_mean(align_log, "contrastive", tail)
     alpha_r, alpha_a = balanced_loss_weights(l_align, l_mse, align_weight=align_weight)
 

@@ -9,7 +9,7 @@ from qlip.data.shapes import generate_shapes
 ROWS = ("linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli",
         "mlp-binary-p8-edge", "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits",
         "mlp-continuous-p8", "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
-        "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "qlip-continuous", "qlip-binary")
+        "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "mlp-binary-p8-l1", "qlip-continuous", "qlip-binary")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -120,3 +120,31 @@ def test_patch_codes_are_what_the_rows_say():
     assert torch.allclose(u.grad.norm(dim=-1), g.norm(dim=-1), atol=1e-5) and not torch.allclose(u.grad, g)
     code = rot.code(rot.enc(mod.patches(x, 8)))[0]
     assert torch.allclose(code.abs(), torch.full_like(code, 1 / math.sqrt(rot.bits)), atol=1e-6)
+
+
+def test_l1_row_differs_from_the_mse_row_by_its_pixel_loss_only(tmp_path):
+    """mlp-binary-p8-l1 is mlp-binary-p8 trained with L1 on the pixels: the same init (same seed),
+    different weights after a step, and the same weights again when its loss is set back to MSE."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("demo_bottleneck", os.path.join(REPO, "benchmarks", "demo_bottleneck.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    train = torch.rand(8, 3, 64, 64)
+    mse, _ = mod.train_row("mlp-binary-p8", train, steps=2, lr=1e-2, batch=4, seed=0)
+    l1, _ = mod.train_row("mlp-binary-p8-l1", train, steps=2, lr=1e-2, batch=4, seed=0)
+    assert l1.recon == "l1" and mse.recon == "mse"
+    w = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
+    assert not torch.allclose(w(mse), w(l1))
+    build = mod.build
+    try:  # the l1 row with its loss set back to MSE trains exactly like the MSE row
+        mod.build = lambda row, *a, **k: build(row, *a, **k) if row != "mlp-binary-p8-l1" else _as_mse(build(row, *a, **k))
+        back, _ = mod.train_row("mlp-binary-p8-l1", train, steps=2, lr=1e-2, batch=4, seed=0)
+    finally:
+        mod.build = build
+    assert torch.equal(w(mse), w(back))
+
+
+def _as_mse(model):
+    model.recon = "mse"
+    return model

@@ -123,3 +123,30 @@ def test_stage2_bit_decorrelation_is_a_training_loss_only(shapes_dir, stage1, tm
     assert qlip.load(str(tmp_path / "run" / "final")).quantizer.decorrelation == 0.0
     with pytest.raises(Exception, match="bit_decorrelation"):
         Recipe.from_dict(tiny_recipe(shapes_dir, loss={"bit_decorrelation": -1.0}))
+
+
+def test_stage2_l1_reconstruction_term(shapes_dir, stage1, tmp_path):
+    """loss.recon_kind: l1 (BSQ-ViT's pixel loss) replaces the MSE term: it is logged as 'l1',
+    equals mean |x_hat - x| of the same pass, and the optimised loss is alpha_r * l1 + alpha_q * bsq.
+    An unknown kind is a one-line config error."""
+    import torch.nn.functional as F
+    from qlip.errors import ConfigError
+    from qlip.train import Engine, StepLog
+    from qlip.train.recipe import Recipe
+    d = tiny_recipe(shapes_dir, model={"preset": None, "init": str(stage1)},
+                    optim={"steps": 2, "warmup_steps": 0, "schedule": "constant", "optimizer": "adamw"},
+                    loss={"alpha_a": 0.0, "alpha_r": 2.0, "alpha_q": 0.1, "recon_kind": "l1"},
+                    train={"stage": 2, "ckpt_every": 0})
+    tr = Engine(Recipe.from_dict(d), str(tmp_path / "run"))
+    tr.model.eval()  # no dropout: the same pass twice
+    images = next(iter(tr.loader))["images"]
+    log = StepLog()
+    _, total = tr.task.image_terms(images, log, 1.0)
+    assert "l1" in log.values and "mse" not in log.values
+    with torch.no_grad():
+        recon = tr.model.image_pass(images, embed=False).recon.float()
+    assert abs(log.values["l1"] - float(F.l1_loss(recon, images))) < 1e-5
+    assert abs(log.values["l1"] - float(F.mse_loss(recon, images))) > 1e-3  # not the MSE by another name
+    assert abs(float(total.detach()) - (2.0 * log.values["l1"] + 0.1 * log.values["quant"])) < 1e-5
+    with pytest.raises(ConfigError, match="loss.recon_kind must be one of mse, l1"):
+        Recipe.from_dict(tiny_recipe(shapes_dir, loss={"recon_kind": "l2"}))

@@ -78,7 +78,7 @@ class QLIPOptimSection(OptimSection):
 
 @dataclass
 class LossSection:
-    alpha_r: float = 1.0      # MSE reconstruction
+    alpha_r: float = 1.0      # reconstruction (recon_kind)
     alpha_q: float = 1.0      # BSQ entropy/commitment loss
     alpha_a: float = 1.0      # contrastive alignment
     alpha_z: float = 0.0      # paper's commitment ||sg(Z_hat) - Z||^2 (needs decoder width == vision width)
@@ -86,6 +86,7 @@ class LossSection:
     alpha_g: float = 0.0      # GAN (generator side)
     alpha_s: float = 0.0      # stage 2: 1 - cos(E(x_hat), E(x)) with the frozen encoder (qlip/losses/semantic.py)
     semantic_features: str = "embedding"  # alpha_s on: embedding (pooled image embedding) | tokens (every token)
+    recon_kind: str = "mse"   # mse (paper) | l1 (BSQ-ViT's): the alpha_r term, logged under this name
     lpips_net: str = "vgg"    # LPIPS trunk: vgg (paper) | alex | squeeze
     lpips_backbone: str = "auto"  # auto: the real trunk weights or a one-line error; random: explicit opt-in
     hard_negatives: bool = False  # score each image against a hard-negative caption ({key}.neg.txt) too
@@ -99,6 +100,9 @@ class LossSection:
             raise ConfigError(f"loss.lpips_net must be vgg, alex or squeeze, got {self.lpips_net!r}")
         if self.lpips_backbone not in ("auto", "pretrained", "random"):
             raise ConfigError(f"loss.lpips_backbone must be auto, pretrained or random, got {self.lpips_backbone!r}")
+        from ...losses.reconstruction import RECONSTRUCTION_KINDS
+        if self.recon_kind not in RECONSTRUCTION_KINDS:
+            raise ConfigError(f"loss.recon_kind must be one of {', '.join(RECONSTRUCTION_KINDS)}, got {self.recon_kind!r}")
         if self.semantic_features not in ("embedding", "tokens"):
             raise ConfigError(f"loss.semantic_features must be embedding or tokens, got {self.semantic_features!r}")
         for name in ("alpha_r", "alpha_q", "alpha_a", "alpha_z", "alpha_p", "alpha_g", "alpha_s", "bit_decorrelation"):
@@ -217,7 +221,7 @@ class QLIPTask(Task):
                                                                 L.alpha_g, L.alpha_s))
         # the one place where the loss is weighted: optimised and logged totals both use it
         # (g_gan comes weighted and switched on at gan.disc_start by qlip.losses.AdversarialLoss)
-        self.loss_weights = {"mse": L.alpha_r, "quant": L.alpha_q, "contrastive": L.alpha_a, "commit_z": L.alpha_z,
+        self.loss_weights = {L.recon_kind: L.alpha_r, "quant": L.alpha_q, "contrastive": L.alpha_a, "commit_z": L.alpha_z,
                              "lpips": L.alpha_p, "semantic": L.alpha_s, "g_gan": 1.0}
         self.contrastive = self.lpips = self.adv = self.d_opt = None
         self._fake = None
@@ -339,8 +343,9 @@ class QLIPTask(Task):
                              quant_loss=True, encoder_grad=self.r.train.stage != 2)
         if not decode:
             return p.image_embeds, None
+        from ...losses import reconstruction_loss
         recon = p.recon.float()
-        terms = {"mse": F.mse_loss(recon, images), "quant": p.quant_loss}
+        terms = {L.recon_kind: reconstruction_loss(recon, images, L.recon_kind), "quant": p.quant_loss}
         if L.alpha_z > 0:
             terms["commit_z"] = F.mse_loss(p.z.float(), p.z_hat.detach().float())
         if self.lpips is not None:
