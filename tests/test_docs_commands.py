@@ -435,6 +435,8 @@ CHEAP: Dict[str, Cheap] = {
     # docs/demo.md, thirteenth round (the l1 row is run on tiny data by tests/demo/test_demo_bottleneck.py)
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --no-references --seed 1 --only "
     "mlp-binary-p8-l1 mlp-binary-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
+    "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --no-references --only "
+    "mlp-continuous-p8-l1 mlp-continuous-p8": Cheap("python benchmarks/demo_bottleneck.py --help"),
     **{"python benchmarks/demo_recon.py " + tail: Cheap("python benchmarks/demo_recon.py --help")
        for tail in ("--stage1 runs/demo/qlip_stage1/final --out runs/r13/s2-l1 loss.recon_kind=l1",
                     "--stage1 runs/demo/qlip_stage1/final --out runs/r13/s2-q0 loss.alpha_q=0",

@@ -9,7 +9,7 @@ from qlip.data.shapes import generate_shapes
 ROWS = ("linear-continuous", "mlp-binary-p8", "mlp-binary-p8-commit", "mlp-binary-p8-anneal", "mlp-binary-p8-bernoulli",
         "mlp-binary-p8-edge", "mlp-binary-p8-frozen-enc", "mlp-binary-p8-linear-dec", "mlp-binary-p8-64bits",
         "mlp-continuous-p8", "pca-thermometer-p8", "mlp-binary-p8-nonorm", "mlp-binary-p8-mix", "mlp-binary-p8-mix-decay", "mlp-binary-p8-balanced",
-        "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "mlp-binary-p8-l1", "qlip-continuous", "qlip-binary")
+        "mlp-binary-p8-decorrelated", "mlp-binary-p8-decorrelated-nobn", "mlp-binary-p8-l1", "mlp-continuous-p8-l1", "qlip-continuous", "qlip-binary")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -32,7 +32,7 @@ def test_bottleneck_benchmark_rows(tmp_path):
         assert 0.0 <= r["judge_colour"] <= 1.0 and 0.0 <= r["judge_kind"] <= 1.0 and 0 < r["psnr"] < 60
         if name.startswith("mlp-binary-p8") and name != "mlp-binary-p8-64bits":  # code usage of the per-patch codes
             assert 1 <= r["distinct_codes"] <= 8 * 64 and 0.0 <= r["bit_entropy_mean"] <= 1.0
-    assert "distinct_codes" not in rows["mlp-continuous-p8"]
+    assert "distinct_codes" not in rows["mlp-continuous-p8"] and "distinct_codes" not in rows["mlp-continuous-p8-l1"]
 
 
 def test_patch_codes_are_what_the_rows_say():
