@@ -52,3 +52,13 @@ def test_balance_rejects_stage2_and_bad_tail(shapes_dir, tmp_path):
         balance(path, [], str(tmp_path / "p"), tail=0)
     with pytest.raises(ConfigError, match="stage 1"):
         balance(path, ["train.stage=2", "loss.alpha_a=0"], str(tmp_path / "p"))
+
+
+def test_balance_reads_the_reconstruction_term_of_the_recipes_kind(shapes_dir, tmp_path):
+    """With loss.recon_kind: l1 the reconstruction probe logs 'l1' (no 'mse'), and L_recon(inf) is its tail mean."""
+    from qlip.train.balance import balance
+    path = write_recipe(tmp_path / "s1.yaml", tiny_recipe(shapes_dir, loss={"recon_kind": "l1"}))
+    out = balance(path, [], str(tmp_path / "probes"), steps=2, tail=1.0)
+    recon = read_log(tmp_path / "probes" / "recon")
+    assert "l1" in recon[0] and "mse" not in recon[0]
+    assert out["l_mse_inf"] == pytest.approx(sum(r["l1"] for r in recon) / len(recon))
