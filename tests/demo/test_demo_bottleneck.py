@@ -122,7 +122,7 @@ def test_patch_codes_are_what_the_rows_say():
     assert torch.allclose(code.abs(), torch.full_like(code, 1 / math.sqrt(rot.bits)), atol=1e-6)
 
 
-def test_l1_row_differs_from_the_mse_row_by_its_pixel_loss_only(tmp_path):
+def test_l1_row_differs_from_the_mse_row_by_its_pixel_loss_only(monkeypatch):
     """mlp-binary-p8-l1 is mlp-binary-p8 trained with L1 on the pixels: the same init (same seed),
     different weights after a step, and the same weights again when its loss is set back to MSE."""
     import importlib.util
@@ -136,15 +136,14 @@ def test_l1_row_differs_from_the_mse_row_by_its_pixel_loss_only(tmp_path):
     assert l1.recon == "l1" and mse.recon == "mse"
     w = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
     assert not torch.allclose(w(mse), w(l1))
+    # the l1 row with its loss set back to MSE trains exactly like the MSE row
     build = mod.build
-    try:  # the l1 row with its loss set back to MSE trains exactly like the MSE row
-        mod.build = lambda row, *a, **k: build(row, *a, **k) if row != "mlp-binary-p8-l1" else _as_mse(build(row, *a, **k))
-        back, _ = mod.train_row("mlp-binary-p8-l1", train, steps=2, lr=1e-2, batch=4, seed=0)
-    finally:
-        mod.build = build
+
+    def build_as_mse(row, *args, **kwargs):
+        model = build(row, *args, **kwargs)
+        model.recon = "mse"
+        return model
+
+    monkeypatch.setattr(mod, "build", build_as_mse)
+    back, _ = mod.train_row("mlp-binary-p8-l1", train, steps=2, lr=1e-2, batch=4, seed=0)
     assert torch.equal(w(mse), w(back))
-
-
-def _as_mse(model):
-    model.recon = "mse"
-    return model
