@@ -282,6 +282,7 @@ class QLIPAE(nn.Module):
         self.m = QLIP(get_preset("qlip-demo", **{"vision.stem": "conv", "vision.depth": 1}))
         self.m.text = None
         self.binary = binary
+        self.recon = "mse"  # the training loss on pixels: the demo recipe's
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.binary:
@@ -344,7 +345,7 @@ def train_row(row: str, train: torch.Tensor, steps: int, lr: float, batch: int, 
             model.progress = (step - 1) / steps
         x = normalize(train[torch.randint(0, len(train), (batch,), generator=g)], OPENAI_MEAN, OPENAI_STD)
         recon, aux = model(x)
-        loss = reconstruction_loss(recon, x, getattr(model, "recon", "mse")) + aux
+        loss = reconstruction_loss(recon, x, model.recon) + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)

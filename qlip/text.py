@@ -8,10 +8,20 @@ end token kept.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional, Sequence, Union
 
 import torch
+
+
+@functools.lru_cache(maxsize=8)
+def _open_clip_bpe(context_length: int):
+    """open_clip's BPE tokenizer, built once per context length: reading its bundled vocabulary takes
+    ~1-2 s, and every model with a text tower asks for one (its state is a memo of merged words, which
+    later calls share)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer(context_length=context_length)
 
 
 class Tokenizer:
@@ -27,8 +37,7 @@ class Tokenizer:
             if CLIPTokenizer is not None:
                 self._hf = CLIPTokenizer.from_pretrained(folder)
         if self._hf is None:
-            from open_clip.tokenizer import SimpleTokenizer
-            self._bpe = SimpleTokenizer(context_length=context_length)
+            self._bpe = _open_clip_bpe(context_length)
         self.sot_token_id, self.eot_token_id = 49406, 49407
 
     @property

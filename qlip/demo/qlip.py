@@ -33,18 +33,22 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import DataError, QLIPError
+from ..losses.reconstruction import RECONSTRUCTION_KINDS
 
 log = logging.getLogger("qlip.demo")
 
 DATA_N, DATA_HELDOUT, DATA_VAL, IMAGE_SIZE, SHARD = 10240, 640, 320, 64, 512
-FAST_N, FAST_HELDOUT, FAST_VAL = 320, 128, 64
+FAST_N, FAST_HELDOUT, FAST_VAL = 320, 64, 32  # --fast: one or two images per class (a smoke run)
 # LPIPS is a secondary figure here, with an explicitly random AlexNet trunk (the torchvision
 # weights are not available offline): it only compares the demo's runs with each other. The
 # check "stage 2 improves the decoder" uses rFID with the real FID Inception (paper Table 3c).
 LPIPS_NET = "alex-random"
-RFID_N, FAST_RFID_N = 128, 16  # test images whose rFID is computed (Inception-v3 at 299 px is the cost)
+RFID_N, FAST_RFID_N = 128, 8  # test images whose rFID is computed (Inception-v3 at 299 px is the cost)
 ALT_N, FAST_ALT_N = 320, 32     # second-renderer images (qlip.eval.shapes_alt): renderer robustness
 RUN_MARKER = "demo-run.json"  # {"fast": bool, "recipe": str}: what kind of run a --out folder holds
+# the logged losses the report plots (and the console prints, with the quantizer and GAN terms): the
+# contrastive term, the pixel term under its kind (loss.recon_kind) and LPIPS
+PLOTTED_LOSSES = ("contrastive", *RECONSTRUCTION_KINDS, "lpips")
 
 # ``--recipe paper``: the paper's recipe at the demo's scale (same data, sizes, steps, batches and
 # evaluation), to put the demo's deviations in numbers (README, docs/demo.md "The paper's recipe at
@@ -102,7 +106,7 @@ def _run(name: str, recipe, out_dir: str, resume: bool, upstream_new: bool = Fal
     s = {**train(recipe, run_dir, resume=again), "reused": False}
     print(f"[demo] {name}: done in {time.time() - t0:.0f} s, last losses "
           + ", ".join(f"{k}={v:.4g}" for k, v in s["last_log"].items()
-                      if k in ("contrastive", "mse", "l1", "lpips", "quant", "g_gan")))
+                      if k in (*PLOTTED_LOSSES, "quant", "g_gan")))
     return s
 
 
@@ -210,7 +214,7 @@ def _curves(run_dirs: Dict[str, str]) -> Dict[str, list]:
             continue
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        for key in ("contrastive", "mse", "l1", "lpips"):
+        for key in PLOTTED_LOSSES:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 curves[f"{name}: {key}"] = pts
@@ -297,7 +301,7 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     train_glob = os.path.join(data_dir, "shapes-train-*.tar")
     heldout = os.path.join(data_dir, "shapes-heldout-*.tar")
     val = os.path.join(data_dir, "shapes-val-*.tar")
-    fast_ov = ["data.batch_size=32", "optim.warmup_steps=2", "train.log_every=2", "train.ckpt_every=4",
+    fast_ov = ["data.batch_size=16", "optim.warmup_steps=2", "train.log_every=2", "train.ckpt_every=4",
                "train.progress=false"]
     prec = []
     if precision is not None:

@@ -23,6 +23,12 @@ def test_psnr_matches_skimage_per_image():
     for i in range(len(x)):
         ref = peak_signal_noise_ratio(x[i].double().numpy(), y[i].double().numpy(), data_range=1.0)
         assert abs(float(ours[i]) - ref) < 0.01
+    # the value torchmetrics gives (written out in qlip: its import costs seconds), inf when exact
+    from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr
+    torch.testing.assert_close(ours, tm_psnr(y, x, data_range=1.0, reduction="none", dim=(1, 2, 3)))
+    assert torch.isinf(psnr_per_image(x, x)).all()
+    with pytest.raises(ValueError, match="one shape"):
+        psnr_per_image(y, x[:, :, :-1])
 
 
 def _photos(size):
