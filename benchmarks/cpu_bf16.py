@@ -150,12 +150,12 @@ def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--quick", action="store_true", help="512^3 matmul, 2 repeats, batch 8, no QLIP steps")
+    ap.add_argument("--quick", action="store_true", help="512^3 matmul, 1 repeat, batch 8, no QLIP steps")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from qlip.nn.precision import cpu_flags, cpu_name, resolve_precision
-    reps = 2 if a.quick else a.repeats
+    reps = 1 if a.quick else a.repeats
     flags = cpu_flags()
     out = {"cpu": cpu_name() or platform.processor() or "unknown", "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
            "threads": a.threads, "torch": torch.__version__, "auto": str(resolve_precision("auto", "cpu")),
