@@ -81,6 +81,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=None,
                     help=f"classifier-free guidance (default: the demo's, {full['cfg']:g})")
     ap.add_argument("--sample-seed", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help=f"sampling temperature (default: the demo's, {full['temperature']:g})")
+    ap.add_argument("--top-k", type=int, default=None, dest="top_k",
+                    help="keep the K most likely values of each sub-token (default: the demo's, all)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                     help="training precision (default: the demo's, auto = bf16 on a CPU with AMX or a GPU)")
     ap.add_argument("--pooled", action="store_true",
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"{what} not found at {os.path.dirname(path)}: run `qlip demo` and `qlip demo t2i` first")
     st = dict(t2i.FULL)
     for key, value in (("steps", a.steps), ("lr", a.lr), ("batch_size", a.batch), ("cfg", a.cfg),
-                       ("precision", a.precision), ("text_encoder", a.text_encoder)):
+                       ("precision", a.precision), ("text_encoder", a.text_encoder),
+                       ("temperature", a.temperature), ("top_k", a.top_k)):
         if value is not None:
             st[key] = value
     st["samples_per_prompt"] = a.samples
@@ -125,6 +130,7 @@ def main(argv=None) -> int:
     row = {"tag": a.tag, "steps": s["steps"], "train_s": round(s["elapsed_s"], 1), "nll": s["last_log"].get("nll"),
            "lr": st["lr"], "batch": st["batch_size"], "precision": s.get("precision"),
            "pooled": bool(st.get("pooled")), "text_encoder": st.get("text_encoder", "qlip"), "head": recipe["head"], "cfg": st["cfg"],
+           "temperature": st["temperature"], "top_k": st["top_k"],
            "samples_per_prompt": a.samples, "sample_seed": a.sample_seed, "model": recipe["model"],
            "adherence_top1": round(adh["top1"], 4), "adherence_colour": round(adh["colour"], 4),
            "adherence_kind": round(adh["kind"], 4), "zero_shot_top1": round(ev["zero_shot_top1"], 4),

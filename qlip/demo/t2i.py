@@ -62,14 +62,14 @@ FULL: Dict[str, Any] = {
     "preset": "gpt-demo", "head": "intra", "groups": 4, "text_encoder": "embedding", "text_len": 16,
     "batch_size": 64, "lr": 3e-3, "warmup_steps": 30, "steps": 500, "ckpt_every": 50, "cfg": 10.0, "cfg_sweep": [1.0, 4.0, 7.0, 10.0],
     "samples_per_prompt": 8, "sweep_samples": 4, "sample_batch": 64, "fid_n": 128, "ceiling_n": 640,
-    "grid_samples": 4, "heads_time_s": 180.0, "precision": "auto",
+    "grid_samples": 4, "heads_time_s": 180.0, "precision": "auto", "temperature": 1.0, "top_k": None,
 }
 FAST: Dict[str, Any] = {
     "preset": "gpt-tiny", "head": "intra", "groups": 4, "text_encoder": "embedding", "text_len": 8,
     "batch_size": 8, "lr": 3e-3,
     "warmup_steps": 1, "steps": 4, "ckpt_every": 2, "cfg": 4.0, "cfg_sweep": [1.0, 4.0],
     "samples_per_prompt": 1, "sweep_samples": 1, "sample_batch": 32, "fid_n": 8, "ceiling_n": 16,
-    "grid_samples": 1, "heads_time_s": 2.0, "precision": "auto",
+    "grid_samples": 1, "heads_time_s": 2.0, "precision": "auto", "temperature": 1.0, "top_k": None,
 }
 # how the demo's generators may read the captions (settings["text_encoder"]; qlip.gen.text)
 TEXT_ENCODERS = ("embedding", "qlip")
@@ -283,7 +283,8 @@ def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str,
     gen = qlip.gen.load(gen_dir)
     prompts, n = shape_prompts(), st["samples_per_prompt"]
     t0 = time.time()
-    ids = gen.generate(prompts, n=n, cfg=st["cfg"], seed=seed, batch_size=st["sample_batch"])
+    draw = dict(temperature=st.get("temperature", 1.0), top_k=st.get("top_k"), seed=seed, batch_size=st["sample_batch"])
+    ids = gen.generate(prompts, n=n, cfg=st["cfg"], **draw)
     images = gen.decode(ids)
     per_s = len(images) / max(time.time() - t0, 1e-9)
     labels = _prompt_labels(n)
@@ -302,7 +303,7 @@ def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str,
                 a = out["adherence"]
             else:
                 k = st["sweep_samples"]
-                a = _judge(gen.decode(gen.generate(prompts, n=k, cfg=c, seed=seed, batch_size=st["sample_batch"])),
+                a = _judge(gen.decode(gen.generate(prompts, n=k, cfg=c, **draw)),
                            _prompt_labels(k))
             rows.append([c, a["top1"], a["colour"], a["kind"]])
         out["cfg_sweep"] = rows

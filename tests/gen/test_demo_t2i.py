@@ -182,6 +182,23 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     unseen = next(i for i in range(1 << 20) if i not in every)
     assert mod.novel_ids(train, tokens)["novel_ids"] == 0.0  # ids of training images are never novel
     assert mod.novel_ids(np.array([train[0, 0], unseen, unseen, train[1, 1]]), tokens)["novel_ids"] == 0.5
+    # --top-k 1: every sub-token its most likely value, so the samples of one prompt are all the same
+    # image (left and right half of each 2-sample strip); the finished generator is reused, not retrained
+    from PIL import Image
+
+    def halves_equal():
+        strips = sorted((tmp_path / "b" / "lr3e-3" / "samples").glob("*.png"))
+        out = []
+        for f in strips:
+            a = np.asarray(Image.open(f))
+            out.append(np.array_equal(a[:, :a.shape[1] // 2], a[:, a.shape[1] // 2:]))
+        return strips and all(out)
+    assert mod.main(args[:-1] + ["2", "--resume", "--top-k", "1", "--temperature", "0.5"]) == 0
+    row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[-1])
+    assert row["top_k"] == 1 and row["temperature"] == 0.5 and row["steps"] == 2 and halves_equal()
+    assert mod.main(args[:-1] + ["2", "--resume"]) == 0  # sampled at the demo's temperature 1, all values
+    assert json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[-1])["top_k"] is None
+    assert not halves_equal()
     assert mod.main(args[:7] + ["pooled", "--text-encoder", "qlip", "--pooled", "--precision", "fp32",
                                 "--dim", "48", "--layers", "1", "--heads", "2", "--ffn", "64"] + args[10:]) == 0
     row = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[-1])
