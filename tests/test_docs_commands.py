@@ -286,6 +286,11 @@ CHEAP: Dict[str, Cheap] = {
     "--lr 6e-3": Cheap("python benchmarks/t2i_recipe.py --help"),
     "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v3 --out runs/demo-t2i-v3/runs "
     "--tag qlip --resume": Cheap("python benchmarks/t2i_recipe.py --help"),
+    # docs/gen.md, sampling temperature and top-k on the demo's own generator (the flags are run on tiny
+    # inputs by tests/gen/test_demo_t2i.py)
+    **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo --t2i-dir runs/demo-t2i --out runs/demo-t2i/runs "
+       "--tag qlip --resume --samples 8" + tail: Cheap("python benchmarks/t2i_recipe.py --help")
+       for tail in ("", " --temperature 0.7", " --temperature 0.4", " --top-k 8")},
     # docs/gen.md, bf16 / steps / pooled screen; docs/um3.md, precision
     **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v4 --out runs/t2ib " + tail:
        Cheap("python benchmarks/t2i_recipe.py --help")
