@@ -283,7 +283,7 @@ def evaluate_generator(gen_dir: str, qlip_path: str, heldout: str, st: Dict[str,
     gen = qlip.gen.load(gen_dir)
     prompts, n = shape_prompts(), st["samples_per_prompt"]
     t0 = time.time()
-    draw = dict(temperature=st.get("temperature", 1.0), top_k=st.get("top_k"), seed=seed, batch_size=st["sample_batch"])
+    draw = dict(temperature=st["temperature"], top_k=st["top_k"], seed=seed, batch_size=st["sample_batch"])
     ids = gen.generate(prompts, n=n, cfg=st["cfg"], **draw)
     images = gen.decode(ids)
     per_s = len(images) / max(time.time() - t0, 1e-9)
