@@ -290,7 +290,7 @@ CHEAP: Dict[str, Cheap] = {
     # inputs by tests/gen/test_demo_t2i.py)
     **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo --t2i-dir runs/demo-t2i --out runs/demo-t2i/runs "
        "--tag qlip --resume --samples 8" + tail: Cheap("python benchmarks/t2i_recipe.py --help")
-       for tail in ("", " --temperature 0.7", " --temperature 0.4", " --top-k 8")},
+       for tail in ("", " --temperature 0.7", " --temperature 0.4", " --top-k 8", " --cfg 20")},
     # docs/gen.md, bf16 / steps / pooled screen; docs/um3.md, precision
     **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v3 --t2i-dir runs/demo-t2i-v4 --out runs/t2ib " + tail:
        Cheap("python benchmarks/t2i_recipe.py --help")
@@ -501,6 +501,22 @@ CHEAP: Dict[str, Cheap] = {
     "torchrun --nnodes 16 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 --rdzv_id qlip-b16 "
     "-m qlip train qlip/configs/qlip-b-16-256-stage1.yaml --out /shared/runs/b16-s1": HELP_TRAIN,
     "python benchmarks/plan_check.py": Cheap("python benchmarks/plan_check.py --help"),
+    # docs/demo.md, fifteenth round: stage-1 bit decorrelation, two seeds (the script's training path is
+    # run on tiny inputs by tests/demo/test_demo_recon_bench.py)
+    **{"python benchmarks/demo_recon.py " + tail: Cheap("python benchmarks/demo_recon.py --help") for tail in (
+        "--stage1 runs/demo/qlip_stage1/final --out runs/rec15/s1-base --judge-only",
+        "--stage1 runs/demo/qlip_stage2/final --data runs/demo/data --out runs/rec15/s2-base --judge-only",
+        *(f"--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/rec15/s1-{tag}" + ov
+          for tag, ov in (("decor03", " loss.bit_decorrelation=0.3"), ("base-seed1", " train.seed=1"),
+                          ("decor03-seed1", " train.seed=1 loss.bit_decorrelation=0.3"),
+                          ("decor01-seed0", " loss.bit_decorrelation=0.1"),
+                          ("decor01-seed1", " train.seed=1 loss.bit_decorrelation=0.1"))),
+        *(f"--stage1 runs/rec15/s1-{tag}/run/final --data runs/demo/data --out runs/rec15/s12-{tag}"
+          for tag in ("decor03", "base-seed1", "decor03-seed1", "decor01-seed0", "decor01-seed1")),
+        "--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/rec15/ro-decor03 loss.alpha_a=0 "
+        "model.drop_text=true model.overrides.quantizer.gamma_1=4 model.overrides.quantizer.gamma_0=0 "
+        "loss.bit_decorrelation=0.3")},
+    "qlip demo --out runs/demo-v15": Cheap("qlip demo --help"),
 }
 
 

@@ -152,3 +152,19 @@ def test_recon_only_baseline_has_its_own_tuned_codebook_weight():
     assert "quantizer.gamma_0" not in paper_ro.model.overrides and "quantizer.gamma_0" not in qlip1.model.overrides
     assert "quantizer.gamma_1" not in paper_ro.model.overrides and "quantizer.gamma_1" not in qlip1.model.overrides
     assert demo_ro.optim == qlip1.optim and demo_ro.data.batch_size == qlip1.data.batch_size  # same budget
+
+
+def test_bit_decorrelation_is_the_demo_qlip_stage1s_only():
+    """The fifteenth round's choice (validation, two seeds): QLIP's stage 1 decorrelates its bits at
+    0.3; the reconstruction-only baseline (worse with it on validation) and the paper's recipe (it is
+    ours, not the paper's) train without it, and the library's default stays 0."""
+    from qlip.train.tasks.qlip import LossSection
+    base = ["loss.alpha_a=0", "model.drop_text=true"]
+    qlip1 = _recipe("demo-stage1.yaml", RECIPES["demo"]["stage1"])
+    demo_ro = _recipe("demo-stage1.yaml", RECIPES["demo"]["stage1"] + base + RECIPES["demo"]["recon_only"])
+    paper1 = _recipe("demo-stage1.yaml", RECIPES["paper"]["stage1"])
+    paper_ro = _recipe("demo-stage1.yaml", RECIPES["paper"]["stage1"] + base + RECIPES["paper"]["recon_only"])
+    assert qlip1.loss.bit_decorrelation == 0.3
+    assert demo_ro.loss.bit_decorrelation == paper1.loss.bit_decorrelation == paper_ro.loss.bit_decorrelation == 0
+    assert _recipe("demo-stage2.yaml", RECIPES["demo"]["stage2"]).loss.bit_decorrelation == 0  # stage 2: ninth round
+    assert LossSection().bit_decorrelation == 0.0
