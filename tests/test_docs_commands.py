@@ -517,6 +517,7 @@ CHEAP: Dict[str, Cheap] = {
         "model.drop_text=true model.overrides.quantizer.gamma_1=4 model.overrides.quantizer.gamma_0=0 "
         "loss.bit_decorrelation=0.3")},
     "qlip demo --out runs/demo-v15": Cheap("qlip demo --help"),
+    "qlip demo t2i --demo-dir runs/demo-v15 --out runs/demo-t2i-v15": Cheap("qlip demo t2i --help"),
 }
 
 

@@ -71,8 +71,9 @@ def test_resume_retrains_only_runs_whose_recipe_changed(demo_dir, capfd, monkeyp
     from qlip.demo.qlip import RECIPES
     args = ["demo", "--fast", "--resume", "--lanes", "1", "--out", str(demo_dir)]
     old_final = json.loads((demo_dir / "recon_only" / "summary.json").read_text())["final_model"]
-    monkeypatch.setitem(RECIPES["demo"], "recon_only", ["model.overrides.quantizer.gamma_1=2",
-                                                        "model.overrides.quantizer.gamma_0=0"])
+    changed = [o.replace("gamma_1=4", "gamma_1=2") for o in RECIPES["demo"]["recon_only"]]
+    assert changed != RECIPES["demo"]["recon_only"]  # one setting of the baseline's own recipe changes
+    monkeypatch.setitem(RECIPES["demo"], "recon_only", changed)
     assert main(args) == 0
     out = capfd.readouterr().out
     assert "recon_only: trained with other settings (model.overrides.quantizer.gamma_1: 4 -> 2)" in out
