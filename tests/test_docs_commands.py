@@ -196,6 +196,7 @@ CHEAP: Dict[str, Cheap] = {
     "qlip vlm chat --model runs/vlm-s2/final --image shape.png --prompt 'What color is the shape?'": Cheap(
         "qlip vlm chat --help"),
     "qlip demo vlm --demo-dir runs/demo --out runs/demo-vlm": Cheap("qlip demo vlm --help"),
+    "qlip demo vlm --demo-dir runs/demo-v15 --out runs/demo-vlm-v15": Cheap("qlip demo vlm --help"),
     # docs/evaluation.md
     "qlip eval zero-shot --model M --data PATH '[--classnames' 'imagenet|shapes|FILE]' "
     "'[--templates' 'openai|simple|FILE|a photo of a {}.]'": Cheap(
@@ -477,6 +478,7 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v8 --resume": Cheap("qlip demo um3 --help"),
     "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v10": Cheap("qlip demo um3 --help"),
     "qlip demo um3 --demo-dir runs/demo-v3 --out runs/demo-um3-v11 --resume": Cheap("qlip demo um3 --help"),
+    "qlip demo um3 --demo-dir runs/demo-v15 --out runs/demo-um3-v15 --resume": Cheap("qlip demo um3 --help"),
     "qlip demo t2i --demo-dir runs/demo-v3 --out runs/demo-t2i-v6 --resume --compare-heads": Cheap("qlip demo t2i --help"),
     "qlip gen sample --model runs/demo-t2i/qlip --prompt 'a photo of a red circle' -n 8 -o samples/":
         Cheap("qlip gen sample --help"),
