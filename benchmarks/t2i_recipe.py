@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     for flag, key in (("--dim", "dim"), ("--layers", "n_layers"), ("--heads", "n_heads"), ("--ffn", "ffn_hidden")):
         ap.add_argument(flag, type=int, default=None, dest=key,
                         help=f"generator size: model.{key} over the preset's (default: the demo's {full['preset']})")
+    ap.add_argument("--all-shapes", action="store_true",
+                    help="train on every training image (the demo until its sixteenth round), not only the "
+                         "single-shape ones")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="reuse or continue this tag's run")
     a = ap.parse_args(argv)
@@ -119,17 +122,22 @@ def main(argv=None) -> int:
     st["samples_per_prompt"] = a.samples
     if a.pooled:
         st["pooled"] = True
+    if a.all_shapes:
+        st["single_shapes"] = False
+    run_dir = os.path.join(a.out, a.tag)
+    if st.get("single_shapes"):  # the demo's training rows: the single-shape images (docs/gen.md)
+        tokens = t2i.single_shapes({"dir": tokens, "images": read_index(tokens)["count"]},
+                                   os.path.join(a.out, "tokens", a.tag))["dir"]
     recipe = t2i.generator_recipe(tokens, qlip_path, qlip_path, st, a.head, a.groups)
     sizes = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "ffn_hidden") if getattr(a, k) is not None}
     recipe["model"].update(sizes)
-    run_dir = os.path.join(a.out, a.tag)
     s = t2i.train_generator(a.tag, recipe, run_dir, a.resume, read_index(tokens)["fingerprint"])
     ev = t2i.evaluate_generator(s["final_model"], qlip_path, heldout, st, os.path.join(run_dir, "samples"),
                                 ceiling=False, sweep=False, seed=a.sample_seed)
     adh = ev["adherence"]
     row = {"tag": a.tag, "steps": s["steps"], "train_s": round(s["elapsed_s"], 1), "nll": s["last_log"].get("nll"),
            "lr": st["lr"], "batch": st["batch_size"], "precision": s.get("precision"),
-           "pooled": bool(st.get("pooled")), "text_encoder": st.get("text_encoder", "qlip"), "head": recipe["head"], "cfg": st["cfg"],
+           "pooled": bool(st.get("pooled")), "single_shapes": bool(st.get("single_shapes")), "text_encoder": st.get("text_encoder", "qlip"), "head": recipe["head"], "cfg": st["cfg"],
            "temperature": st["temperature"], "top_k": st["top_k"],
            "samples_per_prompt": a.samples, "sample_seed": a.sample_seed, "model": recipe["model"],
            "adherence_top1": round(adh["top1"], 4), "adherence_colour": round(adh["colour"], 4),

@@ -520,6 +520,18 @@ CHEAP: Dict[str, Cheap] = {
         "loss.bit_decorrelation=0.3")},
     "qlip demo --out runs/demo-v15": Cheap("qlip demo --help"),
     "qlip demo t2i --demo-dir runs/demo-v15 --out runs/demo-t2i-v15": Cheap("qlip demo t2i --help"),
+    # docs/gen.md, "Single-shape training images"
+    **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v15 --t2i-dir runs/demo-t2i-v15 " + tail:
+       Cheap("python benchmarks/t2i_recipe.py --help") for tail in (
+        "--out runs/demo-t2i-v15/runs --tag qlip --resume --samples 8 --all-shapes",
+        "--out runs/t2i16 --samples 8 --all-shapes --tag d64l2-b16-4000 --dim 64 --layers 2 --heads 4 --ffn 256 "
+        "--batch 16 --steps 4000",
+        "--out runs/t2i16 --samples 8 --all-shapes --tag d128l2-b16-4000 --dim 128 --layers 2 --heads 4 --ffn 512 "
+        "--batch 16 --steps 4000",
+        "--out runs/t2i16 --samples 8 --tag single-base",
+        "--out runs/t2i16 --samples 8 --tag single-base --resume --cfg 15",
+        "--out runs/t2i16 --samples 8 --tag single-base --resume --cfg 6")},
+    "qlip demo t2i --demo-dir runs/demo-v15 --out runs/demo-t2i-v16": Cheap("qlip demo t2i --help"),
 }
 
 

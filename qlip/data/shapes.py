@@ -112,6 +112,19 @@ _SPLITS = {"train": 0, "heldout": 1, "val": 2}
 LABELLED_SPLITS = ("heldout", "val")  # single-shape images with a (colour, kind) label
 
 
+def caption_kinds(caption: str) -> list[str]:
+    """The shape-kind words of a caption, in order ("a red circle and a blue star" -> circle, star)."""
+    return [w for w in caption.replace(",", " ").replace(":", " ").split() if w in KINDS]
+
+
+SINGLE_SHAPES = "single-shape captions"  # the filter's name in token shards' sources (qlip.data.tokens)
+
+
+def single_shape_caption(caption: str) -> bool:
+    """Whether a caption names exactly one shape, like the held-out test split's single shapes."""
+    return len(caption_kinds(caption)) == 1
+
+
 def shape_label(color: str, kind: str) -> int:
     """Held-out class index of a (color, kind) pair."""
     return COLOR_NAMES.index(color) * len(KINDS) + KINDS.index(kind)

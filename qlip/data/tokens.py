@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -133,10 +134,40 @@ def run_config(model, model_name: str, sources: Sequence[str], preprocess: str =
                      "config_sha256": _sha256_json(model.config.to_dict())},
            "bits": bits, "grid": [model.grid, model.grid], "dtype": "int32" if bits <= 31 else "int64",
            "preprocess": spec, "sources": [_source_name(u) for u in sources]}
-    ident = {k: cfg[k] for k in ("format", "version", "bits", "grid", "dtype", "preprocess", "sources")}
-    ident["encoder_sha256"] = cfg["model"]["encoder_sha256"]
-    cfg["fingerprint"] = _sha256_json(ident)
+    cfg["fingerprint"] = _config_fingerprint(cfg)
     return cfg
+
+
+def _config_fingerprint(cfg: dict) -> str:
+    """What identifies a run's parts: format, bits, grid, preprocessing, sources and the encoder."""
+    ident = {k: cfg[k] for k in ("format", "version", "bits", "grid", "dtype", "preprocess", "sources")}
+    ident["encoder_sha256"] = cfg["model"].get("encoder_sha256")
+    return _sha256_json(ident)
+
+
+def filter_token_shards(src: str, dst: str, keep: Callable[[str], bool], what: str) -> int:
+    """Copy the rows of the token shards ``src`` whose caption satisfies ``keep`` into ``dst`` (one
+    part, replaced if it exists) and return their number. ``what`` names the filter: it becomes the
+    part's source (``"SRC (what)"``), and the subset's fingerprint is that of ``src``'s fingerprint
+    and ``what`` (``filtered_from`` keeps the former), so a run trained on it is never mistaken for
+    one trained on all of ``src`` or on another source's subset. DataError when no row is kept."""
+    ds = TokenShardDataset(src)
+    rows = [i for i in range(len(ds)) if keep(str(ds.captions[i]))]
+    if not rows:
+        raise DataError(f"{src}: no caption among its {len(ds)} samples is kept by the filter ({what})")
+    cfg = _read_json(os.path.join(src, CONFIG))
+    cfg["sources"] = [f"{src} ({what})"]
+    cfg["filtered_from"] = cfg["fingerprint"]
+    cfg["fingerprint"] = _sha256_json({"filtered_from": cfg["filtered_from"], "filter": what})
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.makedirs(dst)
+    atomic_write_text(os.path.join(dst, CONFIG), json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    index = np.asarray(rows, dtype=np.int64)
+    ids = np.asarray(ds.ids[index]).astype(cfg["dtype"]).reshape(len(rows), -1)
+    write_part(dst, 0, cfg, ids, [str(k) for k in ds.keys[index]], [str(c) for c in ds.captions[index]], {})
+    build_index(dst)
+    return len(rows)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ and the shapes data (``runs/demo/data``). Per tokenizer, in its own lane (two pr
 on >= 2 cores, as ``qlip demo``):
 
 1. tokenize the training shards (``qlip.data.tokens.tokenize_shards``, the ``qlip data tokenize``
-   code path) into ``OUT/tokens/<name>``; complete parts of the same tokenizer are reused;
+   code path) into ``OUT/tokens/<name>``; complete parts of the same tokenizer are reused; keep
+   the rows whose caption names one shape, like the test prompts (``OUT/tokens/<name>-single``,
+   setting ``single_shapes``: half of the 10,240 images; UM3's demo trains on the same subset);
 2. train the same generator (``qlip.gen``, task ``t2i`` of the engine), same steps, same seed; the
    captions are read the same way in both (a learned embedding of their BPE ids,
    ``text.encoder=embedding``; ``--text-encoder qlip``: the demo QLIP's frozen text tower), so only
@@ -63,6 +65,7 @@ FULL: Dict[str, Any] = {
     "batch_size": 64, "lr": 3e-3, "warmup_steps": 30, "steps": 500, "ckpt_every": 50, "cfg": 10.0, "cfg_sweep": [1.0, 4.0, 7.0, 10.0],
     "samples_per_prompt": 8, "sweep_samples": 4, "sample_batch": 64, "fid_n": 128, "ceiling_n": 640,
     "grid_samples": 4, "heads_time_s": 180.0, "precision": "auto", "temperature": 1.0, "top_k": None,
+    "single_shapes": True,
 }
 FAST: Dict[str, Any] = {
     "preset": "gpt-tiny", "head": "intra", "groups": 4, "text_encoder": "embedding", "text_len": 8,
@@ -70,6 +73,7 @@ FAST: Dict[str, Any] = {
     "warmup_steps": 1, "steps": 4, "ckpt_every": 2, "cfg": 4.0, "cfg_sweep": [1.0, 4.0],
     "samples_per_prompt": 1, "sweep_samples": 1, "sample_batch": 32, "fid_n": 8, "ceiling_n": 16,
     "grid_samples": 1, "heads_time_s": 2.0, "precision": "auto", "temperature": 1.0, "top_k": None,
+    "single_shapes": True,
 }
 # how the demo's generators may read the captions (settings["text_encoder"]; qlip.gen.text)
 TEXT_ENCODERS = ("embedding", "qlip")
@@ -133,18 +137,34 @@ def demo_inputs(demo_dir: str, qlip_path: Optional[str] = None, recon_path: Opti
 def tokenize(model_path: str, train_glob: str, out_dir: str) -> Dict[str, Any]:
     """Token shards of ``train_glob`` by ``model_path`` in ``out_dir`` (parts of the same model are
     reused; another model's are replaced); the index facts and the number of distinct ids."""
-    from ..data.tokens import part_paths, read_index, tokenize_shards
+    from ..data.tokens import read_index, tokenize_shards
     from ..gen.text import load_qlip
     t0 = time.time()
     model = load_qlip(model_path)
     s = tokenize_shards(train_glob, model, out_dir, model_name=model_path, batch_size=256, workers=0,
                         overwrite=True, progress=False)
     index = s["index"] or read_index(out_dir)
-    distinct = np.unique(np.concatenate([np.load(part_paths(out_dir, i)["ids"], mmap_mode="r").ravel()
-                                         for i in range(len(index["shards"]))]))
     return {"dir": out_dir, "images": int(index["count"]), "parts_written": len(s["written"]),
             "parts_reused": len(s["already_done"]), "fingerprint": index["fingerprint"],
-            "distinct_ids": int(distinct.size), "seconds": round(time.time() - t0, 1)}
+            "distinct_ids": _distinct_ids(out_dir), "seconds": round(time.time() - t0, 1)}
+
+
+def _distinct_ids(out_dir: str) -> int:
+    from ..data.tokens import part_paths, read_index
+    index = read_index(out_dir)
+    return int(np.unique(np.concatenate([np.load(part_paths(out_dir, i)["ids"], mmap_mode="r").ravel()
+                                         for i in range(len(index["shards"]))])).size)
+
+
+def single_shapes(tokens: Dict[str, Any], out_dir: str) -> Dict[str, Any]:
+    """The rows of ``tokens`` whose caption names one shape (like the test prompts), in ``out_dir``;
+    ``tokens`` updated to describe them (``images_tokenized``: all rows). Both tokenizers' generators
+    train on them (settings ``single_shapes``; docs/gen.md, "Single-shape training images"), as UM3's do."""
+    from ..data.shapes import SINGLE_SHAPES, single_shape_caption
+    from ..data.tokens import filter_token_shards, read_index
+    n = filter_token_shards(tokens["dir"], out_dir, single_shape_caption, SINGLE_SHAPES)
+    return {**tokens, "dir": out_dir, "images": n, "images_tokenized": tokens["images"],
+            "fingerprint": read_index(out_dir)["fingerprint"], "distinct_ids": _distinct_ids(out_dir)}
 
 
 def generator_recipe(tokens: str, text_model: str, tokenizer: str, st: Dict[str, Any], head: Optional[str] = None,
@@ -347,6 +367,10 @@ def tokenizer_lane(name: str, tokenizer: str, text_model: str, train_glob: str, 
     tokens = tokenize(tokenizer, train_glob, os.path.join(out, "tokens", name))
     print(f"[demo-t2i] {name}: {tokens['images']} images tokenized ({tokens['parts_reused']} parts reused) in "
           f"{tokens['seconds']:.0f} s, {tokens['distinct_ids']} distinct ids")
+    if st.get("single_shapes"):
+        tokens = single_shapes(tokens, os.path.join(out, "tokens", f"{name}-single"))
+        print(f"[demo-t2i] {name}: training on the {tokens['images']} single-shape images, "
+              f"{tokens['distinct_ids']} distinct ids")
     t1 = time.time()
     s = train_generator(name, generator_recipe(tokens["dir"], text_model, tokenizer, st),
                         os.path.join(out, "runs", name), resume, tokens["fingerprint"])
@@ -643,7 +667,7 @@ def write_report(out: str, metrics: Dict[str, Any], strips: Dict[str, List[str]]
             "<h1>Text-to-image on QLIP tokens vs reconstruction-only tokens (Table 7 in miniature)</h1>"
             f"<p>The same generator ({html.escape(s['preset'])}, {html.escape(s['head'])} head in {s['groups']} "
             f"groups, {metrics['details']['qlip']['train_steps']} steps) on each tokenizer's tokens of the shapes "
-            "training images. "
+            f"training images{' that show one shape' if s.get('single_shapes') else ''}. "
             f"Adherence: the non-learned shape judge on {s['samples']} samples of the 32 prompts "
             "\"a photo of a {colour} {kind}\" (top-1 = colour and kind right); ceiling: the judge on the "
             f"tokenizer's own reconstructions of {s['ceiling_n_real']} real test images; gFID: "

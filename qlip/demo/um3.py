@@ -52,9 +52,9 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 
 # the model, the budget and the data (FAST: the seconds-long smoke run of the tests)
 FULL = {"train_shards": 12, "test_images": 640, "draws_per_class": 8, "corpus_sentences": 40000, "vocab": 512,
@@ -117,36 +117,6 @@ def _demo_inputs(demo_dir: str) -> Tuple[str, str]:
     return qlip_dir, data
 
 
-def _kind_words(caption: str) -> List[str]:
-    from ..data.shapes import KINDS
-    return [w for w in caption.replace(",", " ").replace(":", " ").split() if w in KINDS]
-
-
-def single_shape_tokens(src: str, dst: str) -> int:
-    """Copy the rows of token shards ``src`` whose caption names exactly one shape (single-shape
-    scenes, like the test split) into ``dst`` (one part). Returns their number."""
-    import numpy as np
-
-    from ..data import tokens as T
-    ds = T.TokenShardDataset(src)
-    keep = [i for i in range(len(ds)) if len(_kind_words(str(ds.captions[i]))) == 1]
-    if not keep:
-        raise DataError(f"{src}: no single-shape captions among {len(ds)} samples")
-    with open(os.path.join(src, T.CONFIG), encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["sources"] = [f"{src} (single-shape captions)"]
-    if os.path.isdir(dst):
-        shutil.rmtree(dst)
-    os.makedirs(dst)
-    with open(os.path.join(dst, T.CONFIG), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=1)
-    batch = ds.batch(keep)
-    T.write_part(dst, 0, cfg, np.asarray(batch["ids"]).reshape(len(keep), -1), [str(k) for k in batch["keys"]],
-                 [str(c) for c in batch["captions"]], {})
-    T.build_index(dst)
-    return len(keep)
-
-
 def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool, resume: bool,
              eval_split: str = "heldout") -> Dict[str, Any]:
     """Corpus, tiny Llama, token shards (single shapes) and the tokenized test images in ``OUT/data``
@@ -156,7 +126,8 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
     import torch
 
     from ..data.evalsets import open_dataset
-    from ..data.tokens import TokenShardDataset, tokenize_shards
+    from ..data.shapes import SINGLE_SHAPES, single_shape_caption
+    from ..data.tokens import TokenShardDataset, filter_token_shards, tokenize_shards
     from ..eval.shape_judge import judge_accuracy
     from ..io import load
     from ..model.preprocess import denormalize
@@ -176,7 +147,7 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
     all_tokens, tokens = os.path.join(d, "tokens-all"), os.path.join(d, "tokens")
     tokenize_shards(shards, model, all_tokens, model_name=qlip_dir, batch_size=128, preprocess="model",
                     overwrite=True, progress=False)
-    n_single = single_shape_tokens(all_tokens, tokens)
+    n_single = filter_token_shards(all_tokens, tokens, single_shape_caption, SINGLE_SHAPES)
     pairs = TokenShardDataset(tokens)
     texts = synthetic_corpus(cfg["corpus_sentences"], seed=SEED).splitlines()
     texts = texts[: int(len(texts) * 0.9)]  # the BPE never sees the held-out tail of the corpus

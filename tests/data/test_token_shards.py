@@ -216,3 +216,61 @@ def test_one_line_errors(shards, tmp_path, capsys):
     os.makedirs(str(tmp_path / "empty"), exist_ok=True)
     with pytest.raises(qlip.errors.DataError, match="no index.json"):
         TokenShardDataset(str(tmp_path / "empty"))
+
+
+# ---- filter_token_shards: a caption-filtered copy (the t2i and UM3 demos' single shapes) -----------
+def _fake_shards(root, caps, bits=8, dtype="int32"):
+    from qlip.data import tokens as T
+    root.mkdir()
+    cfg = {"format": T.FORMAT, "version": T.FORMAT_VERSION, "model": {"name": "fake", "encoder_sha256": "e"},
+           "bits": bits, "grid": [1, 2], "dtype": dtype, "preprocess": {}, "sources": ["fake"]}
+    cfg["fingerprint"] = T._config_fingerprint(cfg)
+    (root / T.CONFIG).write_text(json.dumps(cfg))
+    ids = np.arange(2 * len(caps), dtype=dtype).reshape(len(caps), 2)
+    T.write_part(str(root), 0, cfg, ids, [f"k{i}" for i in range(len(caps))], caps, {})
+    return T.build_index(str(root))
+
+
+def test_filter_token_shards_keeps_exactly_the_single_shape_rows(tmp_path):
+    from qlip.data import tokens as T
+    from qlip.data.shapes import SINGLE_SHAPES, single_shape_caption
+    caps = ["a red circle", "a red circle and a blue star", "two green shapes: a square and a star",
+            "there is a small white triangle at the top", "a picture showing a black star on a plain background"]
+    src_index = _fake_shards(tmp_path / "src", caps)
+    n = T.filter_token_shards(str(tmp_path / "src"), str(tmp_path / "dst"), single_shape_caption, SINGLE_SHAPES)
+    assert n == 3
+    ds = T.TokenShardDataset(str(tmp_path / "dst"))
+    assert [str(ds.captions[i]) for i in range(len(ds))] == [caps[0], caps[3], caps[4]]
+    assert [str(k) for k in ds.keys] == ["k0", "k3", "k4"]
+    assert np.asarray(ds.ids[1]).tolist() == [6, 7] and int(ds.bits) == 8
+    dst_index = T.read_index(str(tmp_path / "dst"))
+    assert np.load(T.part_paths(str(tmp_path / "dst"), 0)["ids"]).dtype == np.int32  # the source's dtype
+    # its own fingerprint: a run trained on the subset is not taken for one trained on everything
+    assert dst_index["fingerprint"] != src_index["fingerprint"]
+    assert dst_index["sources"] == [f"{tmp_path / 'src'} ({SINGLE_SHAPES})"]
+    assert dst_index["filtered_from"] == src_index["fingerprint"]
+    # another source's subset (other ids, same folder name and filter) has another fingerprint
+    shutil.rmtree(tmp_path / "src")
+    other = _fake_shards(tmp_path / "src", caps, bits=9)
+    T.filter_token_shards(str(tmp_path / "src"), str(tmp_path / "dst2"), single_shape_caption, SINGLE_SHAPES)
+    assert T.read_index(str(tmp_path / "dst2"))["fingerprint"] not in (dst_index["fingerprint"], other["fingerprint"])
+    # a second filtering replaces the first
+    assert T.filter_token_shards(str(tmp_path / "src"), str(tmp_path / "dst"), lambda c: "circle" in c, "circles") == 2
+    assert len(T.TokenShardDataset(str(tmp_path / "dst"))) == 2
+
+
+def test_filter_token_shards_refuses_an_empty_result(tmp_path):
+    from qlip.data import tokens as T
+    from qlip.errors import DataError
+    _fake_shards(tmp_path / "src", ["a red circle and a blue star"])
+    with pytest.raises(DataError, match="no caption .* kept by the filter"):
+        T.filter_token_shards(str(tmp_path / "src"), str(tmp_path / "dst"), lambda c: False, "nothing")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_single_shape_caption_counts_kind_words():
+    from qlip.data.shapes import caption_kinds, single_shape_caption
+    assert caption_kinds("two shapes: a small green circle on the left with a small green star") == ["circle", "star"]
+    assert single_shape_caption("a photo of a yellow circle on the right on a solid background")
+    assert not single_shape_caption("a yellow triangle, a blue triangle, and a red triangle")
+    assert not single_shape_caption("a thing")

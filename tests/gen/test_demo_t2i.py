@@ -57,6 +57,13 @@ def test_demo_t2i_fast_end_to_end(demo_dir, tmp_path):
     out = tmp_path / "out"
     m = run_t2i_demo(str(demo_dir), str(out), fast=True, lanes=1, fid=pooled)
     saved = json.loads((out / "metrics.json").read_text())
+    from qlip.data.shapes import single_shape_caption
+    from qlip.data.tokens import TokenShardDataset
+    everything = TokenShardDataset(str(out / "tokens" / "qlip"))
+    n_single = sum(single_shape_caption(str(c)) for c in everything.captions)
+    assert 0 < n_single < len(everything) == 32
+    trained = TokenShardDataset(str(out / "tokens" / "qlip-single"))
+    assert len(trained) == n_single and all(single_shape_caption(str(c)) for c in trained.captions)
     assert {"qlip", "recon_only", "settings", "timings_s", "details"} <= set(saved)
     for name in ("qlip", "recon_only"):
         block = saved[name]
@@ -71,7 +78,9 @@ def test_demo_t2i_fast_end_to_end(demo_dir, tmp_path):
         assert isinstance(block["gfid"], float) and block["gfid"] >= 0
         assert block["samples_per_s"] > 0
         assert saved["details"][name]["train_steps"] == FAST["steps"]
-        assert saved["details"][name]["tokens"]["images"] == 32
+        tokens = saved["details"][name]["tokens"]
+        assert tokens["images_tokenized"] == 32 and tokens["images"] == n_single  # trained on single shapes
+        assert 0 < tokens["distinct_ids"] <= 16 * n_single
     assert saved["settings"]["samples"] == 32 * FAST["samples_per_prompt"]
     assert saved["settings"]["ceiling_n_real"] == FAST["ceiling_n"]
     assert saved["qlip"] == json.loads(json.dumps(m["qlip"]))
@@ -172,8 +181,15 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     assert all(0.0 <= rows[0][k] <= 1.0 for k in ("adherence_top1", "adherence_colour", "adherence_kind"))
     assert (tmp_path / "b" / "lr3e-3" / "samples").is_dir()
     assert rows[0]["precision"] in ("fp32", "bf16") and rows[0]["pooled"] is False
+    from qlip.data.tokens import TokenShardDataset
     assert all(np.isfinite(rows[0][k]) for k in ("nll_true", "caption_gain", "caption_gain_shuffled"))
     assert 0.0 <= rows[0]["novel_ids"] <= 1.0 and rows[0]["train_distinct_ids"] > 1
+    # the demo's training rows: the single-shape images only (--all-shapes: every image)
+    from qlip.data.shapes import single_shape_caption
+    trained = TokenShardDataset(str(tmp_path / "b" / "tokens" / "lr3e-3"))
+    assert rows[0]["single_shapes"] is True and 0 < len(trained) < len(TokenShardDataset(str(t2i_dir / "tokens" / "qlip")))
+    assert all(single_shape_caption(str(c)) for c in trained.captions)
+    assert rows[0]["train_distinct_ids"] == len(np.unique(np.asarray(trained.ids[np.arange(len(trained))])))
     from qlip.data.tokens import TokenShardDataset
     tokens = str(t2i_dir / "tokens" / "qlip")
     ds = TokenShardDataset(tokens)

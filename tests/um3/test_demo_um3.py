@@ -91,25 +91,6 @@ def test_parse_caption_takes_the_first_colour_and_kind():
     assert parse_caption("a thing") == (None, None)
 
 
-def test_single_shape_tokens_keeps_exactly_the_one_kind_captions(tmp_path):
-    from qlip.data import tokens as T
-    from qlip.demo.um3 import single_shape_tokens
-    src = tmp_path / "src"
-    src.mkdir()
-    caps = ["a red circle", "a red circle and a blue star", "two green shapes: a square and a star",
-            "there is a small white triangle at the top", "a picture showing a black star on a plain background"]
-    cfg = {"format": T.FORMAT, "version": T.FORMAT_VERSION, "model": {"name": "fake"}, "bits": 8, "grid": [1, 2],
-           "dtype": "int32", "preprocess": {}, "sources": ["fake"], "fingerprint": "fake"}
-    (src / T.CONFIG).write_text(json.dumps(cfg))
-    ids = np.arange(10, dtype=np.int32).reshape(5, 2)
-    T.write_part(str(src), 0, cfg, ids, [str(i) for i in range(5)], caps, {})
-    T.build_index(str(src))
-    assert single_shape_tokens(str(src), str(tmp_path / "dst")) == 3
-    ds = T.TokenShardDataset(str(tmp_path / "dst"))
-    assert [str(ds.captions[i]) for i in range(len(ds))] == [caps[0], caps[3], caps[4]]
-    assert np.asarray(ds.ids[1]).tolist() == [6, 7] and int(ds.bits) == 8
-
-
 def test_synthetic_corpus_is_deterministic_and_grammatical():
     from qlip.um3.corpus import _SUBJECTS, synthetic_corpus
     text = synthetic_corpus(400, seed=3)
