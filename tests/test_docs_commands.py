@@ -519,6 +519,18 @@ CHEAP: Dict[str, Cheap] = {
         "model.drop_text=true model.overrides.quantizer.gamma_1=4 model.overrides.quantizer.gamma_0=0 "
         "loss.bit_decorrelation=0.3")},
     "qlip demo --out runs/demo-v15": Cheap("qlip demo --help"),
+    # docs/demo.md, sixteenth round
+    **{"python benchmarks/demo_recon.py " + tail: Cheap("python benchmarks/demo_recon.py --help") for tail in (
+        *(f"--stage1 runs/rec15/s1-decor03{sd}/run/final --data runs/demo/data --out "
+          f"runs/rec16/s12-decor03{sd}-s2decor03 loss.bit_decorrelation=0.3" for sd in ("", "-seed1")),
+        *(f"--data runs/demo/data --recipe qlip/configs/demo-stage1.yaml --out runs/rec16/s1-decor1-seed{i} "
+          f"train.seed={i} loss.bit_decorrelation=1.0" for i in (0, 1)),
+        *(f"--stage1 runs/rec16/s1-decor1-seed{i}/run/final --data runs/demo/data --out runs/rec16/s12-decor1-seed{i}"
+          for i in (0, 1)),
+        "--stage1 runs/demo-v15/qlip_stage1/final --data runs/demo-v15/data --out runs/rec16/long20k --checkpoints "
+        "optim.steps=20000 train.ckpt_every=2500 train.keep_ckpts=0",
+        "--stage1 runs/rec16/long20k/run/final --data runs/demo-v15/data --out runs/rec16/long20k-test "
+        "--judge-only --split test")},
     "qlip demo t2i --demo-dir runs/demo-v15 --out runs/demo-t2i-v15": Cheap("qlip demo t2i --help"),
     # docs/gen.md, "Single-shape training images"
     **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v15 --t2i-dir runs/demo-t2i-v15 " + tail:
