@@ -146,12 +146,12 @@ def tokenize(model_path: str, train_glob: str, out_dir: str) -> Dict[str, Any]:
     index = s["index"] or read_index(out_dir)
     return {"dir": out_dir, "images": int(index["count"]), "parts_written": len(s["written"]),
             "parts_reused": len(s["already_done"]), "fingerprint": index["fingerprint"],
-            "distinct_ids": _distinct_ids(out_dir), "seconds": round(time.time() - t0, 1)}
+            "distinct_ids": _distinct_ids(out_dir, index), "seconds": round(time.time() - t0, 1)}
 
 
-def _distinct_ids(out_dir: str) -> int:
-    from ..data.tokens import part_paths, read_index
-    index = read_index(out_dir)
+def _distinct_ids(out_dir: str, index: Dict[str, Any]) -> int:
+    """Distinct ids over the parts of the token-shard directory ``out_dir`` (its ``index``)."""
+    from ..data.tokens import part_paths
     return int(np.unique(np.concatenate([np.load(part_paths(out_dir, i)["ids"], mmap_mode="r").ravel()
                                          for i in range(len(index["shards"]))])).size)
 
@@ -162,9 +162,10 @@ def single_shapes(tokens: Dict[str, Any], out_dir: str) -> Dict[str, Any]:
     train on them (settings ``single_shapes``; docs/gen.md, "Single-shape training images"), as UM3's do."""
     from ..data.shapes import SINGLE_SHAPES, single_shape_caption
     from ..data.tokens import filter_token_shards, read_index
-    n = filter_token_shards(tokens["dir"], out_dir, single_shape_caption, SINGLE_SHAPES)
-    return {**tokens, "dir": out_dir, "images": n, "images_tokenized": tokens["images"],
-            "fingerprint": read_index(out_dir)["fingerprint"], "distinct_ids": _distinct_ids(out_dir)}
+    filter_token_shards(tokens["dir"], out_dir, single_shape_caption, SINGLE_SHAPES)
+    index = read_index(out_dir)
+    return {**tokens, "dir": out_dir, "images": int(index["count"]), "images_tokenized": tokens["images"],
+            "fingerprint": index["fingerprint"], "distinct_ids": _distinct_ids(out_dir, index)}
 
 
 def generator_recipe(tokens: str, text_model: str, tokenizer: str, st: Dict[str, Any], head: Optional[str] = None,

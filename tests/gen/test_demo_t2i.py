@@ -181,16 +181,15 @@ def test_t2i_recipe_benchmark_screens_one_variant(demo_dir, tmp_path):
     assert all(0.0 <= rows[0][k] <= 1.0 for k in ("adherence_top1", "adherence_colour", "adherence_kind"))
     assert (tmp_path / "b" / "lr3e-3" / "samples").is_dir()
     assert rows[0]["precision"] in ("fp32", "bf16") and rows[0]["pooled"] is False
-    from qlip.data.tokens import TokenShardDataset
     assert all(np.isfinite(rows[0][k]) for k in ("nll_true", "caption_gain", "caption_gain_shuffled"))
     assert 0.0 <= rows[0]["novel_ids"] <= 1.0 and rows[0]["train_distinct_ids"] > 1
     # the demo's training rows: the single-shape images only (--all-shapes: every image)
     from qlip.data.shapes import single_shape_caption
+    from qlip.data.tokens import TokenShardDataset
     trained = TokenShardDataset(str(tmp_path / "b" / "tokens" / "lr3e-3"))
     assert rows[0]["single_shapes"] is True and 0 < len(trained) < len(TokenShardDataset(str(t2i_dir / "tokens" / "qlip")))
     assert all(single_shape_caption(str(c)) for c in trained.captions)
     assert rows[0]["train_distinct_ids"] == len(np.unique(np.asarray(trained.ids[np.arange(len(trained))])))
-    from qlip.data.tokens import TokenShardDataset
     tokens = str(t2i_dir / "tokens" / "qlip")
     ds = TokenShardDataset(tokens)
     train = np.asarray(ds.ids[np.arange(3)]).astype(np.int64)
