@@ -432,9 +432,8 @@ def run_lanes(lane_a, lane_b, lanes: int, per_lane: int) -> List[Dict[str, Any]]
 # ---- the demo ---------------------------------------------------------------------------------
 def fid_reference(fid, heldout: str, n: int, model_path: str, cache: str) -> Tuple[np.ndarray, int]:
     """Features (``fid``: the Inception) of the first ``n`` real held-out test images (cached in ``cache``)."""
-    from ..data.evalsets import open_dataset
     from ..gen.text import load_qlip
-    from ..model.preprocess import denormalize
+    from .qlip import real_image_features
     import glob
     key = json.dumps({"n": n, "files": sorted(os.path.abspath(p) for p in glob.glob(heldout)),
                       "net": getattr(fid, "name", repr(fid))})
@@ -443,9 +442,7 @@ def fid_reference(fid, heldout: str, n: int, model_path: str, cache: str) -> Tup
         if str(z["key"]) == key:
             return z["features"], int(z["features"].shape[0])
     m = load_qlip(model_path)
-    feats = [_features(fid, denormalize(x, m.image_mean, m.image_std).clamp(0, 1))
-             for x, _ in open_dataset(heldout).batches(m.preprocess, 64, n)]
-    f = np.concatenate(feats)
+    f = real_image_features(m, heldout, fid, n, 64)
     np.savez(cache, key=np.asarray(key), features=f)
     return f, int(f.shape[0])
 

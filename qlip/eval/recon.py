@@ -264,14 +264,22 @@ class InceptionFeatures(torch.nn.Module):
         self.name = "inception-v3-tf2015-pool3" + ("" if self.torchscript else "-torchfidelity")
         self.weights = str(path)
 
+    # On a CPU the network runs on chunks of this many images in channels-last layout: 1.56x faster
+    # than one batch of 128 in NCHW on one core (features within 1e-5; benchmarks/fid_speed.py).
+    cpu_chunk = 8
+
     @torch.no_grad()
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        if x01.device.type == "cpu" and x01.shape[0] > self.cpu_chunk:
+            return torch.cat([self(c) for c in x01.split(self.cpu_chunk)])
         u = torch.round(x01.float().clamp(0, 1) * 255.0)  # 8-bit quantisation
         if not self.torchscript:
             return self.net(u.byte()).reshape(u.shape[0], -1)
         u = torch.nn.functional.interpolate(u, size=(299, 299), mode="bilinear", align_corners=False)
         lo, hi = TF_INPUT_RANGE
         x = (u / 255.0 * (hi - lo) + lo).clamp(lo, hi)
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x).reshape(u.shape[0], -1)
 
 

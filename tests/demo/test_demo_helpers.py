@@ -6,7 +6,8 @@ import torch
 
 import qlip
 from qlip.data.shapes import generate_shapes
-from qlip.demo.qlip import RECIPES, _check_word, _checks, _claim_out, _recipe, evaluate, merge_stages
+from qlip.demo.qlip import (RECIPES, _check_word, _checks, _claim_out, _recipe, evaluate, fid_reference_stats,
+                             merge_stages)
 from qlip.errors import QLIPError
 
 
@@ -59,6 +60,26 @@ def test_evaluate_fractions_codes_clamped_recon_and_rfid(data):
     # the originals' statistics are reused when given: same rFID
     again = evaluate(model, data, batch_size=12, fid=_MeanColour(), fid_reference=out["_fid_reference"], rfid_n=8)
     assert again["rfid"] == pytest.approx(out["rfid"], rel=1e-6)
+
+
+def test_fid_reference_stats_are_the_originals_of_evaluate(data):
+    """The statistics the baselines' lane hands to the evaluation: the first n originals, back in
+    [0, 1] as evaluate sees them, whatever the batch size; the rFID they give is evaluate's own."""
+    from qlip.data.evalsets import open_dataset
+    from qlip.eval.recon import FeatureStats
+    from qlip.model.preprocess import denormalize
+    torch.manual_seed(0)
+    model = qlip.load("qlip-demo", pretrained=False).eval()
+    x, _ = next(iter(open_dataset(data).batches(model.preprocess, 12)))
+    direct = FeatureStats()
+    direct.update(_MeanColour()(denormalize(x[:8], model.image_mean, model.image_std).clamp(0, 1)))
+    ref = fid_reference_stats(model, data, _MeanColour(), 8, batch_size=5)
+    assert ref.n == 8
+    for a, b in zip(ref.compute(), direct.compute()):
+        assert a == pytest.approx(b, abs=1e-9)
+    own = evaluate(model, data, batch_size=5, fid=_MeanColour(), rfid_n=8)
+    given = evaluate(model, data, batch_size=12, fid=_MeanColour(), fid_reference=ref, rfid_n=8)
+    assert given["rfid"] == pytest.approx(own["rfid"], rel=1e-6) and given["_fid_reference"] is ref
 
 
 def test_merge_stages(tmp_path):

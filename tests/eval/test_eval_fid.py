@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qlip.eval.recon import FeatureStats, bundled_inception_path, frechet_distance, inception_extractor
+from qlip.eval.recon import TF_INPUT_RANGE, FeatureStats, bundled_inception_path, frechet_distance, inception_extractor
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +36,18 @@ def test_real_inception_features_tiny(inception):
     assert abs(_fid(f1, f1)) < 1e-3
     blur = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
     assert _fid(f1, inception(blur)) > 1.0
+
+
+def test_cpu_chunks_in_channels_last_match_one_nchw_batch(inception):
+    """The CPU path (chunks of ``cpu_chunk`` images, channels-last) gives the features of one plain
+    NCHW batch, within float noise, and keeps the images' order."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(inception.cpu_chunk + 3, 3, 32, 32, generator=g)  # one full chunk and a ragged one
+    chunked = inception(x)
+    u = torch.round(x * 255.0)
+    u = torch.nn.functional.interpolate(u, size=(299, 299), mode="bilinear", align_corners=False)
+    lo, hi = TF_INPUT_RANGE
+    plain = inception.net((u / 255.0 * (hi - lo) + lo).clamp(lo, hi)).reshape(len(x), -1)
+    assert chunked.shape == plain.shape
+    assert torch.allclose(chunked, plain, rtol=1e-4, atol=1e-4)
+    assert torch.equal(chunked[-3:], inception(x[-3:]))  # a chunk does not depend on its neighbours
