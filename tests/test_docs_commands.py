@@ -544,6 +544,13 @@ CHEAP: Dict[str, Cheap] = {
         "--out runs/t2i16 --samples 8 --tag single-base --resume --cfg 15",
         "--out runs/t2i16 --samples 8 --tag single-base --resume --cfg 6")},
     "qlip demo t2i --demo-dir runs/demo-v15 --out runs/demo-t2i-v16": Cheap("qlip demo t2i --help"),
+    # docs/gen.md, "A tokenizer that keeps the kind" (stop 36)
+    "qlip demo --out runs/demo-v15-s2long --resume --stage2-steps 20000": Cheap("qlip demo --help"),
+    "qlip demo t2i --demo-dir runs/demo-v15-s2long --out runs/demo-t2i-s2long": Cheap("qlip demo t2i --help"),
+    **{"python benchmarks/t2i_recipe.py --demo-dir runs/demo-v15-s2long --t2i-dir runs/demo-t2i-s2long --out runs/t2i17 "
+       + tail: Cheap("python benchmarks/t2i_recipe.py --help") for tail in (
+        "--tag s2long-500 --samples 8", "--tag s2long-500 --samples 8 --resume --temperature 0.7",
+        "--tag s2long-2000 --samples 8 --steps 2000")},
 }
 
 

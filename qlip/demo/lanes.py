@@ -13,6 +13,7 @@ started, waited for and cleaned up:
 from __future__ import annotations
 
 import os
+import pickle
 import time
 import traceback
 from typing import Any, Callable, Sequence, Tuple
@@ -36,7 +37,9 @@ def lane_entry(target: Callable[..., Any], args: Sequence[Any], results, parent:
     if parent:
         exit_with_parent(parent)
     try:
-        results.put(("ok", target(*args)))
+        # plain pickle, as bytes: a queue sends torch tensors as shared-memory handles, which are gone
+        # (ConnectionResetError in the parent) once this process has exited
+        results.put(("ok", pickle.dumps(target(*args), protocol=pickle.HIGHEST_PROTOCOL)))
     except Exception:  # reported to the parent, which raises it
         traceback.print_exc()
         results.put(("error", traceback.format_exc()))
@@ -58,7 +61,7 @@ def wait_for_lane(proc, results, what: str, poll_s: float = 5.0, hint: str = "")
                     raise RuntimeError(f"{what} ended without a result (exit code {proc.exitcode}){hint}") from None
     if status != "ok":
         raise RuntimeError(f"{what} failed:\n{payload}")
-    return payload
+    return pickle.loads(payload)  # our own child's result (lane_entry)
 
 
 def run_two_lanes(here: Callable[[], Any], target: Callable[..., Any], args: Sequence[Any], *, name: str,

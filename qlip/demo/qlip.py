@@ -273,20 +273,37 @@ def _lane(jobs, out: str, resume: bool, threads: int) -> Dict[str, Any]:
     return {name: _run(name, _recipe(cfg, ov), out, resume) for name, cfg, ov in jobs}
 
 
-def _baselines_lane(jobs, out: str, resume: bool, threads: int, fid_data: str, fid_n: int) -> Dict[str, Any]:
-    """The spawned lane: the baselines' trainings (``_lane``), then the FID reference statistics of
-    ``fid_data``'s first ``fid_n`` images under ``"_fid_reference"`` (None when Inception cannot be
-    built: the main process says why), which the evaluation would otherwise compute after both lanes.
-    The baselines' lane ends first on the demo's 2 cores, so this takes ~15 s off its wall time."""
-    from ..eval.recon import inception_extractor
+def _evaluate_run(name: str, model, split: str, path: str, lpips_module, fid, fid_reference, rfid_n) -> Dict[str, Any]:
+    """``evaluate`` with what the demo measures for the run ``name`` on ``split``: LPIPS for the models
+    that reconstruct, rFID for QLIP's two stages on test, the shape judge on test reconstructions."""
+    recon = name != "clip_only"
+    with_fid = fid if (recon and name != "recon_only" and split == "test") else None
+    return evaluate(model, path, lpips_module if recon else None, fid=with_fid, fid_reference=fid_reference,
+                    rfid_n=rfid_n, judge=recon and split == "test")
+
+
+def _baselines_lane(jobs, out: str, resume: bool, threads: int, splits: Dict[str, str],
+                    fid_n: int) -> Dict[str, Any]:
+    """The spawned lane: the baselines' trainings (``_lane``), then their evaluation on ``splits``
+    (``{split: shards}``) under ``"_eval"`` and the test originals' FID statistics (the first ``fid_n``)
+    under ``"_fid_reference"`` (None when Inception cannot be built: the main process says why).
+    On the demo's 2 cores this lane ends ~50 s before QLIP's, so what it evaluates here costs the
+    demo no wall time (``_evaluate_run``: the same measurement as in the main process)."""
+    from ..eval.recon import build_lpips, inception_extractor
     from ..io import load
     s = _lane(jobs, out, resume, threads)
+    models = {name: load(s[name]["final_model"]) for name, _, _ in jobs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-trunk warning: metrics.json carries the label
+        lpips_module, _ = build_lpips(LPIPS_NET)
+    ev = {split: {name: _evaluate_run(name, m, split, path, lpips_module, None, None, fid_n)
+                  for name, m in models.items()} for split, path in splits.items()}
     try:
         fid = inception_extractor()
     except QLIPError:
-        return {**s, "_fid_reference": None}
-    model = load(s[jobs[-1][0]]["final_model"])
-    return {**s, "_fid_reference": fid_reference_stats(model, fid_data, fid, fid_n)}
+        return {**s, "_eval": ev, "_fid_reference": None}
+    any_model = next(iter(models.values()))  # every demo model preprocesses alike
+    return {**s, "_eval": ev, "_fid_reference": fid_reference_stats(any_model, splits["test"], fid, fid_n)}
 
 
 def stage2_dir_name(stage2_steps: Optional[int]) -> str:
@@ -364,7 +381,8 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     per_lane = max(1, cores // lanes)
     summaries: Dict[str, Any] = {}
     rfid_n = FAST_RFID_N if fast else RFID_N
-    fid_ref = None  # the test originals' Inception statistics, when the baselines' lane computed them
+    # what the baselines' lane evaluated: the test originals' Inception statistics, the baselines' results
+    fid_ref, lane_ev = None, {}
     t0 = time.time()
     if lanes == 2:
         # two independent lanes, one process each: QLIP stage 1 -> stage 2 here, the baselines in a
@@ -377,10 +395,11 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
         torch.set_num_threads(per_lane)
         try:
             mine, theirs = run_two_lanes(lambda: _qlip_lane(common, s2_common, out, resume, s2_name),
-                                         _baselines_lane, (quiet, out, resume, per_lane, heldout, rfid_n),
+                                         _baselines_lane, (quiet, out, resume, per_lane,
+                                                           {"validation": val, "test": heldout}, rfid_n),
                                          name="qlip-demo-baselines",
                                          what=BASELINES_LANE, hint="; rerun with --resume to continue it")
-            fid_ref = theirs.pop("_fid_reference")
+            fid_ref, lane_ev = theirs.pop("_fid_reference"), theirs.pop("_eval")
             summaries.update(mine)
             summaries.update(theirs)
         finally:
@@ -418,10 +437,10 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
         ref = fid_ref if split == "test" else None
         ev[split] = {}
         for name, model in models.items():
-            recon = name != "clip_only"
-            with_fid = fid if (recon and name != "recon_only" and split == "test") else None
-            ev[split][name] = evaluate(model, path, lpips_module if recon else None, fid=with_fid,
-                                       fid_reference=ref, rfid_n=rfid_n, judge=recon and split == "test")
+            if name in lane_ev.get(split, {}):
+                ev[split][name] = lane_ev[split][name]
+                continue
+            ev[split][name] = _evaluate_run(name, model, split, path, lpips_module, fid, ref, rfid_n)
             ref = ev[split][name].get("_fid_reference", ref)
     metrics: Dict[str, Any] = {
         # the final QLIP's headline numbers, flat, for the report's Table-2 row and `qlip eval compare`

@@ -38,9 +38,21 @@ def test_demo_outputs(demo_dir):
 
 def test_demo_resume_reuses_finished_runs(demo_dir, capfd):
     # the first run trained in two lanes (two processes); this one reuses all four runs in one
+    two_lanes = json.loads((demo_dir / "metrics.json").read_text())
     assert main(["demo", "--fast", "--resume", "--lanes", "1", "--out", str(demo_dir)]) == 0
     out = capfd.readouterr().out
     assert out.count("finished earlier") == 4
+    # with two lanes the baselines' lane evaluated the baselines and the test originals' FID statistics;
+    # in one lane the main process evaluates everything: the same figures
+    one_lane = json.loads((demo_dir / "metrics.json").read_text())
+    for split in (lambda m: m, lambda m: m["validation"]):
+        a, b = split(two_lanes), split(one_lane)
+        for block in ("clip_only", "recon_only"):
+            assert a[block].keys() == b[block].keys()
+            for key, value in a[block].items():
+                assert value == pytest.approx(b[block][key], rel=1e-4, abs=1e-6), (block, key)
+    for key in ("rfid_stage1", "rfid_stage2"):
+        assert two_lanes["qlip"][key] == pytest.approx(one_lane["qlip"][key], rel=1e-4)
 
 
 def test_resume_with_other_stage2_steps_trains_only_the_new_stage2(demo_dir, capfd):
@@ -160,3 +172,14 @@ def test_a_dead_baselines_lane_is_reported():
     with pytest.raises(RuntimeError, match=r"ended without a result \(exit code 7\)"):
         wait_for_lane(proc, results, BASELINES_LANE, poll_s=0.2)
     proc.join()
+
+
+def test_a_lane_returns_tensors_after_it_has_exited():
+    """A lane's result holding tensors reaches the parent even when the lane process has already
+    exited (a queue would send them as shared-memory handles that die with it)."""
+    import time
+
+    from qlip.demo.lanes import run_two_lanes
+    mine, theirs = run_two_lanes(lambda: time.sleep(3.0) or "here", torch.arange, (5,), name="qlip-test-lane",
+                                 what="the test lane", poll_s=0.2)
+    assert mine == "here" and torch.equal(theirs, torch.arange(5))
