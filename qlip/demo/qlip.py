@@ -264,7 +264,7 @@ def _grid(rows: List[torch.Tensor], labels: List[str], path: str) -> None:
     canvas.save(path)
 
 
-BASELINES_LANE = "the baselines' training (CLIP-only / reconstruction-only)"  # the spawned lane, in errors
+BASELINES_LANE = "the baselines' lane (CLIP-only / reconstruction-only: training, then evaluation)"  # in errors
 
 
 def _lane(jobs, out: str, resume: bool, threads: int) -> Dict[str, Any]:

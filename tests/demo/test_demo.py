@@ -151,7 +151,7 @@ def test_a_failing_baselines_lane_is_reported(tmp_path):
                                                         False, 1), results))
     proc.start()
     try:
-        with pytest.raises(RuntimeError, match="baselines' training .* failed") as e:
+        with pytest.raises(RuntimeError, match="baselines' lane .* failed") as e:
             wait_for_lane(proc, results, BASELINES_LANE, poll_s=0.5)
         assert "no-such-recipe.yaml" in str(e.value)
     finally:
