@@ -552,6 +552,10 @@ CHEAP: Dict[str, Cheap] = {
        + tail: Cheap("python benchmarks/t2i_recipe.py --help") for tail in (
         "--tag s2long-500 --samples 8", "--tag s2long-500 --samples 8 --resume --temperature 0.7",
         "--tag s2long-2000 --samples 8 --steps 2000")},
+    "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v15-s2long --t2i-dir runs/t2i17/more --out runs/t2i17 "
+    "--tag more-2000 --samples 8 --steps 2000": Cheap("python benchmarks/t2i_recipe.py --help"),
+    "qlip data shapes runs/t2i17/data-seed1 --n 40960 --seed 1 --heldout 0 --val 0 --shard-size 512":
+        Cheap("qlip data shapes --help"),
 }
 
 
