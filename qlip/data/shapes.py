@@ -31,7 +31,7 @@ import json
 import math
 import os
 import tarfile
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -112,9 +112,21 @@ _SPLITS = {"train": 0, "heldout": 1, "val": 2}
 LABELLED_SPLITS = ("heldout", "val")  # single-shape images with a (colour, kind) label
 
 
+def caption_words(caption: str) -> list[str]:
+    """A caption's words, lower-cased, with "," ":" "." as spaces: what the caption readers below match."""
+    return caption.lower().replace(",", " ").replace(":", " ").replace(".", " ").split()
+
+
 def caption_kinds(caption: str) -> list[str]:
     """The shape-kind words of a caption, in order ("a red circle and a blue star" -> circle, star)."""
-    return [w for w in caption.replace(",", " ").replace(":", " ").split() if w in KINDS]
+    return [w for w in caption_words(caption) if w in KINDS]
+
+
+def caption_colour_kind(caption: str) -> tuple[Optional[str], Optional[str]]:
+    """(first colour word, first kind word) of a caption, None where there is none: how the downstream
+    demos read a generated or a training caption ("two blue shapes: a star, and a square." -> blue, star)."""
+    words = caption_words(caption)
+    return (next((w for w in words if w in COLOR_NAMES), None), next((w for w in words if w in KINDS), None))
 
 
 SINGLE_SHAPES = "single-shape captions"  # the filter's name in token shards' sources (qlip.data.tokens)

@@ -222,15 +222,6 @@ def _train(name: str, recipe, run_dir: str, resume: bool) -> Dict[str, Any]:
     return s
 
 
-def parse_caption(text: str) -> Tuple[Optional[str], Optional[str]]:
-    """(first colour word, first kind word) of a caption, None where there is none."""
-    from ..data.shapes import COLOR_NAMES, KINDS
-    words = text.lower().replace(",", " ").replace(":", " ").replace(".", " ").split()
-    colour = next((w for w in words if w in COLOR_NAMES), None)
-    kind = next((w for w in words if w in KINDS), None)
-    return colour, kind
-
-
 def held_out_text_ppl(model, text_ids, seq_len: int, batches: int = 4, batch_size: int = 16) -> float:
     """Perplexity on held-out text windows with the logits restricted to the text rows."""
     import math
@@ -252,7 +243,7 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
     """The figures of one trained model (text only: ``text_ppl``), with the captions and drawings."""
     import torch
 
-    from ..data.shapes import COLOR_NAMES, KINDS
+    from ..data.shapes import COLOR_NAMES, KINDS, caption_colour_kind
     from ..eval.shape_judge import judge_shapes
     from ..io import load
     from ..model.preprocess import denormalize
@@ -276,7 +267,7 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
         caps += caption(model, tok, test["ids"][i:i + 64], max_new=cfg["caption_tokens"],
                         sampling=Sampling(temperature=0.0, cfg_scale=cfg["caption_cfg"]))
     truth = [(COLOR_NAMES[int(y) // len(KINDS)], KINDS[int(y) % len(KINDS)]) for y in test["labels"]]
-    parsed = [parse_caption(c) for c in caps]
+    parsed = [caption_colour_kind(c) for c in caps]
     out["caption_colour"] = sum(p[0] == t[0] for p, t in zip(parsed, truth)) / len(caps)
     out["caption_kind"] = sum(p[1] == t[1] for p, t in zip(parsed, truth)) / len(caps)
     # what the caption and its colour word are worth to the drawing (nats per image; no sampling noise)
@@ -404,6 +395,8 @@ def _png(image, scale: int = 2) -> str:
 
 def _report(out: str, metrics: Dict[str, Any], results: Dict[str, Any]) -> None:
     import torch
+
+    from ..data.shapes import caption_colour_kind
     test = torch.load(os.path.join(out, "data", "test.pt"))
     rows = []
     for name in ("um3", "joint_softmax", "constant_mix", "text_only"):
@@ -412,7 +405,7 @@ def _report(out: str, metrics: Dict[str, Any], results: Dict[str, Any]) -> None:
             f"<td>{f[k]:.3f}</td>" if k in f else "<td>-</td>" for k in FIGURES) + "</tr>")
     caps = []
     for i, c in enumerate(results["um3"]["captions"][:24]):
-        ok = parse_caption(c["caption"]) == tuple(c["truth"].split())
+        ok = caption_colour_kind(c["caption"]) == tuple(c["truth"].split())
         caps.append(f"<div class='ex'><img src='{_png(test['originals'][i])}'><br>"
                     f"<b>{html.escape(c['caption'])}</b> {'&#10003;' if ok else '&#10007;'}<br>"
                     f"<small>truth: {html.escape(c['truth'])}</small></div>")

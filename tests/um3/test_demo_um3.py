@@ -3,7 +3,6 @@ qlip-tiny and a few shapes shards), its resume, its figures' definitions and its
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -84,11 +83,13 @@ def test_missing_demo_is_a_one_line_config_error(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_parse_caption_takes_the_first_colour_and_kind():
-    from qlip.demo.um3 import parse_caption
-    assert parse_caption("a photo of a large red circle on the left") == ("red", "circle")
-    assert parse_caption("two blue shapes: a star, and a square.") == ("blue", "star")
-    assert parse_caption("a thing") == (None, None)
+def test_caption_colour_kind_takes_the_first_colour_and_kind():
+    from qlip.data.shapes import caption_colour_kind, caption_kinds, single_shape_caption
+    assert caption_colour_kind("a photo of a large red circle on the left") == ("red", "circle")
+    assert caption_colour_kind("Two blue shapes: a star, and a square.") == ("blue", "star")
+    assert caption_colour_kind("a thing") == (None, None)
+    # the single-shape filter reads captions the same way: case and a final "." do not matter
+    assert caption_kinds("A red Circle.") == ["circle"] and single_shape_caption("A red Circle.")
 
 
 def test_synthetic_corpus_is_deterministic_and_grammatical():
