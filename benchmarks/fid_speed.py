@@ -18,19 +18,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -42,6 +30,7 @@ def main(argv=None) -> int:
 
     import torch
     from qlip.eval.recon import TF_INPUT_RANGE, inception_extractor
+    from qlip.nn.precision import cpu_has_amx_bf16, cpu_name
     f = inception_extractor()
     lo, hi = TF_INPUT_RANGE
     x = torch.rand(a.images, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -64,7 +53,7 @@ def main(argv=None) -> int:
                 fn(x)
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
         diff = float((feats["one_nchw_batch"] - feats["chunks_channels_last"]).abs().max())
-        print(json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "threads": threads, "images": a.images,
+        print(json.dumps({"cpu": cpu_name() or "unknown", "amx_bf16": cpu_has_amx_bf16(), "torch": torch.__version__, "threads": threads, "images": a.images,
                           "chunk": f.cpu_chunk, **{f"{k}_s": round(v, 2) for k, v in best.items()},
                           "speedup": round(best["one_nchw_batch"] / best["chunks_channels_last"], 2),
                           "max_feature_diff": diff,

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 def _labels_from_captions(captions):
     """(kind index, colour index) tensors of captions (their first kind / colour word, as the UM3 demo
     reads captions: ``qlip.data.shapes.caption_colour_kind``); -1 where the caption names none."""
-    from qlip.data.shapes import COLOR_NAMES, KINDS
-    from qlip.data.shapes import caption_colour_kind
+    from qlip.data.shapes import COLOR_NAMES, KINDS, caption_colour_kind
     parsed = [caption_colour_kind(c) for c in captions]
     kinds = [KINDS.index(k) if k else -1 for _, k in parsed]
     colours = [COLOR_NAMES.index(c) if c else -1 for c, _ in parsed]
