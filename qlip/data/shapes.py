@@ -711,22 +711,31 @@ def _write_shard(args: tuple) -> tuple[str, int]:
 
 def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, shard_size: int, progress: bool,
                  workers: int = 1, group: int = 1, style: str = "plain") -> list[str]:
-    """Write one split's shards; with ``workers > 1`` shards are rendered in parallel processes
-    (every sample is a pure function of its index, so the bytes do not depend on ``workers``)."""
+    """Write one split's shards (``_write_splits``)."""
+    return _write_splits(out_dir, [(split, n, group, style)], size, seed, shard_size, progress, workers)[split]
+
+
+def _write_splits(out_dir: str, splits: Sequence[tuple], size: int, seed: int, shard_size: int, progress: bool,
+                  workers: int = 1) -> dict[str, list[str]]:
+    """Write the shards of ``splits`` (``(split, n, group, style)`` each); returns ``{split: shard names}``.
+    With ``workers > 1`` all splits' shards are rendered by one pool of processes (one start-up, and
+    the small validation / test shards fill the end of the training ones); every sample is a pure
+    function of its index, so the bytes do not depend on ``workers``."""
     jobs = [(out_dir, split, shard, start, min(start + shard_size, n), size, seed, group, style)
-            for shard, start in enumerate(range(0, n, shard_size))]
-    names = []
-    with tqdm(total=n, desc=f"shapes {split}", unit="img", disable=not progress) as bar:
+            for split, n, group, style in splits for shard, start in enumerate(range(0, n, shard_size))]
+    names: dict[str, list[str]] = {split: [] for split, *_ in splits}
+    what = "/".join(split for split, n, *_ in splits if n)
+    with tqdm(total=sum(n for _, n, *_ in splits), desc=f"shapes {what}", unit="img", disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:
             import multiprocessing as mp
             with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-                for name, count in pool.imap(_write_shard, jobs):
-                    names.append(name)
+                for job, (name, count) in zip(jobs, pool.imap(_write_shard, jobs)):
+                    names[job[1]].append(name)
                     bar.update(count)
         else:
             for job in jobs:
                 name, count = _write_shard(job)
-                names.append(name)
+                names[job[1]].append(name)
                 bar.update(count)
     return names
 
@@ -821,9 +830,9 @@ def generate_shapes(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_s
     for name in os.listdir(out_dir):  # stale shards from other settings or an interrupted run
         if name == MANIFEST or (name.startswith("shapes-") and (name.endswith(".tar") or name.endswith(".tmp"))):
             os.remove(os.path.join(out_dir, name))
-    train = _write_split(out_dir, "train", n, size, seed, shard_size, progress, workers, group, style)
-    heldout = _write_split(out_dir, "heldout", heldout_n, size, seed, shard_size, progress, workers)
-    val = _write_split(out_dir, "val", val_n, size, seed, shard_size, progress, workers)
+    written = _write_splits(out_dir, [("train", n, group, style), ("heldout", heldout_n, 1, "plain"),
+                                      ("val", val_n, 1, "plain")], size, seed, shard_size, progress, workers)
+    train, heldout, val = written["train"], written["heldout"], written["val"]
     manifest = {**want, "train": train, "val": val, "heldout": heldout, "classnames": list(SHAPE_CLASSNAMES),
                 "prompt": SHAPE_PROMPT}
     with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:

@@ -283,12 +283,15 @@ def _evaluate_run(name: str, model, split: str, path: str, lpips_module, fid, fi
 
 
 def _baselines_lane(jobs, out: str, resume: bool, threads: int, splits: Dict[str, str],
-                    fid_n: int) -> Dict[str, Any]:
+                    fid_n: int, stage1_done=None) -> Dict[str, Any]:
     """The spawned lane: the baselines' trainings (``_lane``), then their evaluation on ``splits``
     (``{split: shards}``) under ``"_eval"`` and the test originals' FID statistics (the first ``fid_n``)
     under ``"_fid_reference"`` (None when Inception cannot be built: the main process says why).
-    On the demo's 2 cores this lane ends ~50 s before QLIP's, so what it evaluates here costs the
-    demo no wall time (``_evaluate_run``: the same measurement as in the main process)."""
+    With ``stage1_done`` (a queue into which QLIP's lane puts stage 1's final model once it is
+    trained) it then also evaluates QLIP's stage 1, waiting for it if need be. On the demo's 2
+    cores this lane's trainings end ~60 s before QLIP's stage 2 does and stage 1 ~150 s before them,
+    so what it evaluates here costs the demo no wall time (``_evaluate_run``: the same measurement
+    as in the main process)."""
     from ..eval.recon import build_lpips, inception_extractor
     from ..io import load
     s = _lane(jobs, out, resume, threads)
@@ -301,9 +304,15 @@ def _baselines_lane(jobs, out: str, resume: bool, threads: int, splits: Dict[str
     try:
         fid = inception_extractor()
     except QLIPError:
-        return {**s, "_eval": ev, "_fid_reference": None}
+        fid = None
     any_model = next(iter(models.values()))  # every demo model preprocesses alike
-    return {**s, "_eval": ev, "_fid_reference": fid_reference_stats(any_model, splits["test"], fid, fid_n)}
+    ref = None if fid is None else fid_reference_stats(any_model, splits["test"], fid, fid_n)
+    if stage1_done is not None:
+        stage1 = load(stage1_done.get())  # waits for QLIP's lane's stage 1 (if that lane fails, we are terminated)
+        for split, path in splits.items():
+            ev[split]["qlip_stage1"] = _evaluate_run("qlip_stage1", stage1, split, path, lpips_module, fid,
+                                                     ref if split == "test" else None, fid_n)
+    return {**s, "_eval": ev, "_fid_reference": ref}
 
 
 def stage2_dir_name(stage2_steps: Optional[int]) -> str:
@@ -314,10 +323,13 @@ def stage2_dir_name(stage2_steps: Optional[int]) -> str:
 
 
 def _qlip_lane(common: List[str], s2_common: List[str], out: str, resume: bool,
-               s2_name: str = "qlip_stage2") -> Dict[str, Any]:
-    """QLIP stage 1, then stage 2 (in ``out/s2_name``) initialised from stage 1's final model."""
+               s2_name: str = "qlip_stage2", stage1_done=None) -> Dict[str, Any]:
+    """QLIP stage 1, then stage 2 (in ``out/s2_name``) initialised from stage 1's final model; stage
+    1's final model goes into the queue ``stage1_done`` (if given) as soon as it exists."""
     s = {"qlip_stage1": _run("qlip_stage1", _recipe("demo-stage1.yaml", common), out, resume)}
     s1_final = s["qlip_stage1"]["final_model"]
+    if stage1_done is not None:
+        stage1_done.put(s1_final)  # the baselines' lane evaluates it while stage 2 trains
     s["qlip_stage2"] = _run(s2_name, _recipe("demo-stage2.yaml", s2_common + [f"model.init={s1_final}"]),
                             out, resume, upstream_new=not s["qlip_stage1"]["reused"])
     return s
@@ -381,7 +393,8 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
     per_lane = max(1, cores // lanes)
     summaries: Dict[str, Any] = {}
     rfid_n = FAST_RFID_N if fast else RFID_N
-    # what the baselines' lane evaluated: the test originals' Inception statistics, the baselines' results
+    # what the baselines' lane evaluated: the test originals' Inception statistics, the baselines' and
+    # QLIP stage 1's results
     fid_ref, lane_ev = None, {}
     t0 = time.time()
     if lanes == 2:
@@ -393,10 +406,13 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
               "(the baselines' progress is logged to their log.jsonl)")
         quiet = [(n, c, ov + ["train.progress=false"]) for n, c, ov in baselines]
         torch.set_num_threads(per_lane)
+        import multiprocessing
+        stage1_done = multiprocessing.get_context("spawn").Queue()  # QLIP's lane -> the baselines' lane
         try:
-            mine, theirs = run_two_lanes(lambda: _qlip_lane(common, s2_common, out, resume, s2_name),
+            mine, theirs = run_two_lanes(lambda: _qlip_lane(common, s2_common, out, resume, s2_name, stage1_done),
                                          _baselines_lane, (quiet, out, resume, per_lane,
-                                                           {"validation": val, "test": heldout}, rfid_n),
+                                                           {"validation": val, "test": heldout}, rfid_n,
+                                                           stage1_done),
                                          name="qlip-demo-baselines",
                                          what=BASELINES_LANE, hint="; rerun with --resume to continue it")
             fid_ref, lane_ev = theirs.pop("_fid_reference"), theirs.pop("_eval")
@@ -455,7 +471,9 @@ def run_demo(out: str = "runs/demo", fast: bool = False, resume: bool = False, t
         "splits": {"validation": ev["validation"]["qlip"]["n_images"], "test": ev["test"]["qlip"]["n_images"],
                    "rfid_test_images": ev["test"]["qlip"].get("rfid_n")},
         "timings_s": {"data": round(t_data, 1), **{k: round(v, 1) for k, v in timings.items()},
-                      "training_wall": round(t_train, 1), "lanes": lanes, "eval": None, "total": None},
+                      "training_wall": round(t_train, 1), "lanes": lanes,
+                      # the runs the baselines' lane evaluated (while QLIP's stage 2 trained)
+                      "evaluated_in_lane": sorted(lane_ev.get("test", {})), "eval": None, "total": None},
         "fast": fast,
         "stage2_steps": int(summaries["qlip_stage2"].get("steps", 0)),
         "training_precision": {name: summaries[name].get("precision") for name in dirs},
@@ -508,6 +526,9 @@ def _split_metrics(ev: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     for key, e in (("qlip", q), ("recon_only", r)):
         if "judge_colour_acc" in e:
             out[key]["judge_colour_acc"], out[key]["judge_kind_acc"] = e["judge_colour_acc"], e["judge_kind_acc"]
+    if "judge_colour_acc" in s1:  # what stage 2 adds for the judge
+        out["qlip"]["judge_colour_acc_stage1"], out["qlip"]["judge_kind_acc_stage1"] = (s1["judge_colour_acc"],
+                                                                                      s1["judge_kind_acc"])
     return out
 
 
@@ -556,7 +577,9 @@ def _report(out: str, metrics: Dict[str, Any], ev: Dict[str, Any], dirs: Dict[st
     table = [
         [f"QLIP (stage 1 + 2; stage 2: {metrics['stage2_steps']} steps)", pct(q["zero_shot_top1"]), pct(q["zero_shot_top1_recon"]), pct(q["colour_acc"]),
          pct(q["kind_acc"]), fmt(q["psnr"]), fmt(q["rfid_stage2"]), judge(q), fmt(q["lpips_stage2"], 4)],
-        ["QLIP after stage 1", "", "", "", "", fmt(q["psnr_stage1"]), fmt(q["rfid_stage1"]), "", fmt(q["lpips_stage1"], 4)],
+        ["QLIP after stage 1", "", "", "", "", fmt(q["psnr_stage1"]), fmt(q["rfid_stage1"]),
+         judge({k[:-len("_stage1")]: v for k, v in q.items() if k.startswith("judge_") and k.endswith("_stage1")}),
+         fmt(q["lpips_stage1"], 4)],
         ["CLIP-only", pct(c["zero_shot_top1"]), "-", pct(c["colour_acc"]), pct(c["kind_acc"]), "-", "-", "-", "-"],
         ["reconstruction-only", "-", "-", "-", "-", fmt(r["psnr"]), "-", judge(r), fmt(r["lpips"], 4)],
     ]
@@ -583,7 +606,9 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
     rfid = ("" if q.get("rfid_stage2") is None else
             f", rFID stage 1 {q['rfid_stage1']:.2f} -> stage 2 {q['rfid_stage2']:.2f} ({m['splits']['rfid_test_images']} images)")
     judge = ("" if "judge_kind_acc" not in q else
-             f"; judge on reconstructions: colour {pct(q['judge_colour_acc'])}, kind {pct(q['judge_kind_acc'])}")
+             f"; judge on reconstructions: colour {pct(q['judge_colour_acc'])}, kind {pct(q['judge_kind_acc'])}"
+             + ("" if "judge_kind_acc_stage1" not in q else
+                f" (after stage 1: {pct(q['judge_colour_acc_stage1'])}, {pct(q['judge_kind_acc_stage1'])})"))
     print(f"\n[demo] test split ({m['splits']['test']} images; recipe checks also on {m['splits']['validation']} "
           "validation images, in metrics.json)")
     print(f"[demo] QLIP (stage 2: {m['stage2_steps']} steps) zero-shot {pct(q['zero_shot_top1'])} (on reconstructions "

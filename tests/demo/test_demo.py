@@ -39,20 +39,27 @@ def test_demo_outputs(demo_dir):
 def test_demo_resume_reuses_finished_runs(demo_dir, capfd):
     # the first run trained in two lanes (two processes); this one reuses all four runs in one
     two_lanes = json.loads((demo_dir / "metrics.json").read_text())
+    if two_lanes["timings_s"]["lanes"] == 2:
+        assert two_lanes["timings_s"]["evaluated_in_lane"] == ["clip_only", "qlip_stage1", "recon_only"]
     assert main(["demo", "--fast", "--resume", "--lanes", "1", "--out", str(demo_dir)]) == 0
     out = capfd.readouterr().out
     assert out.count("finished earlier") == 4
     # with two lanes the baselines' lane evaluated the baselines and the test originals' FID statistics;
     # in one lane the main process evaluates everything: the same figures
     one_lane = json.loads((demo_dir / "metrics.json").read_text())
+    assert one_lane["timings_s"]["evaluated_in_lane"] == []
     for split in (lambda m: m, lambda m: m["validation"]):
         a, b = split(two_lanes), split(one_lane)
         for block in ("clip_only", "recon_only"):
             assert a[block].keys() == b[block].keys()
             for key, value in a[block].items():
                 assert value == pytest.approx(b[block][key], rel=1e-4, abs=1e-6), (block, key)
-    for key in ("rfid_stage1", "rfid_stage2"):
-        assert two_lanes["qlip"][key] == pytest.approx(one_lane["qlip"][key], rel=1e-4)
+    # ... and, since stop 37, QLIP's stage 1 (evaluated by that lane while stage 2 trains)
+    stage1 = ("psnr_stage1", "lpips_stage1", "rfid_stage1", "judge_colour_acc_stage1", "judge_kind_acc_stage1")
+    for key in stage1 + ("rfid_stage2",):
+        assert two_lanes["qlip"][key] == pytest.approx(one_lane["qlip"][key], rel=1e-4, abs=1e-6), key
+    for key in ("psnr_stage1", "lpips_stage1"):
+        assert two_lanes["validation"]["qlip"][key] == pytest.approx(one_lane["validation"]["qlip"][key], rel=1e-4)
 
 
 def test_resume_with_other_stage2_steps_trains_only_the_new_stage2(demo_dir, capfd):
