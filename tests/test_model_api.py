@@ -61,6 +61,15 @@ def test_text_and_zero_shot(tiny_model):
     t = m.tokenizer(["a photo of a dog", "a cat"])
     assert t.shape == (2, 77) and t.dtype == torch.int64
     assert t[0, 0] == 49406 and (t[0] == 49407).sum() == 1
+    # captions' ids are remembered: repeats, duplicates and a full memo give the ids of a plain encoding
+    tok, texts = m.tokenizer, ["a cat", "a photo of a dog", "a cat", "a bird"]
+    assert torch.equal(tok(texts), tok._encode(texts)) and torch.equal(tok(texts), tok._encode(texts))
+    assert torch.equal(tok(texts)[1], t[0]) and tok(texts).data_ptr() != tok(texts).data_ptr()
+    from qlip.text import Tokenizer
+    full = Tokenizer(77)
+    full.MEMO_SIZE = 1
+    assert torch.equal(full(texts), tok._encode(texts)) and full._memo == {}
+    assert tok([]).shape == (0, 77)
     x = torch.randn(2, 3, 32, 32)
     probs = m.zero_shot(x, ["a dog", "a cat", "a bird"])
     assert probs.shape == (2, 3)

@@ -47,7 +47,7 @@ import tarfile
 import time
 import urllib.request
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -284,7 +284,8 @@ def _tar_samples(url: str, pending: dict) -> Iterator[tuple[str, dict]]:
         yield key, fields
 
 
-def read_tar_samples(url: str, stats: collections.Counter, warn: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
+def read_tar_samples(url: str, stats: collections.Counter,
+                     warn: Callable[[str], None]) -> Generator[tuple[str, dict], None, bool]:
     """``(key, {extension: bytes})`` for each sample of one shard, streamed in tar order.
 
     The one tar reader of the package (training loaders and evaluation sets). A remote shard whose
@@ -292,7 +293,8 @@ def read_tar_samples(url: str, stats: collections.Counter, warn: Callable[[str],
     (``stats["shard_retries"]`` counts the retries), so a dropped connection loses nothing. A
     shard that still cannot be read (or a local one that is truncated) counts one
     ``stats["shard_errors"]``, is reported through ``warn`` and ends early; the samples read
-    before the defect are kept."""
+    before the defect are kept. The generator's return value says whether the shard was read to
+    its end (True) or ended at a defect (False)."""
     remote = _is_remote(url)
     retries = int(_env_number("QLIP_SHARD_RETRIES", REMOTE_RETRIES)) if remote else 0
     delay = _env_number("QLIP_SHARD_RETRY_DELAY_S", REMOTE_RETRY_DELAY_S)
@@ -304,7 +306,7 @@ def read_tar_samples(url: str, stats: collections.Counter, warn: Callable[[str],
                 if i >= done:
                     done += 1
                     yield sample
-            return
+            return True
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             if attempt < retries:
                 stats["shard_retries"] += 1
@@ -317,23 +319,49 @@ def read_tar_samples(url: str, stats: collections.Counter, warn: Callable[[str],
                  + (f" ({retries} retries)" if retries else "") + f": {e.__class__.__name__}: {e}")
             if pending.get("fields"):
                 yield pending["key"], pending["fields"]
-            return
+            return False
+    return False  # not reached: every attempt returns or retries
 
 
 class TarSource:
     """Webdataset tar shards: files sharing a key (``{key}.png``, ``{key}.txt``, ...) form a sample.
 
-    ``label_key`` (e.g. "cls") names an extra field holding an integer label.
+    ``label_key`` (e.g. "cls") names an extra field holding an integer label. ``cache_mb`` > 0
+    keeps the samples (raw bytes) of each local shard read to its end without a defect in memory,
+    up to that many MB in all, and serves later reads of it from there: the same samples in the
+    same order, without tar parsing and file reads (a small dataset read for many epochs).
     """
 
-    def __init__(self, shards, label_key: Optional[str] = None):
+    def __init__(self, shards, label_key: Optional[str] = None, cache_mb: int = 0):
         self.units = expand_shards(shards)
         self.label_key = label_key
         self.has_labels = label_key is not None
+        self.cache_bytes = int(cache_mb) << 20
+        self._cache: dict[str, list] = {}
+        self._cached_bytes = 0
 
     def read(self, url: str, stats: collections.Counter, warn: Callable[[str], None]) -> Iterator[dict]:
-        for key, fields in read_tar_samples(url, stats, warn):
+        cached = self._cache.get(url)
+        if cached is not None:
+            for key, fields in cached:
+                yield self._sample(key, url, fields)
+            return
+        keep = [] if self.cache_bytes and not _is_remote(url) else None
+        samples = read_tar_samples(url, stats, warn)
+        while True:
+            try:
+                key, fields = next(samples)
+            except StopIteration as end:
+                complete = end.value is True  # read_tar_samples: True = read to its end
+                break
+            if keep is not None:
+                keep.append((key, fields))
             yield self._sample(key, url, fields)
+        if keep is not None and complete:
+            size = sum(len(v) for _, fields in keep for v in fields.values())
+            if self._cached_bytes + size <= self.cache_bytes:
+                self._cache[url] = keep
+                self._cached_bytes += size
 
     def _sample(self, key: str, url: str, fields: dict) -> dict:
         image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
@@ -434,6 +462,7 @@ class _Stream(IterableDataset):
         self.batch_size, self.seed, self.rank, self.world_size = loader.batch_size, loader.seed, loader.rank, loader.world_size
         self.shuffle, self.shuffle_buffer, self.infinite = loader.shuffle, loader.shuffle_buffer, loader.infinite
         self.drop_last, self.split = loader.drop_last, loader.split
+        self.cache_bytes, self._decoded, self._decoded_bytes = loader.cache_bytes, {}, 0
         self.start: list = []
         self.offset = 0
         self._warnings = 0
@@ -478,15 +507,22 @@ class _Stream(IterableDataset):
             stats["skipped"] += 1
             self._warn(f"skipping sample {where}: {raw['missing']}")
             return None
-        try:
-            img = decode_image(raw["image"] if raw["image"] is not None else raw["path"])
-        except Exception as e:  # noqa: BLE001 - image decoders raise many types; one bad file must not stop a run
-            stats["decode_errors"] += 1
-            stats["skipped"] += 1
-            self._warn(f"skipping sample {where}: undecodable image ({e.__class__.__name__}: {e})")
-            return None
+        x = self._decoded.get((raw["url"], raw["key"]))
+        if x is None:
+            try:
+                img = decode_image(raw["image"] if raw["image"] is not None else raw["path"])
+            except Exception as e:  # noqa: BLE001 - image decoders raise many types; one bad file must not stop a run
+                stats["decode_errors"] += 1
+                stats["skipped"] += 1
+                self._warn(f"skipping sample {where}: undecodable image ({e.__class__.__name__}: {e})")
+                return None
+            x = self.transform(img)
+            size = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else None
+            if size is not None and self._decoded_bytes + size <= self.cache_bytes:
+                self._decoded[(raw["url"], raw["key"])] = x  # collate stacks (copies) it: never handed out
+                self._decoded_bytes += size
         stats["samples"] += 1
-        return self.transform(img), raw["text"], raw["label"], raw["key"], raw.get("neg_text")
+        return x, raw["text"], raw["label"], raw["key"], raw.get("neg_text")
 
     def _samples(self, logical: int, num_workers: int, stats: collections.Counter) -> Iterator[tuple]:
         """(decoded sample or None, epoch, position) from the start position on; position counts
@@ -567,13 +603,21 @@ class PairLoader:
 
     ``stats``: samples decoded, skipped (= decode_errors + incomplete), shard_errors; counts cover
     the batches handed out so far and survive a resume.
+
+    ``cache_mb`` > 0 keeps each decoded image (the transform's output; transforms here are
+    deterministic) in memory, up to that many MB, keyed by its unit and key: later epochs of a small
+    dataset skip decoding, with the same batches (each process keeps its own; with ``num_workers`` > 0
+    a worker's cache lives as long as the worker).
     """
 
     def __init__(self, source, transform: Transform, tokenizer: Optional[Tokenizer] = None, batch_size: int = 256, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 2000, infinite: bool = False, drop_last: bool = True, split: str = "auto",
-                 pin_memory: bool = False, prefetch_factor: int = 2):
+                 pin_memory: bool = False, prefetch_factor: int = 2, cache_mb: int = 0):
         check_loader_args(batch_size, rank, world_size)
+        if cache_mb < 0:
+            raise DataError(f"cache_mb must be >= 0, got {cache_mb}")
+        self.cache_bytes = int(cache_mb) << 20
         if num_workers < 0:
             raise DataError(f"num_workers must be >= 0, got {num_workers}")
         if split not in ("auto", "shard", "sample"):
@@ -663,10 +707,13 @@ class PairLoader:
 
 
 def webdataset_loader(shards, transform: Transform, tokenizer: Optional[Tokenizer] = None, batch_size: int = 256, *,
-                      label_key: Optional[str] = None, **options) -> PairLoader:
+                      label_key: Optional[str] = None, cache_mb: int = 0, **options) -> PairLoader:
     """Loader over webdataset tar shards (``{key}.jpg|png|...`` + ``{key}.txt``, optional
-    ``{key}.<label_key>`` integer label). ``options`` are PairLoader's keyword arguments."""
-    return PairLoader(TarSource(shards, label_key=label_key), transform, tokenizer, batch_size, **options)
+    ``{key}.<label_key>`` integer label); ``cache_mb`` > 0 keeps up to that many MB of decoded images
+    (`PairLoader`) and, within the same figure, the shards' raw samples (`TarSource`) in memory.
+    ``options`` are PairLoader's keyword arguments."""
+    return PairLoader(TarSource(shards, label_key=label_key, cache_mb=cache_mb), transform, tokenizer, batch_size,
+                      cache_mb=cache_mb, **options)
 
 
 def csv_loader(csv_path: str, transform: Transform, tokenizer: Optional[Tokenizer] = None, batch_size: int = 256, *,

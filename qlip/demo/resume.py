@@ -56,7 +56,8 @@ def setting_changes(old: Dict[str, Any], new: Dict[str, Any], skip: Sequence[str
 
 
 # settings that do not change what a run computes (logging, checkpoint cadence, the progress bar)
-_IGNORED = ("train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.progress", "train.tensorboard")
+_IGNORED = ("train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.progress", "train.tensorboard",
+            "data.cache_mb")  # an in-memory cache: the same batches with or without it
 
 
 def recipe_changes(run_dir: str, recipe, ignore: Sequence[str] = ()) -> List[str]:

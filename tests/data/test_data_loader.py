@@ -240,3 +240,44 @@ def test_hard_negative_captions_batched(shards):
     torch.testing.assert_close(b["neg_tokens"], tokenize(b["neg_texts"]))
     held = next(iter(webdataset_loader(shards["heldout_shards"], tf, tokenize, batch_size=4, label_key="cls")))
     assert "neg_tokens" not in held and "neg_texts" not in held
+
+
+def test_cache_gives_the_same_batches_and_serves_later_epochs_from_memory(shards, tmp_path):
+    """cache_mb: decoded images and the shards' raw samples kept after the first epoch; the batches
+    are the ones without it, and the second epoch needs no file (the shards moved away)."""
+    import shutil
+    local = []
+    for p in shards["train_shards"]:
+        local.append(str(tmp_path / os.path.basename(p)))
+        shutil.copy(p, local[-1])
+    kw = dict(transform=image_transform(32), tokenizer=tokenize, batch_size=6, seed=2, infinite=True,
+              shuffle_buffer=10)
+    ref = all_batches(webdataset_loader(local, **kw), 14)          # 84 samples: two epochs of 42
+    cached = webdataset_loader(local, cache_mb=1, **kw)
+    it = iter(cached)
+    got = [next(it) for _ in range(7)]                              # the first epoch: every shard read
+    assert len(cached._stream._decoded) == 42 and len(cached.source._cache) == 4
+    for p in local:
+        os.rename(p, p + ".moved")
+    got += [next(it) for _ in range(7)]
+    for a, b in zip(ref, got):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
+    for b in got:  # a batch never shares memory with the cache
+        assert all(b["images"].data_ptr() != x.data_ptr() for x in cached._stream._decoded.values())
+
+
+def test_cache_keeps_within_its_budget_and_skips_truncated_shards(corrupt_shards, shards):
+    kw = dict(transform=image_transform(32), tokenizer=tokenize, batch_size=6, drop_last=False)
+    tiny = webdataset_loader(shards["train_shards"], cache_mb=0, **kw)
+    all_batches(tiny)
+    assert not tiny._stream._decoded and not tiny.source._cache
+    one_mb = webdataset_loader(shards["train_shards"], cache_mb=1, **kw)  # 42 x 12 KB fit
+    all_batches(one_mb)
+    assert one_mb._stream._decoded_bytes <= 1 << 20 and len(one_mb._stream._decoded) == 42
+    broken = webdataset_loader(corrupt_shards, image_transform(16), tokenize, 3, drop_last=False, split="sample",
+                               cache_mb=1)
+    all_batches(broken)
+    # a.tar was read to its end (its bad samples are skipped each time); b.tar is truncated: never cached
+    assert sorted(os.path.basename(u) for u in broken.source._cache) == ["a.tar"]
+    with pytest.raises(DataError, match="cache_mb"):
+        webdataset_loader(shards["train_shards"], cache_mb=-1, **kw)

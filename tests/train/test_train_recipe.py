@@ -53,6 +53,7 @@ def test_overrides(tmp_path):
     ("", ["optim.lr_visual=-1"], "optim.lr_visual must be >= 0"),
     ("", ["optim.steps=1.5"], "optim.steps must be an integer"),
     ("", ["optim.steps=0"], ">= 1"),
+    ("", ["data.cache_mb=-1"], "data.cache_mb"),
     ("", ["optim.betas=[0.9]"], "optim.betas must be two values"),
     ("", ["optim.betas=0.9"], "optim.betas must be a list"),
     ("", ["optim.optimizer=sgd"], "lamb or adamw"),

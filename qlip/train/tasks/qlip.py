@@ -56,9 +56,13 @@ class ModelSection:
 @dataclass
 class QLIPDataSection(DataSection):
     image_root: Optional[str] = None         # for CSV files with relative paths
+    cache_mb: int = 0                        # keep up to this many MB of local tar shards' samples (their raw
+                                             # bytes) in memory after the first epoch: a small dataset read
+                                             # many times (the demo: 6 epochs) skips tar parsing; the same batches
 
     def validate(self) -> None:
         super().validate()
+        check("data.cache_mb", self.cache_mb, ">= 0", isinstance(self.cache_mb, int) and self.cache_mb >= 0)
         if self.image_root is not None and not isinstance(self.image_root, str):
             raise ConfigError(f"data.image_root must be a string, got {self.image_root!r}")
 
@@ -299,7 +303,7 @@ class QLIPTask(Task):
         if isinstance(d.train, str) and d.train.endswith((".csv", ".tsv")):
             loader = csv_loader(d.train, tf, tok, batch, image_root=d.image_root, **opts)
         else:
-            loader = webdataset_loader(d.train, tf, tok, batch, **opts)
+            loader = webdataset_loader(d.train, tf, tok, batch, cache_mb=d.cache_mb, **opts)
         return RankSlice(loader, dist.rank, dist.world_size) if sliced else loader
 
     def train_mode(self, model: QLIP) -> None:
