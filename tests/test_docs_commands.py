@@ -425,6 +425,7 @@ CHEAP: Dict[str, Cheap] = {
     "qlip demo --precision bf16": Cheap("qlip demo --help"),
     "python benchmarks/cpu_bf16.py": Cheap("python benchmarks/cpu_bf16.py --help"),
     "python benchmarks/fid_speed.py": Cheap("python benchmarks/fid_speed.py --help"),
+    "python benchmarks/loader_cache.py --data runs/demo/data": Cheap("python benchmarks/loader_cache.py --help"),
     # docs/demo.md, twelfth round (the rotation row is run on tiny data by tests/demo/test_demo_bottleneck.py)
     "python benchmarks/demo_bottleneck.py --data runs/demo/data --steps 1000 --no-references --only mlp-binary-p8 "
     "mlp-binary-p8-rotation": Cheap("python benchmarks/demo_bottleneck.py --help"),
