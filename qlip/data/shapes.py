@@ -709,12 +709,6 @@ def _write_shard(args: tuple) -> tuple[str, int]:
     return name, count
 
 
-def _write_split(out_dir: str, split: str, n: int, size: int, seed: int, shard_size: int, progress: bool,
-                 workers: int = 1, group: int = 1, style: str = "plain") -> list[str]:
-    """Write one split's shards (``_write_splits``)."""
-    return _write_splits(out_dir, [(split, n, group, style)], size, seed, shard_size, progress, workers)[split]
-
-
 def _write_splits(out_dir: str, splits: Sequence[tuple], size: int, seed: int, shard_size: int, progress: bool,
                   workers: int = 1) -> dict[str, list[str]]:
     """Write the shards of ``splits`` (``(split, n, group, style)`` each); returns ``{split: shard names}``.
@@ -746,7 +740,7 @@ def generate_heldout(out_dir: str, n: int, size: int = 64, seed: int = 0, shard_
     over the 32 classes) as ``shapes-heldout-*.tar`` in ``out_dir``. Returns the shard paths."""
     _check_settings(n, size, shard_size, allow_zero=True)
     os.makedirs(out_dir, exist_ok=True)
-    names = _write_split(out_dir, "heldout", n, size, seed, shard_size, progress)
+    names = _write_splits(out_dir, [("heldout", n, 1, "plain")], size, seed, shard_size, progress)["heldout"]
     return [os.path.join(out_dir, x) for x in names]
 
 

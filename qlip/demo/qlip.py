@@ -573,12 +573,12 @@ def _report(out: str, metrics: Dict[str, Any], ev: Dict[str, Any], dirs: Dict[st
     from ..eval.common import format_accuracy as pct
     q, c, r = metrics["qlip"], metrics["clip_only"], metrics["recon_only"]
     fmt = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
-    judge = lambda m: "-" if "judge_kind_acc" not in m else f"{pct(m['judge_colour_acc'])} / {pct(m['judge_kind_acc'])}"  # noqa: E731
+    judge = lambda m, s="": ("-" if f"judge_kind_acc{s}" not in m  # noqa: E731
+                             else f"{pct(m[f'judge_colour_acc{s}'])} / {pct(m[f'judge_kind_acc{s}'])}")
     table = [
         [f"QLIP (stage 1 + 2; stage 2: {metrics['stage2_steps']} steps)", pct(q["zero_shot_top1"]), pct(q["zero_shot_top1_recon"]), pct(q["colour_acc"]),
          pct(q["kind_acc"]), fmt(q["psnr"]), fmt(q["rfid_stage2"]), judge(q), fmt(q["lpips_stage2"], 4)],
-        ["QLIP after stage 1", "", "", "", "", fmt(q["psnr_stage1"]), fmt(q["rfid_stage1"]),
-         judge({k[:-len("_stage1")]: v for k, v in q.items() if k.startswith("judge_") and k.endswith("_stage1")}),
+        ["QLIP after stage 1", "", "", "", "", fmt(q["psnr_stage1"]), fmt(q["rfid_stage1"]), judge(q, "_stage1"),
          fmt(q["lpips_stage1"], 4)],
         ["CLIP-only", pct(c["zero_shot_top1"]), "-", pct(c["colour_acc"]), pct(c["kind_acc"]), "-", "-", "-", "-"],
         ["reconstruction-only", "-", "-", "-", "-", fmt(r["psnr"]), "-", judge(r), fmt(r["lpips"], 4)],

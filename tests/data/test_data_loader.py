@@ -216,6 +216,15 @@ def test_csv_and_folder_loaders(tmp_path):
     batches = all_batches(loader)
     assert sorted(t for b in batches for t in b["texts"]) == ["a red one 0", "a red one 1", "a red one 2"]
     assert "labels" not in batches[0] and loader.stats["decode_errors"] == 1 and loader.stats["skipped"] == 1
+    # cache_mb works for file lists too (PairLoader's decoded-image cache): the same images, files read once
+    cached = csv_loader(str(tmp_path / "pairs.csv"), image_transform(16), tokenize, 2, drop_last=False, cache_mb=1)
+    seen = {t: x for b in all_batches(cached) for t, x in zip(b["texts"], b["images"])}
+    assert len(cached._stream._decoded) == 3
+    os.rename(tmp_path / "folder", tmp_path / "moved")
+    again = {t: x for b in all_batches(cached) for t, x in zip(b["texts"], b["images"])}  # the next epoch
+    assert sorted(again) == sorted(seen) == ["a red one 0", "a red one 1", "a red one 2"]
+    assert all(torch.equal(again[t], seen[t]) for t in seen)
+    assert cached.stats["decode_errors"] == 2  # the missing file in each epoch; the moved ones came from memory
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):

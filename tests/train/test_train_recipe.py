@@ -113,3 +113,28 @@ def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("qlip: error:") and "lrr" in err and "\n" not in err
     assert main(["train", path, "--out", str(tmp_path / "o")]) == 2  # no data.train
     assert "data.train is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["shards", "csv"])
+def test_data_cache_mb_reaches_the_loader(tmp_path, source):
+    """data.cache_mb is the loader's for tar shards and for a CSV of image paths alike."""
+    from PIL import Image
+
+    from qlip.data.shapes import generate_shapes
+    from qlip.train.distributed import DistInfo
+    from qlip.train.tasks import get_task
+    if source == "shards":
+        generate_shapes(str(tmp_path), n=4, size=32, seed=0, shard_size=4, heldout_n=0, progress=False)
+        train = str(tmp_path / "shapes-train-*.tar")
+    else:
+        Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "a.png")
+        (tmp_path / "pairs.csv").write_text("filepath,title\na.png,a red square\n")
+        train = str(tmp_path / "pairs.csv")
+    r = load_recipe(_write(tmp_path, "model: {preset: qlip-tiny}\n"),
+                    [f"data.train={train}", f"data.image_root={tmp_path}", "data.cache_mb=3", "data.batch_size=1"])
+    task = get_task(r.task)(r, DistInfo())
+    task.build_model()
+    loader = task.build_loader()
+    assert loader.cache_bytes == 3 << 20
+    if source == "shards":  # and the tar shards' raw samples within the same figure
+        assert loader.source.cache_bytes == 3 << 20

@@ -56,9 +56,9 @@ class ModelSection:
 @dataclass
 class QLIPDataSection(DataSection):
     image_root: Optional[str] = None         # for CSV files with relative paths
-    cache_mb: int = 0                        # keep up to this many MB of local tar shards' samples (their raw
-                                             # bytes) in memory after the first epoch: a small dataset read
-                                             # many times (the demo: 6 epochs) skips tar parsing; the same batches
+    cache_mb: int = 0                        # keep up to this many MB of decoded images (and of tar shards' raw
+                                             # samples) in memory after the first epoch: a small dataset read
+                                             # many times (the demo: 6 epochs) skips decoding; the same batches
 
     def validate(self) -> None:
         super().validate()
@@ -299,11 +299,11 @@ class QLIPTask(Task):
         rank, world = (0, 1) if sliced else (dist.rank, dist.world_size)
         batch = d.batch_size * dist.world_size if sliced else d.batch_size
         opts = dict(seed=self.r.train.seed, rank=rank, world_size=world,
-                    num_workers=d.workers, shuffle_buffer=d.shuffle_buffer, infinite=True)
+                    num_workers=d.workers, shuffle_buffer=d.shuffle_buffer, infinite=True, cache_mb=d.cache_mb)
         if isinstance(d.train, str) and d.train.endswith((".csv", ".tsv")):
             loader = csv_loader(d.train, tf, tok, batch, image_root=d.image_root, **opts)
         else:
-            loader = webdataset_loader(d.train, tf, tok, batch, cache_mb=d.cache_mb, **opts)
+            loader = webdataset_loader(d.train, tf, tok, batch, **opts)
         return RankSlice(loader, dist.rank, dist.world_size) if sliced else loader
 
     def train_mode(self, model: QLIP) -> None:
