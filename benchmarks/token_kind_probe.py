@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=["tokens", "originals", "reconstructions"])
     a = p.parse_args()
     torch.set_num_threads(1)
-    test = torch.load(a.test)
+    test = torch.load(a.test, weights_only=True)
     n_k = len(KINDS)
     k_te, c_te = test["labels"] % n_k, test["labels"] // n_k
     if "tokens" in a.only:

@@ -156,7 +156,7 @@ def _prepare(qlip_dir: str, data: str, out: str, cfg: Dict[str, Any], fast: bool
                             n_heads=cfg["heads"], n_kv_heads=cfg["kv_heads"], ffn_hidden=cfg["ffn"],
                             max_seq_len=1024, seed=SEED, tokenizer=train_byte_bpe(texts, cfg["vocab"]))
     test_file = os.path.join(d, "test.pt")
-    test = torch.load(test_file) if resume and os.path.isfile(test_file) else None
+    test = torch.load(test_file, weights_only=True) if resume and os.path.isfile(test_file) else None
     source = [qlip_dir, data, cfg["test_images"]] + ([] if eval_split == "heldout" else [eval_split])
     if test is None or test.get("source") != source:
         ids, labels, recon, originals = [], [], [], []
@@ -261,7 +261,7 @@ def evaluate_run(name: str, final: str, recipe, prep: Dict[str, Any], qlip_dir: 
     if RUNS[name][2]:
         out["eval_s"] = round(time.time() - t0, 1)
         return {"figures": out, "continuations": texts}
-    test = torch.load(prep["test"])
+    test = torch.load(prep["test"], weights_only=True)
     caps = []
     for i in range(0, len(test["ids"]), 64):
         caps += caption(model, tok, test["ids"][i:i + 64], max_new=cfg["caption_tokens"],
@@ -397,7 +397,7 @@ def _report(out: str, metrics: Dict[str, Any], results: Dict[str, Any]) -> None:
     import torch
 
     from ..data.shapes import caption_colour_kind
-    test = torch.load(os.path.join(out, "data", "test.pt"))
+    test = torch.load(os.path.join(out, "data", "test.pt"), weights_only=True)
     rows = []
     for name in ("um3", "joint_softmax", "constant_mix", "text_only"):
         f = results[name]["figures"]
@@ -410,7 +410,7 @@ def _report(out: str, metrics: Dict[str, Any], results: Dict[str, Any]) -> None:
                     f"<b>{html.escape(c['caption'])}</b> {'&#10003;' if ok else '&#10007;'}<br>"
                     f"<small>truth: {html.escape(c['truth'])}</small></div>")
     draws = []
-    images = torch.load(os.path.join(out, "runs", "um3", "drawings.pt"))
+    images = torch.load(os.path.join(out, "runs", "um3", "drawings.pt"), weights_only=True)
     d = results["um3"]["drawings"]
     for img, prompt, j in zip(images, d["prompts"], d["judged"]):
         seen = f"{j['colour']} {j['kind']}"

@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..compat import require_transformers_models
 from ..errors import ConfigError, QLIPError
 
 ENCODERS = ("qlip", "t5", "embedding")
@@ -159,10 +160,8 @@ class T5TextEncoder:
 
     def __init__(self, model: Optional[str], max_len: int, t5_config: Optional[Dict[str, Any]] = None,
                  seed: int = 0, device="cpu"):
-        try:
-            from transformers import AutoTokenizer, T5Config, T5EncoderModel
-        except ImportError:
-            raise QLIPError("text.encoder=t5 needs transformers: pip install 'qlip[llm]'") from None
+        require_transformers_models()  # or a one-line error: not installed, or too new for this torch
+        from transformers import AutoTokenizer, T5Config, T5EncoderModel
         self.max_len = max_len
         if t5_config is not None:
             with _seeded(seed):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import inspect
 import os
 import tempfile
 import urllib.request
@@ -231,8 +232,17 @@ class PerceptualLoss(nn.Module):
             # torchvision's deprecation notices about lpips' ``pretrained=`` argument
             warnings.filterwarnings("ignore", message=r".*(parameter 'pretrained'|weight enum).*", category=UserWarning)
             self.lpips = lpips.LPIPS(
-                net=net, version="0.1", pretrained=True, pnet_rand=not self.pretrained_backbone, verbose=False
+                net=net, version="0.1", pretrained=False, pnet_rand=not self.pretrained_backbone, verbose=False
             )
+        # the linear heads that ship in the lpips package, read as tensors only: lpips' own
+        # ``pretrained=True`` calls torch.load without weights_only, i.e. unpickles on torch < 2.6
+        heads = os.path.join(os.path.dirname(inspect.getfile(lpips.LPIPS)), "weights", "v0.1", f"{net}.pth")
+        missing, unexpected = self.lpips.load_state_dict(torch.load(heads, map_location="cpu", weights_only=True),
+                                                         strict=False)
+        lost = [k for k in missing if k.startswith("lin") and not k.startswith("lins.")]  # lins.i = lin{i}
+        if unexpected or lost:
+            raise QLIPError(f"{heads}: not lpips' linear heads for {net} (unexpected {unexpected[:3]}, "
+                            f"missing {lost[:3]})")
         if not self.pretrained_backbone:
             _warn_random_backbone(net)
         self.lpips.requires_grad_(False)

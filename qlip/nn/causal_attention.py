@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compat as _compat
 from . import precision as _precision
 from .kv_cache import KVCache
 from .masks import causal_mask
@@ -30,12 +31,7 @@ from .rmsnorm import RMSNorm
 from .rope_1d import apply_rotary
 
 
-def _torch_at_least(major: int, minor: int) -> bool:
-    parts = torch.__version__.split("+")[0].split(".")
-    return (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)) >= (major, minor)
-
-
-SDPA_HAS_GQA = _torch_at_least(2, 5)  # F.scaled_dot_product_attention(..., enable_gqa=True)
+SDPA_HAS_GQA = _compat.SDPA_HAS_GQA  # F.scaled_dot_product_attention(..., enable_gqa=True); tests flip it
 
 
 def _upcast_on_this_cpu(q: torch.Tensor) -> bool:

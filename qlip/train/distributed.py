@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..compat import FSDP_ON_CPU
+from ..errors import ConfigError
 from ..nn.collectives import all_reduce_floats, comm_device
 
 
@@ -182,6 +184,16 @@ def _dtensor_api():
 
 def is_sharded(t) -> bool:
     return isinstance(t, _dtensor_api()[0])
+
+
+def check_fsdp_device(device: torch.device) -> None:
+    """A one-line ConfigError where this torch's FSDP2 cannot shard CPU ranks correctly (torch < 2.9:
+    2.4 / 2.5 die for want of CUDA streams, 2.6 on a stream method, 2.7 / 2.8 train with gradients
+    unlike one process's; :mod:`qlip.compat`)."""
+    if torch.device(device).type == "cpu" and not FSDP_ON_CPU:
+        raise ConfigError(f"train.fsdp on CPU ranks needs torch >= 2.9 (torch {torch.__version__}'s fully_shard "
+                          f"cannot shard CPU ranks like one process): leave train.fsdp off (every rank keeps the "
+                          f"whole model), train on GPUs, or upgrade torch")
 
 
 def shard_units(units: List[nn.Module]) -> int:

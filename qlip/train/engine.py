@@ -57,6 +57,7 @@ class Engine:
         if t.fsdp and not self.dist.enabled:
             log.warning("train.fsdp is ignored in a single process (launch with torchrun to shard)")
         if self.fsdp:
+            D.check_fsdp_device(self.device)
             self.fsdp_units = D.shard_units(self.task.fsdp_units(self.model))
             log.info("FSDP: %d units sharded over %d ranks", self.fsdp_units, self.dist.world_size)
         if t.compile:  # per unit: the tasks call their models through methods other than forward

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import require_transformers_models
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import read_json
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN, TEMPLATES
@@ -252,6 +253,7 @@ def load_llm(name_or_path: str, weights: bool = True):
     without the weights, not a causal LM, ...). Weights in float32 (cast for bf16 by autocast).
     ``weights=False``: the architecture from its config, randomly initialised (a saved VLM's
     weights are loaded afterwards from its own file)."""
+    require_transformers_models()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)

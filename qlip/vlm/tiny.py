@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from ..compat import require_transformers_models
+
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<image>")
 
 
@@ -52,6 +54,7 @@ def build_tiny_llm(folder: str, texts: Optional[Iterable[str]] = None, vocab_siz
                    layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate_size: int = 128,
                    max_positions: int = 512, seed: int = 0) -> str:
     """Save a random ``LlamaForCausalLM`` and its tokenizer (:func:`build_tokenizer`) to ``folder``."""
+    require_transformers_models()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(texts, vocab_size)

@@ -71,7 +71,7 @@ def test_per_head_cfg_is_exact_guidance_on_the_joint(kind):
 @pytest.mark.parametrize("kind", ["intra", "intra3"])
 def test_intra_head_guides_each_sub_token_given_the_same_earlier_ones(kind):
     head = _head(kind)
-    G, gb = head.groups, BITS // head.groups
+    gb = BITS // head.groups
     hc, hu, s = torch.randn(1, 8), torch.randn(1, 8), 2.0
     n = 30000
     draws = head.sample(hc.expand(n, -1), hu.expand(n, -1), cfg=s, generator=torch.Generator().manual_seed(1))

@@ -26,6 +26,24 @@ def test_identical_zero_different_positive(lpips_loss):
     assert lpips_loss(x, y).shape == ()
 
 
+def test_linear_heads_are_lpips_own_read_as_tensors_only(monkeypatch):
+    """The heads shipped in the lpips package are loaded with ``weights_only=True`` (lpips' own
+    ``pretrained=True`` unpickles them on torch < 2.6) and equal what lpips itself loads."""
+    import lpips
+    real_load, calls = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = PerceptualLoss(net="alex", backbone="random").lpips.state_dict()
+        assert calls == [True]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # PerceptualLoss's seed for the random trunk
+            ref = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False).state_dict()
+        fresh = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False).state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert not torch.equal(ours["lin0.model.1.weight"], fresh["lin0.model.1.weight"])  # loaded, not the init
+
+
 def test_gradients_reach_input_not_lpips(lpips_loss):
     x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
     y = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -49,12 +49,29 @@ def test_reset_cache_and_explicit_start_reproduce():
 
 
 @torch.no_grad()
-def test_gqa_fallback_equals_enable_gqa(monkeypatch):
-    model = tiny()
-    ids = torch.randint(0, 53, (2, 7))
-    ref = model(ids)
-    monkeypatch.setattr(causal_attention, "SDPA_HAS_GQA", not causal_attention.SDPA_HAS_GQA)
-    assert (model(ids) - ref).abs().max().item() <= 1e-6
+def test_gqa_paths_equal_explicit_attention(monkeypatch):
+    """Both GQA paths of ``sdpa`` (SDPA's ``enable_gqa`` on torch >= 2.5, repeated k/v before it)
+    equal softmax attention written out, causal and with a padding mask; and the model agrees."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # query head h reads kv head h // 2
+    scores = q @ kr.transpose(-1, -2) / 8 ** 0.5
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    pad = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+    pad[1, ..., :2] = False  # sequence 1 is left-padded by two
+    mask = causal & pad
+    want_causal = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vr
+    want_masked = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vr
+    model, ids = tiny(), torch.randint(0, 53, (2, 7))
+    outs = []
+    for flag in ([True, False] if causal_attention.SDPA_HAS_GQA else [False]):  # torch 2.4: the fallback only
+        monkeypatch.setattr(causal_attention, "SDPA_HAS_GQA", flag)
+        torch.testing.assert_close(causal_attention.sdpa(q, k, v, is_causal=True), want_causal, rtol=1e-5, atol=1e-6)
+        rows = mask.any(-1).expand(2, 4, 7)  # a padded query sees no key: its row is undefined (unused)
+        torch.testing.assert_close(causal_attention.sdpa(q, k, v, mask=mask)[rows], want_masked[rows], rtol=1e-5,
+                                   atol=1e-6)
+        outs.append(model(ids))
+    assert all((o - outs[0]).abs().max().item() <= 1e-6 for o in outs)
 
 
 @pytest.mark.parametrize("enable_gqa", [True, False])

@@ -84,3 +84,20 @@ class ListLoader:
 
     def load_state_dict(self, state):
         self.pos = (state[0] if isinstance(state, list) else state)["pos"]
+
+
+FSDP_REFUSAL = "train.fsdp on CPU ranks needs torch >= 2.9"
+
+
+def launch_fsdp(cmd, environ=None, timeout=300) -> bool:
+    """Run a two-rank ``train.fsdp`` command on CPU ranks. With a torch whose FSDP2 shards CPU
+    ranks like one process (>= 2.9) it must succeed: True, the caller compares the runs. Before
+    (qlip.compat.FSDP_ON_CPU) it must stop with the engine's one-line refusal: False, nothing to
+    compare (run on torch 2.4.1; docs/training.md "Torch versions")."""
+    from qlip.compat import FSDP_ON_CPU
+    p = subprocess.run(cmd, cwd=REPO, env=environ or env(), capture_output=True, text=True, timeout=timeout)
+    if FSDP_ON_CPU:
+        assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        return True
+    assert p.returncode != 0 and FSDP_REFUSAL in p.stderr, p.stderr[-3000:]
+    return False

@@ -41,7 +41,7 @@ def test_um3_recipe_benchmark_scores_on_validation(tmp_path):
     for k in ("caption_colour", "caption_kind", "draw_colour", "draw_kind", "draw_adherence_top1"):
         assert 0.0 <= entry[k] <= 1.0
     assert entry["text_ppl"] > 1.0
-    test = torch.load(str(next(out.glob("shared-*")) / "data" / "test.pt"))
+    test = torch.load(str(next(out.glob("shared-*")) / "data" / "test.pt"), weights_only=True)
     assert test["source"][-1] == "val" and len(test["labels"]) == 6  # the validation images, not the test split
     # --reuse: the finished run is not trained again, only evaluated (here at another guidance scale)
     final = out / "t" / "runs" / "um3" / "final" / "model.safetensors"

@@ -60,6 +60,21 @@ def _same_run(a, b, tol):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= tol
 
 
+@torch.no_grad()
+def _train_ce(model, qa_dir) -> float:
+    from qlip.vlm.data import VLMProcessor, read_llava_json
+    from qlip.vlm.model import answer_loss
+    proc = VLMProcessor(model.eval())
+    b = proc.collate([proc.encode_record(r) for r in read_llava_json(str(qa_dir / "train.json"))])
+    return float(answer_loss(model(b["input_ids"], b["attention_mask"], b["pixel_values"]), b["labels"]))
+
+
+def _fresh_vlm(qlip_dir, llm_dir):
+    from qlip.vlm import build_vlm
+    torch.manual_seed(0)  # the engine seeds train.seed (0) before it builds the model
+    return build_vlm(str(qlip_dir), str(llm_dir))
+
+
 def test_stage1_trains_only_the_projector_then_stage2_the_llm(tmp_path, qlip_dir, llm_dir, qa_dir, caplog):
     from qlip.vlm import load
     s1 = tmp_path / "s1"
@@ -67,8 +82,9 @@ def test_stage1_trains_only_the_projector_then_stage2_the_llm(tmp_path, qlip_dir
         summary = train(load_recipe(_recipe(tmp_path / "s1.yaml", qlip_dir, llm_dir, qa_dir)), str(s1))
     assert "cuts" not in caplog.text  # every conversation fits max_length 64
     assert summary["task"] == "vlm" and summary["steps"] == STEPS
-    log = _log(s1)
-    assert log[-1]["ce"] < log[0]["ce"]
+    # it learns: the answers' CE on all 24 training conversations (one fixed batch) falls from the
+    # untrained projector's (the engine's seed) to stage 1's; the logged per-batch CE is too noisy for this
+    assert _train_ce(load(str(s1 / "final")), qa_dir) < _train_ce(_fresh_vlm(qlip_dir, llm_dir), qa_dir) - 1e-3
     llm0 = load_file(str(llm_dir / "model.safetensors"))
     llm1 = load_file(str(s1 / "final" / "llm" / "model.safetensors"))  # the LLM under its own HF names
     assert set(llm1) == set(llm0)
@@ -149,10 +165,11 @@ def test_two_fsdp_gloo_ranks_equal_one_process(tmp_path, qlip_dir, llm_dir, qa_d
     # through the CLI, as users launch it: a distributed process must leave through
     # qlip.train.distributed.exit_process (a plain script that falls off its end aborts now and then
     # in gloo's worker threads during interpreter finalisation, after a complete run)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+    sys.path.insert(0, os.path.join(REPO, "tests", "train"))
+    from _train_testutils import launch_fsdp
+    if not launch_fsdp([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "qlip", "vlm", "train",
-                        two, "--out", str(tmp_path / "two")],
-                       env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert p.returncode == 0, p.stderr[-3000:]
+                        two, "--out", str(tmp_path / "two")], environ=_env()):
+        return  # torch < 2.9: refused with the one-line error (launch_fsdp asserted it)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["fsdp_sharded_units"] == 2
     _same_run(str(tmp_path / "one"), str(tmp_path / "two"), 1e-5)

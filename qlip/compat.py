@@ -1,0 +1,38 @@
+"""What the installed torch and transformers can do: the library runs from torch 2.4 on
+(``pyproject.toml``), and the few features that came later are switched on here.
+
+* SDPA's ``enable_gqa`` (torch >= 2.5; before it, k/v are repeated: ``qlip.nn.causal_attention``);
+* FSDP2 (``fully_shard``) on CPU / gloo ranks (torch >= 2.9: 2.4 and 2.5 need CUDA streams, 2.6 dies
+  on ``Stream.record_event``, and on 2.7 / 2.8 the sharded gradients differ from one process's: the
+  first step's gradient norm 1.85 against 1.54 in tests/train/test_engine.py's two-rank test; 2.9
+  matches);
+* ``transformers`` >= 5 needs torch >= 2.6 and otherwise disables its PyTorch models.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import QLIPError
+
+
+def torch_at_least(major: int, minor: int, version: str = None) -> bool:
+    """``torch.__version__`` (or ``version``) >= ``major.minor``; local tags (``+cu121``) ignored."""
+    parts = (version or torch.__version__).split("+")[0].split(".")
+    return (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)) >= (major, minor)
+
+
+SDPA_HAS_GQA = torch_at_least(2, 5)      # F.scaled_dot_product_attention(..., enable_gqa=True)
+FSDP_ON_CPU = torch_at_least(2, 9)       # fully_shard on gloo ranks that equals one process (see above)
+
+
+def require_transformers_models() -> None:
+    """Import ``transformers`` and check that it can build PyTorch models beside this torch, or
+    raise a one-line QLIPError (transformers 5 silently turns its models off on torch < 2.6)."""
+    try:
+        import transformers
+        from transformers.utils import is_torch_available
+    except ImportError:
+        raise QLIPError("this needs transformers: pip install 'qlip[llm]'") from None
+    if not is_torch_available():
+        raise QLIPError(f"transformers {transformers.__version__} cannot use torch {torch.__version__} (it needs a "
+                        f"newer torch): pip install 'transformers<5', or upgrade torch") from None
