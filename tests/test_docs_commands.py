@@ -555,6 +555,8 @@ CHEAP: Dict[str, Cheap] = {
         "--tag s2long-2000 --samples 8 --steps 2000")},
     "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v15-s2long --t2i-dir runs/t2i17/more --out runs/t2i17 "
     "--tag more-2000 --samples 8 --steps 2000": Cheap("python benchmarks/t2i_recipe.py --help"),
+    "python benchmarks/t2i_recipe.py --demo-dir runs/demo-v19 --t2i-dir runs/t2i18/more --out runs/t2i18 --tag more-500 "
+    "--samples 8": Cheap("python benchmarks/t2i_recipe.py --help"),
     "qlip data shapes runs/t2i17/data-seed1 --n 40960 --seed 1 --heldout 0 --val 0 --shard-size 512":
         Cheap("qlip data shapes --help"),
 }
