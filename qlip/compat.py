@@ -3,8 +3,9 @@
 
 * SDPA's ``enable_gqa`` (torch >= 2.5; before it, k/v are repeated: ``qlip.nn.causal_attention``);
 * FSDP2 (``fully_shard``) on CPU / gloo ranks (torch >= 2.9: 2.4 and 2.5 need CUDA streams, 2.6 dies
-  on ``Stream.record_event``, and on 2.7 / 2.8 the sharded gradients differ from one process's: the
-  first step's gradient norm 1.85 against 1.54 in tests/train/test_engine.py's two-rank test; 2.9
+  on ``Stream.record_event``, and 2.7 / 2.8 run but do not reproduce one process: the logged gradient
+  norm of tests/train/test_engine.py's two-rank test is 1.85 against 1.54 at the first step, so the
+  sharded gradients or their norm differ (not traced further), which changes clipped updates; 2.9
   matches);
 * ``transformers`` >= 5 needs torch >= 2.6 and otherwise disables its PyTorch models.
 """

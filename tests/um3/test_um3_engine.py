@@ -15,6 +15,9 @@ import yaml
 from _um3_utils import tiny_llama, write_corpus, write_token_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tests", "train"))
+from _train_testutils import launch_fsdp  # noqa: E402
+
 STEPS = 6
 
 
@@ -120,8 +123,6 @@ def test_two_fsdp_ranks_equal_one_process(setup, tmp_path, layout):
     bits = {"init": setup["llama"], "bits": 8, "groups": 2, "visual_bits": True, "layout": layout}
     train(load_recipe(recipe(tmp_path, setup, "one.yaml", model=bits)), str(tmp_path / "one"))
     two = recipe(tmp_path, setup, "two.yaml", model=bits, data={"batch_size": 2}, train={"fsdp": True})
-    sys.path.insert(0, os.path.join(REPO, "tests", "train"))
-    from _train_testutils import launch_fsdp
     if not launch_fsdp([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "qlip", "um3", "train",
                         two, "--out", str(tmp_path / "two")], environ=_env()):

@@ -18,6 +18,8 @@ from qlip.train import load_recipe, train
 
 STEPS = 6
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tests", "train"))
+from _train_testutils import launch_fsdp  # noqa: E402
 
 
 def _env():
@@ -165,8 +167,6 @@ def test_two_fsdp_gloo_ranks_equal_one_process(tmp_path, qlip_dir, llm_dir, qa_d
     # through the CLI, as users launch it: a distributed process must leave through
     # qlip.train.distributed.exit_process (a plain script that falls off its end aborts now and then
     # in gloo's worker threads during interpreter finalisation, after a complete run)
-    sys.path.insert(0, os.path.join(REPO, "tests", "train"))
-    from _train_testutils import launch_fsdp
     if not launch_fsdp([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "qlip", "vlm", "train",
                         two, "--out", str(tmp_path / "two")], environ=_env()):
