@@ -7,7 +7,8 @@
   norm of tests/train/test_engine.py's two-rank test is 1.85 against 1.54 at the first step, so the
   sharded gradients or their norm differ (not traced further), which changes clipped updates; 2.9
   matches);
-* ``transformers`` >= 5 needs torch >= 2.6 and otherwise disables its PyTorch models.
+* ``transformers`` >= 5 needs torch >= 2.6 and otherwise disables its PyTorch models;
+* ``importlib.metadata.entry_points(group=...)`` is Python >= 3.10 (``requires-python`` is 3.9).
 """
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def torch_at_least(major: int, minor: int, version: str = None) -> bool:
 
 SDPA_HAS_GQA = torch_at_least(2, 5)      # F.scaled_dot_product_attention(..., enable_gqa=True)
 FSDP_ON_CPU = torch_at_least(2, 9)       # fully_shard on gloo ranks that equals one process (see above)
+
+
+def console_scripts() -> dict:
+    """``{name: "module:function"}`` of the installed console scripts, on Python 3.9 (where
+    ``entry_points()`` is a dict of groups) and later (``entry_points(group=...)``)."""
+    from importlib.metadata import entry_points
+    eps = entry_points()
+    group = eps.select(group="console_scripts") if hasattr(eps, "select") else eps.get("console_scripts", ())
+    return {ep.name: ep.value for ep in group}
 
 
 def require_transformers_models() -> None:

@@ -182,6 +182,7 @@ def _bsq_ddp_worker(rank, world, init_file):
                     torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=0)
                 # d(mean of the ranks' losses) / du: this rank's rows of the 1-process gradient
                 torch.testing.assert_close(du / world, ref_du[rows], atol=1e-6, rtol=0)
+        dist.barrier()  # both ranks done before the teardown (tests/losses/test_losses_distributed.py)
     finally:
         dist.destroy_process_group()
 

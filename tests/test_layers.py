@@ -3,6 +3,7 @@
 one upward import (lazy, inside a function) breaks it, naming the offending line."""
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -11,14 +12,16 @@ import importlinter  # noqa: F401  (the test extra installs it: pip install -e "
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LINT = ("import sys; from importlinter.cli import lint_imports; "
-        "sys.exit(lint_imports(config_filenames=(sys.argv[1],), no_cache=True, no_logo=True))")
+        "sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True))")  # import-linter 2.5 (Python 3.9) on
 
 
 def _lint(package_parent: pathlib.Path, config: pathlib.Path) -> subprocess.CompletedProcess:
     """Run lint-imports on the ``qlip`` package found in ``package_parent`` (first on the path)."""
     env = {**os.environ, "PYTHONPATH": str(package_parent)}
-    return subprocess.run([sys.executable, "-c", LINT, str(config)], cwd=package_parent, env=env,
-                          capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", LINT, str(config)], cwd=package_parent, env=env,
+                       capture_output=True, text=True, timeout=120)
+    r.stdout = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout)  # import-linter 2.5 colours its report
+    return r
 
 
 def _copy_package(dst: pathlib.Path) -> pathlib.Path:

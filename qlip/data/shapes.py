@@ -383,7 +383,7 @@ def render_scene(scene: dict) -> Image.Image:
     for s in scene["shapes"]:
         a = shape_coverage(s, size)[..., None]
         img = img * (1 - a) + np.asarray(s["rgb"], dtype=np.float32) * a
-    out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
+    out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
     return _apply_effects(out, scene["effects"]) if "effects" in scene else out
 
 
@@ -518,7 +518,7 @@ def _apply_effects(img: Image.Image, effects: dict) -> Image.Image:
     if effects["noise"] > 0:
         x = np.asarray(img, dtype=np.float32)
         x = x + np.random.default_rng(effects["noise_seed"]).normal(0.0, effects["noise"], x.shape).astype(np.float32)
-        img = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), mode="RGB")
+        img = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
     return img
 
 

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from ..compat import console_scripts
 from ..errors import CheckpointError, ConfigError, QLIPError
 from ..model import QLIP, QLIPConfig, get_preset, list_presets, preset_hub_id
 from ..model.precision import cast_for_inference
@@ -159,9 +160,7 @@ HUB_PATTERNS = ["config.json", "model.safetensors", "preprocessor_config.json", 
 def hub_cli() -> str:
     """The download command of the installed huggingface_hub: ``hf`` (>= 0.34) or ``huggingface-cli``."""
     try:
-        from importlib.metadata import entry_points
-        scripts = {ep.name for ep in entry_points(group="console_scripts")
-                   if ep.value.startswith("huggingface_hub")}
+        scripts = {name for name, value in console_scripts().items() if value.startswith("huggingface_hub")}
     except Exception:  # noqa: BLE001 - broken metadata: fall back to the current name
         scripts = set()
     return "huggingface-cli" if scripts and "hf" not in scripts else "hf"

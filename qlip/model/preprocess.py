@@ -28,12 +28,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img).astype(np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         top = 1.0 if arr.max() <= 1.0 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -92,4 +92,4 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 def tensor_to_pil(x01: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] (clamped) -> RGB PIL, rounding to the nearest 8-bit value."""
     arr = (x01.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, mode="RGB")
+    return Image.fromarray(arr)  # (H, W, 3) uint8: RGB (Pillow's mode= argument is deprecated)
