@@ -3,10 +3,9 @@
 
 * SDPA's ``enable_gqa`` (torch >= 2.5; before it, k/v are repeated: ``qlip.nn.causal_attention``);
 * FSDP2 (``fully_shard``) on CPU / gloo ranks (torch >= 2.9: 2.4 and 2.5 need CUDA streams, 2.6 dies
-  on ``Stream.record_event``, and 2.7 / 2.8 run but do not reproduce one process: the logged gradient
-  norm of tests/train/test_engine.py's two-rank test is 1.85 against 1.54 at the first step, so the
-  sharded gradients or their norm differ (not traced further), which changes clipped updates; 2.9
-  matches);
+  on ``Stream.record_event``, and on 2.8 (2.7 too, by the same two-rank test) the sharded gradients
+  come out as the ranks' sum instead of their mean: 2x with two ranks, plain torch, no qlip code
+  (``benchmarks/fsdp_gloo_grads.py``); 2.9 matches one process);
 * ``transformers`` >= 5 needs torch >= 2.6 and otherwise disables its PyTorch models;
 * ``importlib.metadata.entry_points(group=...)`` is Python >= 3.10 (``requires-python`` is 3.9).
 """

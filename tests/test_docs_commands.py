@@ -234,6 +234,8 @@ CHEAP: Dict[str, Cheap] = {
     "python benchmarks/compile_step.py": Cheap("python benchmarks/compile_step.py --help"),
     "python benchmarks/tokenizer_speed.py --threads 1 --repeats 5 --json out.json": Cheap(
         "python benchmarks/tokenizer_speed.py --help"),
+    # docs/training.md: FSDP2's gradients on gloo ranks against one process (plain torch)
+    "python benchmarks/fsdp_gloo_grads.py": Cheap("python benchmarks/fsdp_gloo_grads.py"),  # the real run (~5 s)
     # docs/training.md
     "qlip train qlip/configs/demo-stage1.yaml --out runs/s1 optim.steps=2000 train.precision=bf16": Cheap(
         f"qlip train qlip/configs/demo-stage1.yaml --out runs/s1-bf16 optim.steps=2 train.precision=bf16 {TINY}",

@@ -188,8 +188,8 @@ def is_sharded(t) -> bool:
 
 def check_fsdp_device(device: torch.device) -> None:
     """A one-line ConfigError where this torch's FSDP2 cannot shard CPU ranks correctly (torch < 2.9:
-    2.4 / 2.5 die for want of CUDA streams, 2.6 on a stream method, 2.7 / 2.8 run but log another
-    gradient norm than one process; :mod:`qlip.compat`)."""
+    2.4 / 2.5 die for want of CUDA streams, 2.6 on a stream method, 2.7 / 2.8 sum the sharded
+    gradients over the ranks instead of averaging them; :mod:`qlip.compat`)."""
     if torch.device(device).type == "cpu" and not FSDP_ON_CPU:
         raise ConfigError(f"train.fsdp on CPU ranks needs torch >= 2.9 (torch {torch.__version__}'s fully_shard "
                           f"cannot shard CPU ranks like one process): leave train.fsdp off (every rank keeps the "
