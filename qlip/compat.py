@@ -11,12 +11,14 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .errors import QLIPError
 
 
-def torch_at_least(major: int, minor: int, version: str = None) -> bool:
+def torch_at_least(major: int, minor: int, version: Optional[str] = None) -> bool:
     """``torch.__version__`` (or ``version``) >= ``major.minor``; local tags (``+cu121``) ignored."""
     parts = (version or torch.__version__).split("+")[0].split(".")
     return (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)) >= (major, minor)
@@ -45,4 +47,4 @@ def require_transformers_models() -> None:
         raise QLIPError("this needs transformers: pip install 'qlip[llm]'") from None
     if not is_torch_available():
         raise QLIPError(f"transformers {transformers.__version__} cannot use torch {torch.__version__} (it needs a "
-                        f"newer torch): pip install 'transformers<5', or upgrade torch") from None
+                        f"newer torch): pip install 'transformers<5', or upgrade torch")
